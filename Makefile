@@ -1,0 +1,33 @@
+# Entry points; the logic lives in hack/ scripts and cargo.
+SHELL := /bin/bash
+STATE_DIR ?= $(or $(XDG_STATE_HOME),$(HOME)/.local/state)/inventory-outbox
+ENV_FILE := $(STATE_DIR)/env.sh
+# One target dir outside the work tree, shared by every clone on this machine (CI included).
+export CARGO_TARGET_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/inventory-outbox/target
+# Tests run against the stack; two cores, so keep test threads modest.
+TEST_THREADS ?= 4
+
+.PHONY: env-up env-down env-status test lint unit-test integration-test demo
+
+env-up:
+	hack/env-up.sh
+
+env-down:
+	hack/env-down.sh
+
+env-status:
+	hack/env-status.sh
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets --locked -- -D warnings
+
+unit-test:
+	cargo test --locked --lib --bins
+
+integration-test:
+	source $(ENV_FILE) && cargo test --locked --test integration -- --test-threads=$(TEST_THREADS)
+
+# The README's test command: stack up, formatting, lints, then every test.
+test: env-up lint
+	source $(ENV_FILE) && cargo test --locked --all-targets -- --test-threads=$(TEST_THREADS)

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# PostgreSQL for local development and tests: one cluster on 127.0.0.1:$PG_PORT with a superuser role `outbox`
+# (password `outbox`) and a database `outbox`.
+#
+# Usage: postgres.sh install|start|stop|status|env
+#
+# Data location: PostgreSQL refuses to run as root, so when this script runs as root the server runs as the Debian
+# `postgres` user (via runuser), which has to reach its data directory. $OUTBOX_STATE normally lives under /root
+# (mode 700) and we do not loosen /root, so as root the cluster lives in /var/lib/inventory-outbox/postgres
+# (data/ = PGDATA, run/ = unix socket). Override with OUTBOX_PG_DIR (every path component must be traversable by
+# the postgres user). Run as an ordinary user, the cluster stays in $OUTBOX_STATE/postgres and runs as that user.
+# The pid file and the log still live in $OUTBOX_STATE/postgres and $OUTBOX_LOGS (written by root, not postgres).
+source "$(dirname "$0")/../lib/common.sh"
+
+STATE_DIR="$OUTBOX_STATE/postgres"
+PIDFILE="$STATE_DIR/postgres.pid"
+LOG="$OUTBOX_LOGS/postgres.log"
+if ((EUID == 0)); then
+  PG_DIR="${OUTBOX_PG_DIR:-/var/lib/inventory-outbox/postgres}"
+else
+  PG_DIR="${OUTBOX_PG_DIR:-$STATE_DIR}"
+fi
+PGDATA_DIR="$PG_DIR/data"
+SOCKET_DIR="$PG_DIR/run"
+
+# as_pg CMD... -> runs CMD as the postgres user when we are root, as ourselves otherwise
+as_pg() {
+  if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# with_policy_rc_d CMD... -> runs CMD while /usr/sbin/policy-rc.d forbids apt from starting services
+with_policy_rc_d() {
+  if [[ -e /usr/sbin/policy-rc.d ]]; then "$@"; return; fi
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT # apt_install may `die`
+  "$@"
+  rm -f /usr/sbin/policy-rc.d
+  trap - EXIT
+}
+
+# pg_bin -> the bin directory of the server version the cluster was created with (newest installed otherwise)
+pg_bin() {
+  if [[ -s $PGDATA_DIR/PG_VERSION && -x /usr/lib/postgresql/$(cat "$PGDATA_DIR/PG_VERSION")/bin/postgres ]]; then
+    echo "/usr/lib/postgresql/$(cat "$PGDATA_DIR/PG_VERSION")/bin"
+  else
+    local d
+    d=$(compgen -G '/usr/lib/postgresql/*/bin' | sort -V | tail -n1 || true)
+    [[ -n $d ]] || die "no PostgreSQL server found under /usr/lib/postgresql; run '$0 install'"
+    echo "$d"
+  fi
+}
+
+do_install() {
+  if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    with_policy_rc_d apt_install postgresql
+  fi
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || die "PostgreSQL install did not provide initdb"
+}
+
+# postmaster_pid -> pid of the running postmaster of our data dir (fails when none is alive)
+postmaster_pid() {
+  local pid
+  [[ -f $PGDATA_DIR/postmaster.pid ]] || return 1
+  pid=$(head -n1 "$PGDATA_DIR/postmaster.pid" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  # After a machine restart the recorded pid may belong to an unrelated process: check it is a postgres.
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == postgres ]] || return 1
+  echo "$pid"
+}
+
+is_running() {
+  postmaster_pid >/dev/null && "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -t 2
+}
+
+init_cluster() {
+  mkdir -p "$STATE_DIR"
+  if [[ ! -d $PG_DIR ]]; then
+    mkdir -p "$PG_DIR"
+    chmod 755 "$PG_DIR" "$(dirname "$PG_DIR")" 2>/dev/null || true
+  fi
+  ((EUID == 0)) && chown postgres:postgres "$PG_DIR"
+  mkdir -p "$SOCKET_DIR"
+  ((EUID == 0)) && chown postgres:postgres "$SOCKET_DIR"
+  as_pg test -w "$PG_DIR" -a -x "$PG_DIR" ||
+    die "the postgres user cannot write $PG_DIR (set OUTBOX_PG_DIR to a location it can reach)"
+
+  if [[ ! -s $PGDATA_DIR/PG_VERSION ]]; then
+    local bin tmp="$PG_DIR/data.initdb"
+    bin=$(pg_bin)
+    log "initdb $PGDATA_DIR"
+    rm -rf "$tmp"
+    as_pg "$bin/initdb" -D "$tmp" -U postgres -E UTF8 --locale=C.UTF-8 \
+      --auth-local=trust --auth-host=scram-sha-256 >"$OUTBOX_LOGS/postgres-initdb.log" 2>&1 ||
+      { tail -n 20 "$OUTBOX_LOGS/postgres-initdb.log" >&2; die "initdb failed"; }
+    rm -rf "$PGDATA_DIR"
+    mv "$tmp" "$PGDATA_DIR"
+    echo "include_if_exists = 'outbox.conf'" >>"$PGDATA_DIR/postgresql.conf"
+  fi
+
+  # Our settings, rewritten on every start so edits here take effect after a restart.
+  cat >"$PGDATA_DIR/outbox.conf" <<EOF
+# Managed by hack/components/postgres.sh; rewritten on every start.
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$SOCKET_DIR'
+max_connections = 300
+shared_buffers = 256MB
+fsync = on
+logging_collector = off
+EOF
+  ((EUID == 0)) && chown postgres:postgres "$PGDATA_DIR/outbox.conf"
+  return 0
+}
+
+psql_admin() {
+  "$(pg_bin)/psql" -h "$SOCKET_DIR" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAtX "$@"
+}
+
+ensure_role_and_db() {
+  psql_admin -c "DO \$\$BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox') THEN
+      CREATE ROLE outbox LOGIN SUPERUSER PASSWORD 'outbox';
+    END IF; END\$\$;" >/dev/null
+  if [[ $(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = 'outbox'") != 1 ]]; then
+    psql_admin -c "CREATE DATABASE outbox OWNER outbox" >/dev/null
+  fi
+}
+
+do_start() {
+  do_install
+  mkdir -p "$STATE_DIR"
+  if is_running; then
+    postmaster_pid >"$PIDFILE"
+    ensure_role_and_db
+    log "postgres already running on 127.0.0.1:$PG_PORT"
+    return 0
+  fi
+  if postmaster_pid >/dev/null; then
+    # Alive but not accepting connections yet (starting or shutting down): give it a moment.
+    if wait_for postgres 30 "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then
+      postmaster_pid >"$PIDFILE"
+      ensure_role_and_db
+      return 0
+    fi
+    die "a postgres for $PGDATA_DIR is alive but not ready; see $LOG"
+  fi
+  port_open "$PG_PORT" && die "port $PG_PORT is already in use by another process"
+
+  init_cluster
+  # Leftovers of an unclean stop or a machine restart: the postmaster is not running, so these are stale.
+  rm -f "$PGDATA_DIR/postmaster.pid" "$SOCKET_DIR/.s.PGSQL.$PG_PORT" "$SOCKET_DIR/.s.PGSQL.$PG_PORT.lock" "$PIDFILE"
+
+  local bin
+  bin=$(pg_bin)
+  log "starting postgres on 127.0.0.1:$PG_PORT (data $PGDATA_DIR)"
+  if ((EUID == 0)); then
+    setsid nohup runuser -u postgres -- "$bin/postgres" -D "$PGDATA_DIR" >"$LOG" 2>&1 </dev/null &
+  else
+    setsid nohup "$bin/postgres" -D "$PGDATA_DIR" >"$LOG" 2>&1 </dev/null &
+  fi
+  echo $! >"$PIDFILE"
+  if ! wait_for postgres 90 is_running; then
+    tail -n 30 "$LOG" >&2
+    do_stop
+    die "postgres failed to start; log: $LOG"
+  fi
+  postmaster_pid >"$PIDFILE"
+  ensure_role_and_db
+  log "postgres ready: postgres://outbox:outbox@127.0.0.1:$PG_PORT/outbox"
+}
+
+do_stop() {
+  if postmaster_pid >/dev/null; then
+    log "stopping postgres"
+    as_pg "$(pg_bin)/pg_ctl" stop -D "$PGDATA_DIR" -m fast -w -t 60 >/dev/null 2>&1 || true
+  fi
+  # Only signal the recorded pid if it still is ours (after a restart the number may have been reused).
+  if [[ -f $PIDFILE && $(cat "/proc/$(cat "$PIDFILE")/comm" 2>/dev/null) =~ ^(postgres|runuser)$ ]]; then
+    stop_pidfile postgres "$PIDFILE"
+  fi
+  rm -f "$PIDFILE"
+}
+
+do_status() {
+  if is_running; then echo "postgres running $PG_PORT"; else echo "postgres stopped $PG_PORT"; fi
+}
+
+do_env() {
+  echo "export DATABASE_URL=postgres://outbox:outbox@127.0.0.1:$PG_PORT/outbox"
+}
+
+case "${1:-}" in
+  install) do_install ;;
+  start) do_start ;;
+  stop) do_stop ;;
+  status) do_status ;;
+  env) do_env ;;
+  *) echo "usage: $0 install|start|stop|status|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Brings the whole local stack up (installing what is missing) and writes the environment
+# file that tests and the demo source. Idempotent: running services are left alone.
+source "$(dirname "$0")/lib/common.sh"
+
+components=(${OUTBOX_COMPONENTS:-postgres kafka rabbitmq moto kubernetes})
+
+run_step() {
+  local component=$1 action=$2 started=$SECONDS
+  if ! "$HACK_DIR/components/$component.sh" "$action"; then
+    log "step '$component $action' failed; logs are in $OUTBOX_LOGS (see $component*.log)"
+    exit 1
+  fi
+  log "$component $action: done in $((SECONDS - started))s"
+}
+
+# Installs first (CPU-heavy builds), then starts, so a failure shows up before anything runs.
+for c in "${components[@]}"; do run_step "$c" install; done
+for c in "${components[@]}"; do run_step "$c" start; done
+
+{
+  echo "# Written by hack/env-up.sh; source it to talk to the local stack."
+  echo "export OUTBOX_STATE=$OUTBOX_STATE"
+  for c in "${components[@]}"; do "$HACK_DIR/components/$c.sh" env; done
+} >"$OUTBOX_ENV_FILE.tmp"
+mv "$OUTBOX_ENV_FILE.tmp" "$OUTBOX_ENV_FILE"
+log "stack is up; environment: $OUTBOX_ENV_FILE"

@@ -1,0 +1,8 @@
+//! The event model: the `DomainEvent` envelope, the fifteen typed inventory payloads and
+//! their JSON Schemas.
+
+pub mod envelope;
+pub mod inventory;
+
+pub use envelope::{DomainEvent, EventMetadata, NewEvent};
+pub use inventory::{EventType, InventoryEventPayload};

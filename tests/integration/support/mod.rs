@@ -1,0 +1,48 @@
+//! Where the local stack listens. Values come from the environment written by `make env-up`
+//! (`hack/env-up.sh`); the defaults are the stack's fixed loopback ports.
+
+use std::path::PathBuf;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn state_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("OUTBOX_STATE") {
+        return dir.into();
+    }
+    let base = std::env::var("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".local/state"));
+    base.join("inventory-outbox")
+}
+
+pub fn database_url() -> String {
+    env_or("DATABASE_URL", "postgres://outbox:outbox@127.0.0.1:15432/outbox")
+}
+
+pub fn kafka_bootstrap() -> String {
+    env_or("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+}
+
+pub fn amqp_url() -> String {
+    env_or("AMQP_URL", "amqp://outbox:outbox@127.0.0.1:15673/%2f")
+}
+
+pub fn aws_endpoint() -> String {
+    env_or("AWS_ENDPOINT_URL", "http://127.0.0.1:15000")
+}
+
+pub fn kubeconfig_path() -> PathBuf {
+    std::env::var("KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| state_dir().join("kubernetes/admin.kubeconfig"))
+}
+
+/// A name unique to this test run, safe for topics, queues, namespaces and databases.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or_default())
+}
+
+pub mod kube;
+pub mod postgres;
