@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod event;
+pub mod publisher;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

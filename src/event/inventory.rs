@@ -90,9 +90,9 @@ impl EventType {
             | EventType::AllocationConfirmed
             | EventType::AllocationCancelled
             | EventType::AllocationFulfilled => aggregate::ALLOCATION,
-            EventType::WarehouseCreated
-            | EventType::WarehouseUpdated
-            | EventType::WarehouseBinCreated => aggregate::WAREHOUSE,
+            EventType::WarehouseCreated | EventType::WarehouseUpdated | EventType::WarehouseBinCreated => {
+                aggregate::WAREHOUSE
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod envelope;
 pub mod inventory;
+pub mod validate;
 
 pub use envelope::{DomainEvent, EventMetadata, NewEvent};
 pub use inventory::{EventType, InventoryEventPayload};

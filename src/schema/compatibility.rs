@@ -154,9 +154,7 @@ impl FromStr for CompatibilityMode {
         Self::ALL
             .into_iter()
             .find(|mode| mode.as_str().eq_ignore_ascii_case(name))
-            .ok_or_else(|| ParseCompatibilityModeError {
-                input: s.to_owned(),
-            })
+            .ok_or_else(|| ParseCompatibilityModeError { input: s.to_owned() })
     }
 }
 
@@ -188,11 +186,7 @@ impl fmt::Display for Incompatibility {
 /// candidate is compatible; an empty history is always compatible, and so is every candidate
 /// under [`CompatibilityMode::None`]. Each incompatibility carries the version it was found
 /// against, and its message says which side was reading.
-pub fn check(
-    mode: CompatibilityMode,
-    history: &[(u32, &Value)],
-    candidate: &Value,
-) -> Vec<Incompatibility> {
+pub fn check(mode: CompatibilityMode, history: &[(u32, &Value)], candidate: &Value) -> Vec<Incompatibility> {
     if mode == CompatibilityMode::None {
         return Vec::new();
     }
@@ -204,32 +198,24 @@ pub fn check(
     let mut found = Vec::new();
     for &(version, previous) in targets {
         if mode.checks_backward() {
-            found.extend(
-                can_read(candidate, previous)
-                    .into_iter()
-                    .map(|issue| Incompatibility {
-                        message: format!(
-                            "{} (new schema reading data written with version {version})",
-                            issue.message
-                        ),
-                        against_version: Some(version),
-                        ..issue
-                    }),
-            );
+            found.extend(can_read(candidate, previous).into_iter().map(|issue| Incompatibility {
+                message: format!(
+                    "{} (new schema reading data written with version {version})",
+                    issue.message
+                ),
+                against_version: Some(version),
+                ..issue
+            }));
         }
         if mode.checks_forward() {
-            found.extend(
-                can_read(previous, candidate)
-                    .into_iter()
-                    .map(|issue| Incompatibility {
-                        message: format!(
-                            "{} (version {version} reading data written with the new schema)",
-                            issue.message
-                        ),
-                        against_version: Some(version),
-                        ..issue
-                    }),
-            );
+            found.extend(can_read(previous, candidate).into_iter().map(|issue| Incompatibility {
+                message: format!(
+                    "{} (version {version} reading data written with the new schema)",
+                    issue.message
+                ),
+                against_version: Some(version),
+                ..issue
+            }));
         }
     }
     found
@@ -435,9 +421,8 @@ fn resolve(root: &Value, schema: &Value) -> Result<Value, String> {
         let Some(reference) = reference.as_str() else {
             return Err("`$ref` must be a string".to_owned());
         };
-        let target = lookup(root, reference).ok_or_else(|| {
-            format!("cannot resolve `$ref` `{reference}` within the same document")
-        })?;
+        let target = lookup(root, reference)
+            .ok_or_else(|| format!("cannot resolve `$ref` `{reference}` within the same document"))?;
         let siblings = map
             .iter()
             .filter(|(key, _)| key.as_str() != "$ref")
@@ -517,9 +502,7 @@ fn merge_all_of(root: &Value, map: &mut Branch, depth: usize) -> Result<bool, St
         return Err("`allOf` must be an array".to_owned());
     };
     if depth > MAX_INDIRECTIONS {
-        return Err(format!(
-            "more than {MAX_INDIRECTIONS} nested `allOf` levels"
-        ));
+        return Err(format!("more than {MAX_INDIRECTIONS} nested `allOf` levels"));
     }
     for member in &members {
         let mut member = match resolve(root, member)? {
@@ -613,10 +596,7 @@ fn branch_type(branch: &Branch) -> Option<JsonType> {
 
 /// The explicit `type` of a branch, used to filter the enum values it can produce.
 fn declared_type(branch: &Branch) -> Option<JsonType> {
-    branch
-        .get("type")
-        .and_then(Value::as_str)
-        .and_then(JsonType::parse)
+    branch.get("type").and_then(Value::as_str).and_then(JsonType::parse)
 }
 
 /// The finite set of values a branch allows (`const`/`enum`), if it has one.
@@ -626,12 +606,7 @@ fn finite_values(branch: &Branch) -> Option<Vec<&Value>> {
         _ => None,
     };
     match (branch.get("const"), from_enum) {
-        (Some(constant), Some(values)) => Some(
-            values
-                .into_iter()
-                .filter(|v| json_eq(v, constant))
-                .collect(),
-        ),
+        (Some(constant), Some(values)) => Some(values.into_iter().filter(|v| json_eq(v, constant)).collect()),
         (Some(constant), None) => Some(vec![constant]),
         (None, values) => values,
     }
@@ -647,13 +622,9 @@ fn json_eq(a: &Value, b: &Value) -> bool {
                 _ => x.as_f64() == y.as_f64(),
             },
         },
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_eq(x, y))
-        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_eq(x, y)),
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(key, x)| y.get(key).is_some_and(|y| json_eq(x, y)))
+            x.len() == y.len() && x.iter().all(|(key, x)| y.get(key).is_some_and(|y| json_eq(x, y)))
         }
         _ => a == b,
     }
@@ -661,11 +632,7 @@ fn json_eq(a: &Value, b: &Value) -> bool {
 
 /// Describes enum values for a message: `the value "A"` or `the values "A", "B"`.
 fn describe_values(values: &[&Value]) -> String {
-    let listed: Vec<String> = values
-        .iter()
-        .take(MAX_LISTED_VALUES)
-        .map(|v| v.to_string())
-        .collect();
+    let listed: Vec<String> = values.iter().take(MAX_LISTED_VALUES).map(|v| v.to_string()).collect();
     let mut text = listed.join(", ");
     if values.len() > MAX_LISTED_VALUES {
         text.push_str(&format!(" and {} more", values.len() - MAX_LISTED_VALUES));
@@ -729,20 +696,14 @@ impl End {
 /// data the bound is normalised to an inclusive integer.
 fn numeric_bound(branch: &Branch, end: End, integer_data: bool) -> Option<Bound> {
     let (inclusive_key, exclusive_key) = end.keywords();
-    let mut bound = branch
-        .get(inclusive_key)
-        .and_then(Value::as_f64)
-        .map(|value| Bound {
-            value,
-            exclusive: false,
-        });
+    let mut bound = branch.get(inclusive_key).and_then(Value::as_f64).map(|value| Bound {
+        value,
+        exclusive: false,
+    });
     match branch.get(exclusive_key) {
         Some(Value::Number(n)) => {
             if let Some(value) = n.as_f64() {
-                let exclusive = Bound {
-                    value,
-                    exclusive: true,
-                };
+                let exclusive = Bound { value, exclusive: true };
                 if bound.is_none_or(|b| end.tighter(exclusive, b)) {
                     bound = Some(exclusive);
                 }
@@ -789,8 +750,7 @@ fn count(branch: &Branch, keyword: &str) -> Option<f64> {
 fn within_counts(branch: &Branch, min_key: &str, max_key: &str, len: usize) -> bool {
     // Lengths of in-memory JSON values are far below 2^53, so the conversion is exact.
     let len = len as f64;
-    count(branch, min_key).is_none_or(|min| len >= min)
-        && count(branch, max_key).is_none_or(|max| len <= max)
+    count(branch, min_key).is_none_or(|min| len >= min) && count(branch, max_key).is_none_or(|max| len <= max)
 }
 
 /// How an object treats properties it does not declare.
@@ -881,9 +841,7 @@ fn branch_accepts(root: &Value, branch: &Branch, value: &Value, depth: usize) ->
         return false;
     }
     match value {
-        Value::Number(n) => n
-            .as_f64()
-            .is_none_or(|number| within_numeric_bounds(branch, number)),
+        Value::Number(n) => n.as_f64().is_none_or(|number| within_numeric_bounds(branch, number)),
         Value::String(s) => within_counts(branch, "minLength", "maxLength", s.chars().count()),
         Value::Array(elements) => {
             within_counts(branch, "minItems", "maxItems", elements.len())
@@ -895,9 +853,7 @@ fn branch_accepts(root: &Value, branch: &Branch, value: &Value, depth: usize) ->
             let declared = properties(branch);
             let additional = Additional::of(branch).reader_schema();
             within_counts(branch, "minProperties", "maxProperties", object.len())
-                && required(branch)
-                    .iter()
-                    .all(|name| object.contains_key(*name))
+                && required(branch).iter().all(|name| object.contains_key(*name))
                 && object.iter().all(|(name, property)| {
                     declared
                         .get(name)
@@ -962,13 +918,7 @@ impl Checker<'_> {
     }
 
     /// Checks that every enum/const value a writer branch produces is accepted by the reader.
-    fn values(
-        &self,
-        readers: &[Branch],
-        writer: &Branch,
-        values: &[&Value],
-        loc: &Loc,
-    ) -> Vec<Incompatibility> {
+    fn values(&self, readers: &[Branch], writer: &Branch, values: &[&Value], loc: &Loc) -> Vec<Incompatibility> {
         let produced_type = declared_type(writer);
         let mut wrong_types = BTreeSet::new();
         let mut rejected = Vec::new();
@@ -1007,12 +957,7 @@ impl Checker<'_> {
 
     /// Checks that a (non-enum) writer branch is readable by at least one reader branch, and
     /// reports the most relevant reasons when it is not.
-    fn branch_in_union(
-        &mut self,
-        readers: &[Branch],
-        writer: &Branch,
-        loc: &Loc,
-    ) -> Vec<Incompatibility> {
+    fn branch_in_union(&mut self, readers: &[Branch], writer: &Branch, loc: &Loc) -> Vec<Incompatibility> {
         if readers.is_empty() {
             return vec![loc.issue("accepts no value at all in the reader")];
         }
@@ -1053,11 +998,7 @@ impl Checker<'_> {
             return Vec::new();
         };
         if !type_can_hold(Some(reader_type), writer_type) {
-            return vec![type_mismatch(
-                std::slice::from_ref(reader),
-                writer_type,
-                loc,
-            )];
+            return vec![type_mismatch(std::slice::from_ref(reader), writer_type, loc)];
         }
         let mut found = Vec::new();
         match reader_type {
@@ -1068,9 +1009,7 @@ impl Checker<'_> {
                 if reader.get("uniqueItems") == Some(&Value::Bool(true))
                     && writer.get("uniqueItems") != Some(&Value::Bool(true))
                 {
-                    found.push(
-                        loc.issue("requires unique items in the reader but not in the writer"),
-                    );
+                    found.push(loc.issue("requires unique items in the reader but not in the writer"));
                 }
                 found.extend(self.schema(items(reader), items(writer), &loc.items()));
             }
@@ -1081,13 +1020,7 @@ impl Checker<'_> {
     }
 
     /// Compares the properties of two object branches.
-    fn objects(
-        &mut self,
-        reader: &Branch,
-        writer: &Branch,
-        loc: &Loc,
-        found: &mut Vec<Incompatibility>,
-    ) {
+    fn objects(&mut self, reader: &Branch, writer: &Branch, loc: &Loc, found: &mut Vec<Incompatibility>) {
         let reader_properties = properties(reader);
         let writer_properties = properties(writer);
         let reader_required = required(reader);
@@ -1103,14 +1036,9 @@ impl Checker<'_> {
         for &name in &reader_names {
             let field = loc.property(name);
             if reader_required.contains(name) && !writer_required.contains(name) {
-                found
-                    .push(field.issue(
-                        "is required by the reader but may be missing in the writer's data",
-                    ));
+                found.push(field.issue("is required by the reader but may be missing in the writer's data"));
             }
-            let reader_schema = reader_properties
-                .get(name)
-                .or(reader_additional.reader_schema());
+            let reader_schema = reader_properties.get(name).or(reader_additional.reader_schema());
             let writer_schema = writer_properties
                 .get(name)
                 .or(writer_extra)
@@ -1119,9 +1047,8 @@ impl Checker<'_> {
                 (Some(reader_schema), Some(writer_schema)) => {
                     found.extend(self.schema(reader_schema, writer_schema, &field));
                 }
-                (None, Some(_)) => found.push(field.issue(
-                    "is written by the writer but the reader does not allow additional properties",
-                )),
+                (None, Some(_)) => found
+                    .push(field.issue("is written by the writer but the reader does not allow additional properties")),
                 (_, None) => {}
             }
         }
@@ -1135,9 +1062,8 @@ impl Checker<'_> {
         for name in writer_only {
             let field = loc.property(name);
             match reader_additional {
-                Additional::Never => found.push(field.issue(
-                    "is written by the writer but the reader does not allow additional properties",
-                )),
+                Additional::Never => found
+                    .push(field.issue("is written by the writer but the reader does not allow additional properties")),
                 Additional::Schema(reader_schema) => {
                     let writer_schema = writer_properties.get(name).unwrap_or(&ANY);
                     found.extend(self.schema(reader_schema, writer_schema, &field));
@@ -1159,13 +1085,7 @@ impl Checker<'_> {
             }
         }
 
-        counts(
-            reader,
-            writer,
-            ("minProperties", "maxProperties"),
-            loc,
-            found,
-        );
+        counts(reader, writer, ("minProperties", "maxProperties"), loc, found);
     }
 }
 
@@ -1244,8 +1164,7 @@ fn numbers(reader: &Branch, writer: &Branch, loc: &Loc, found: &mut Vec<Incompat
             .get("multipleOf")
             .and_then(Value::as_f64)
             .or(integer_data.then_some(1.0));
-        let divides = writer_step
-            .is_some_and(|w| reader_step > 0.0 && ((w / reader_step).fract()).abs() < 1e-9);
+        let divides = writer_step.is_some_and(|w| reader_step > 0.0 && ((w / reader_step).fract()).abs() < 1e-9);
         if !divides {
             found.push(loc.issue(format_args!(
                 "requires multiples of {reader_step} in the reader but the writer does not"
@@ -1279,5 +1198,832 @@ fn counts(
                  ({writer_text})"
             )));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Table-driven cases for every mode and rule, plus checks on real `schemars` output.
+
+    use super::*;
+    use CompatibilityMode::{Backward, BackwardTransitive, Forward, ForwardTransitive, Full, FullTransitive};
+    use serde_json::json;
+
+    /// What a case expects from [`check`].
+    enum Expect {
+        /// No incompatibilities.
+        Compatible,
+        /// At least one incompatibility whose message contains `contains`, found against
+        /// `against` when given.
+        Incompatible {
+            /// A substring of the expected message.
+            contains: &'static str,
+            /// The version the incompatibility must be found against, if checked.
+            against: Option<u32>,
+        },
+    }
+
+    /// Expects no incompatibilities.
+    fn compatible() -> Expect {
+        Expect::Compatible
+    }
+
+    /// Expects an incompatibility whose message contains `contains`.
+    fn breaks(contains: &'static str) -> Expect {
+        Expect::Incompatible {
+            contains,
+            against: None,
+        }
+    }
+
+    /// Expects an incompatibility whose message contains `contains`, found against `version`.
+    fn breaks_against(contains: &'static str, version: u32) -> Expect {
+        Expect::Incompatible {
+            contains,
+            against: Some(version),
+        }
+    }
+
+    /// One table row: history versions are numbered 1, 2, ... oldest first.
+    struct Case {
+        /// Names the case in failure output.
+        name: &'static str,
+        /// The subject's mode.
+        mode: CompatibilityMode,
+        /// Registered schemas, oldest first.
+        history: Vec<Value>,
+        /// The schema being registered.
+        candidate: Value,
+        /// The expected outcome.
+        expect: Expect,
+    }
+
+    /// A `StockLevelChanged`-like payload schema, as schemars would emit it.
+    fn base() -> Value {
+        json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "StockLevelChanged",
+            "type": "object",
+            "properties": {
+                "inventoryItemId": { "type": "string", "format": "uuid" },
+                "quantity": { "type": "integer", "format": "int64" },
+                "description": { "type": ["string", "null"] }
+            },
+            "required": ["inventoryItemId", "quantity"]
+        })
+    }
+
+    /// `schema` with property `name` set to `property` (and required when `is_required`).
+    fn with(mut schema: Value, name: &str, property: Value, is_required: bool) -> Value {
+        schema["properties"][name] = property;
+        let required = schema["required"].as_array_mut().expect("required array");
+        required.retain(|n| n != name);
+        if is_required {
+            required.push(json!(name));
+        }
+        schema
+    }
+
+    /// `schema` without property `name`.
+    fn without(mut schema: Value, name: &str) -> Value {
+        schema["properties"].as_object_mut().expect("properties").remove(name);
+        schema["required"]
+            .as_array_mut()
+            .expect("required array")
+            .retain(|n| n != name);
+        schema
+    }
+
+    /// `schema` with `keyword` set to `value` at the root.
+    fn set(mut schema: Value, keyword: &str, value: Value) -> Value {
+        schema[keyword] = value;
+        schema
+    }
+
+    /// A schema with a `changeReason` enum in `$defs` and a nullable `$ref`'d `address`.
+    fn with_defs(reasons: &[&str], address_required: &[&str], address_nullable: bool) -> Value {
+        let address = if address_nullable {
+            json!({ "anyOf": [{ "$ref": "#/$defs/Address" }, { "type": "null" }] })
+        } else {
+            json!({ "$ref": "#/$defs/Address" })
+        };
+        let mut schema = with(
+            with(
+                base(),
+                "changeReason",
+                json!({ "$ref": "#/$defs/StockChangeReason" }),
+                true,
+            ),
+            "address",
+            address,
+            !address_nullable,
+        );
+        schema["$defs"] = json!({
+            "StockChangeReason": { "type": "string", "enum": reasons },
+            "Address": {
+                "type": "object",
+                "properties": {
+                    "street": { "type": "string" },
+                    "city": { "type": "string" },
+                    "postalCode": { "type": "string" }
+                },
+                "required": address_required
+            }
+        });
+        schema
+    }
+
+    /// `base()` plus an array property `changedFields` with the given `items` and extra keywords.
+    fn with_array(items: Value, extra: Value) -> Value {
+        let mut array = json!({ "type": "array", "items": items });
+        if let (Some(array), Some(extra)) = (array.as_object_mut(), extra.as_object()) {
+            array.extend(extra.clone());
+        }
+        with(base(), "changedFields", array, true)
+    }
+
+    /// Versions for the transitivity cases: `a` is an optional string in v1, gone in v2, and
+    /// back as an optional integer in v3.
+    fn transitive_versions() -> (Value, Value, Value) {
+        let v1 = with(base(), "a", json!({ "type": "string" }), false);
+        let v2 = base();
+        let v3 = with(base(), "a", json!({ "type": "integer" }), false);
+        (v1, v2, v3)
+    }
+
+    /// The table: every mode, every rule.
+    fn cases() -> Vec<Case> {
+        let (t1, t2, t3) = transitive_versions();
+        let optional_warehouse = with(base(), "warehouseId", json!({ "type": "string" }), false);
+        let required_warehouse = with(base(), "warehouseId", json!({ "type": "string" }), true);
+        let quantity_string = with(base(), "quantity", json!({ "type": "string" }), true);
+        let quantity_number = with(base(), "quantity", json!({ "type": "number" }), true);
+        let quantity_optional = with(base(), "quantity", json!({ "type": "integer" }), false);
+        let reasons = ["RECEIPT", "SALE", "ADJUSTMENT"];
+        let more_reasons = ["RECEIPT", "SALE", "ADJUSTMENT", "RETURN"];
+        let closed = set(base(), "additionalProperties", json!(false));
+        vec![
+            // NONE and empty history.
+            Case {
+                name: "none_allows_a_type_change",
+                mode: CompatibilityMode::None,
+                history: vec![base()],
+                candidate: quantity_string.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "empty_history_is_always_compatible",
+                mode: FullTransitive,
+                history: vec![],
+                candidate: quantity_string.clone(),
+                expect: compatible(),
+            },
+            // Adding an optional field: compatible in every mode.
+            Case {
+                name: "add_optional_field_backward",
+                mode: Backward,
+                history: vec![base()],
+                candidate: optional_warehouse.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "add_optional_field_forward",
+                mode: Forward,
+                history: vec![base()],
+                candidate: optional_warehouse.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "add_optional_field_full_transitive",
+                mode: FullTransitive,
+                history: vec![base(), base()],
+                candidate: optional_warehouse.clone(),
+                expect: compatible(),
+            },
+            // Adding a required field: breaks BACKWARD and FULL, not FORWARD.
+            Case {
+                name: "add_required_field_breaks_backward",
+                mode: Backward,
+                history: vec![base()],
+                candidate: required_warehouse.clone(),
+                expect: breaks("field `warehouseId` is required by the reader"),
+            },
+            Case {
+                name: "add_required_field_is_forward_compatible",
+                mode: Forward,
+                history: vec![base()],
+                candidate: required_warehouse.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "add_required_field_breaks_full",
+                mode: Full,
+                history: vec![base()],
+                candidate: required_warehouse,
+                expect: breaks("field `warehouseId` is required by the reader"),
+            },
+            // Removing a required field: breaks FORWARD and FULL, not BACKWARD.
+            Case {
+                name: "remove_required_field_is_backward_compatible",
+                mode: Backward,
+                history: vec![base()],
+                candidate: without(base(), "quantity"),
+                expect: compatible(),
+            },
+            Case {
+                name: "remove_required_field_breaks_forward",
+                mode: Forward,
+                history: vec![base()],
+                candidate: without(base(), "quantity"),
+                expect: breaks("field `quantity` is required by the reader"),
+            },
+            Case {
+                name: "remove_required_field_breaks_full",
+                mode: Full,
+                history: vec![base()],
+                candidate: without(base(), "quantity"),
+                expect: breaks("field `quantity` is required by the reader"),
+            },
+            // Removing an optional field: compatible both ways.
+            Case {
+                name: "remove_optional_field_full",
+                mode: Full,
+                history: vec![base()],
+                candidate: without(base(), "description"),
+                expect: compatible(),
+            },
+            // Type changes break both ways.
+            Case {
+                name: "type_change_breaks_backward",
+                mode: Backward,
+                history: vec![base()],
+                candidate: quantity_string.clone(),
+                expect: breaks("field `quantity` changed type from integer to string"),
+            },
+            Case {
+                name: "type_change_breaks_forward",
+                mode: Forward,
+                history: vec![base()],
+                candidate: quantity_string,
+                expect: breaks("field `quantity` changed type from string to integer"),
+            },
+            // Required -> optional: backward compatible, not forward.
+            Case {
+                name: "required_to_optional_is_backward_compatible",
+                mode: Backward,
+                history: vec![base()],
+                candidate: quantity_optional.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "required_to_optional_breaks_forward",
+                mode: Forward,
+                history: vec![base()],
+                candidate: quantity_optional,
+                expect: breaks("field `quantity` is required by the reader but may be missing"),
+            },
+            // Integer -> number widening.
+            Case {
+                name: "integer_to_number_is_backward_compatible",
+                mode: Backward,
+                history: vec![base()],
+                candidate: quantity_number.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "integer_to_number_breaks_forward",
+                mode: Forward,
+                history: vec![base()],
+                candidate: quantity_number,
+                expect: breaks("field `quantity` changed type from number to integer"),
+            },
+            Case {
+                name: "nullable_integer_to_nullable_number_is_backward_compatible",
+                mode: Backward,
+                history: vec![with(
+                    base(),
+                    "threshold",
+                    json!({ "type": ["integer", "null"], "format": "uint32", "minimum": 0 }),
+                    false,
+                )],
+                candidate: with(
+                    base(),
+                    "threshold",
+                    json!({ "type": ["number", "null"], "format": "double" }),
+                    false,
+                ),
+                expect: compatible(),
+            },
+            // Nested objects.
+            Case {
+                name: "nested_field_type_change_breaks_backward",
+                mode: Backward,
+                history: vec![with(
+                    base(),
+                    "location",
+                    json!({ "type": "object", "properties": { "bin": { "type": "string" } } }),
+                    true,
+                )],
+                candidate: with(
+                    base(),
+                    "location",
+                    json!({ "type": "object", "properties": { "bin": { "type": "integer" } } }),
+                    true,
+                ),
+                expect: breaks("field `location.bin` changed type from string to integer"),
+            },
+            // $ref'd definitions, enums and anyOf-with-null.
+            Case {
+                name: "enum_value_added_is_backward_compatible",
+                mode: Backward,
+                history: vec![with_defs(&reasons, &["street", "city"], true)],
+                candidate: with_defs(&more_reasons, &["street", "city"], true),
+                expect: compatible(),
+            },
+            Case {
+                name: "enum_value_added_breaks_forward",
+                mode: Forward,
+                history: vec![with_defs(&reasons, &["street", "city"], true)],
+                candidate: with_defs(&more_reasons, &["street", "city"], true),
+                expect: breaks("field `changeReason` does not accept the value \"RETURN\""),
+            },
+            Case {
+                name: "enum_value_removed_breaks_backward",
+                mode: BackwardTransitive,
+                history: vec![with_defs(&more_reasons, &["street", "city"], true)],
+                candidate: with_defs(&reasons, &["street", "city"], true),
+                expect: breaks_against("field `changeReason` does not accept the value \"RETURN\"", 1),
+            },
+            Case {
+                name: "required_field_added_inside_nullable_ref_breaks_backward",
+                mode: Backward,
+                history: vec![with_defs(&reasons, &["street", "city"], true)],
+                candidate: with_defs(&reasons, &["street", "city", "postalCode"], true),
+                expect: breaks("field `address.postalCode` is required by the reader"),
+            },
+            Case {
+                name: "required_field_added_inside_nullable_ref_is_forward_compatible",
+                mode: Forward,
+                history: vec![with_defs(&reasons, &["street", "city"], true)],
+                candidate: with_defs(&reasons, &["street", "city", "postalCode"], true),
+                expect: compatible(),
+            },
+            Case {
+                name: "anyof_null_to_plain_ref_breaks_backward",
+                mode: Backward,
+                history: vec![with_defs(&reasons, &["street"], true)],
+                candidate: with_defs(&reasons, &["street"], false),
+                expect: breaks("field `address` may be null in the writer's data"),
+            },
+            Case {
+                name: "plain_ref_to_anyof_null_is_backward_compatible",
+                mode: Backward,
+                history: vec![with_defs(&reasons, &["street"], false)],
+                candidate: with_defs(&reasons, &["street"], true),
+                expect: compatible(),
+            },
+            // Nullable via a type array.
+            Case {
+                name: "type_array_drops_null_breaks_backward",
+                mode: Backward,
+                history: vec![base()],
+                candidate: with(base(), "description", json!({ "type": "string" }), false),
+                expect: breaks("field `description` may be null in the writer's data"),
+            },
+            Case {
+                name: "type_array_adds_null_breaks_forward_only",
+                mode: Forward,
+                history: vec![with(base(), "description", json!({ "type": "string" }), false)],
+                candidate: base(),
+                expect: breaks("field `description` may be null"),
+            },
+            // Arrays.
+            Case {
+                name: "array_item_type_change_breaks_full",
+                mode: Full,
+                history: vec![with_array(json!({ "type": "string" }), json!({}))],
+                candidate: with_array(json!({ "type": "integer" }), json!({})),
+                expect: breaks("field `changedFields[]` changed type"),
+            },
+            Case {
+                name: "array_min_items_narrowed_breaks_backward",
+                mode: Backward,
+                history: vec![with_array(json!({ "type": "string" }), json!({}))],
+                candidate: with_array(json!({ "type": "string" }), json!({ "minItems": 1 })),
+                expect: breaks("field `changedFields` has a narrower minItems"),
+            },
+            Case {
+                name: "array_max_items_widened_is_backward_compatible",
+                mode: Backward,
+                history: vec![with_array(json!({ "type": "string" }), json!({ "maxItems": 5 }))],
+                candidate: with_array(json!({ "type": "string" }), json!({ "maxItems": 10 })),
+                expect: compatible(),
+            },
+            // additionalProperties: false.
+            Case {
+                name: "closed_reader_rejects_new_field_forward",
+                mode: ForwardTransitive,
+                history: vec![closed.clone()],
+                candidate: set(optional_warehouse.clone(), "additionalProperties", json!(false)),
+                expect: breaks_against(
+                    "field `warehouseId` is written by the writer but the reader does not allow \
+                     additional properties",
+                    1,
+                ),
+            },
+            Case {
+                name: "open_reader_ignores_unknown_field_forward",
+                mode: Forward,
+                history: vec![base()],
+                candidate: set(optional_warehouse, "additionalProperties", json!(false)),
+                expect: compatible(),
+            },
+            Case {
+                name: "closed_reader_rejects_open_map_writer",
+                mode: Backward,
+                history: vec![set(base(), "additionalProperties", json!(true))],
+                candidate: closed,
+                expect: breaks("the payload may carry additional properties"),
+            },
+            // Numeric bounds and string formats.
+            Case {
+                name: "signed_to_unsigned_narrows_minimum_backward",
+                mode: Backward,
+                history: vec![base()],
+                candidate: with(
+                    base(),
+                    "quantity",
+                    json!({ "type": "integer", "format": "uint64", "minimum": 0 }),
+                    true,
+                ),
+                expect: breaks("field `quantity` has a narrower minimum"),
+            },
+            Case {
+                name: "format_added_breaks_backward",
+                mode: Backward,
+                history: vec![with(base(), "sku", json!({ "type": "string" }), true)],
+                candidate: with(base(), "sku", json!({ "type": "string", "format": "uuid" }), true),
+                expect: breaks("field `sku` requires format `uuid`"),
+            },
+            Case {
+                name: "format_removed_is_backward_compatible",
+                mode: Backward,
+                history: vec![base()],
+                candidate: with(base(), "inventoryItemId", json!({ "type": "string" }), true),
+                expect: compatible(),
+            },
+            // Transitivity: v1 a: string?, v2 no a, v3 a: integer?.
+            Case {
+                name: "backward_checks_only_the_latest_version",
+                mode: Backward,
+                history: vec![t1.clone(), t2.clone()],
+                candidate: t3.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "backward_transitive_catches_the_oldest_version",
+                mode: BackwardTransitive,
+                history: vec![t1.clone(), t2.clone()],
+                candidate: t3.clone(),
+                expect: breaks_against("field `a` changed type from string to integer", 1),
+            },
+            Case {
+                name: "forward_checks_only_the_latest_version",
+                mode: Forward,
+                history: vec![t1.clone(), t2.clone()],
+                candidate: t3.clone(),
+                expect: compatible(),
+            },
+            Case {
+                name: "forward_transitive_catches_the_oldest_version",
+                mode: ForwardTransitive,
+                history: vec![t1.clone(), t2.clone()],
+                candidate: t3.clone(),
+                expect: breaks_against("field `a` changed type from integer to string", 1),
+            },
+            Case {
+                name: "full_transitive_catches_the_oldest_version",
+                mode: FullTransitive,
+                history: vec![t1, t2],
+                candidate: t3,
+                expect: breaks_against("field `a` changed type", 1),
+            },
+            // Unions, const, annotations, hand-written definitions, broken references.
+            Case {
+                name: "oneof_branch_added_breaks_forward",
+                mode: Forward,
+                history: vec![with(
+                    base(),
+                    "source",
+                    json!({ "oneOf": [{ "type": "string" }, { "type": "integer" }] }),
+                    true,
+                )],
+                candidate: with(
+                    base(),
+                    "source",
+                    json!({ "oneOf": [
+                        { "type": "string" },
+                        { "type": "integer" },
+                        { "type": "boolean" }
+                    ] }),
+                    true,
+                ),
+                expect: breaks("field `source` changed type from boolean to integer or string"),
+            },
+            Case {
+                name: "const_writer_read_by_enum_reader",
+                mode: Backward,
+                history: vec![with(base(), "kind", json!({ "const": "STOCK" }), true)],
+                candidate: with(
+                    base(),
+                    "kind",
+                    json!({ "type": "string", "enum": ["STOCK", "TRANSFER"] }),
+                    true,
+                ),
+                expect: compatible(),
+            },
+            Case {
+                name: "annotations_are_ignored",
+                mode: Full,
+                history: vec![base()],
+                candidate: set(
+                    set(set(base(), "title", json!("Renamed")), "description", json!("docs")),
+                    "examples",
+                    json!([{ "quantity": 1 }]),
+                ),
+                expect: compatible(),
+            },
+            Case {
+                name: "draft07_definitions_are_resolved",
+                mode: Backward,
+                history: vec![json!({
+                    "type": "object",
+                    "properties": { "unit": { "$ref": "#/definitions/Unit" } },
+                    "required": ["unit"],
+                    "definitions": { "Unit": { "type": "string" } }
+                })],
+                candidate: json!({
+                    "type": "object",
+                    "properties": { "unit": { "$ref": "#/definitions/Unit" } },
+                    "required": ["unit"],
+                    "definitions": { "Unit": { "type": "integer" } }
+                }),
+                expect: breaks("field `unit` changed type from string to integer"),
+            },
+            Case {
+                name: "unresolvable_ref_is_reported",
+                mode: Backward,
+                history: vec![base()],
+                candidate: with(base(), "quantity", json!({ "$ref": "#/$defs/Missing" }), true),
+                expect: breaks("field `quantity` has an unusable reader schema: cannot resolve"),
+            },
+        ]
+    }
+
+    /// Runs every table case and reports all failures at once.
+    #[test]
+    fn table() {
+        let cases = cases();
+        assert!(cases.len() >= 24, "only {} cases", cases.len());
+        let modes: HashSet<CompatibilityMode> = cases.iter().map(|c| c.mode).collect();
+        assert_eq!(modes.len(), CompatibilityMode::ALL.len(), "every mode is covered");
+
+        let mut failures = Vec::new();
+        for case in &cases {
+            let history: Vec<(u32, &Value)> = (1..).zip(case.history.iter()).collect();
+            let found = check(case.mode, &history, &case.candidate);
+            let rendered: Vec<String> = found
+                .iter()
+                .map(|i| format!("{i} [against {:?}]", i.against_version))
+                .collect();
+            match &case.expect {
+                Expect::Compatible if found.is_empty() => {}
+                Expect::Compatible => failures.push(format!("{}: expected compatible, got {rendered:#?}", case.name)),
+                Expect::Incompatible { contains, against } => {
+                    let matched = found
+                        .iter()
+                        .any(|i| i.message.contains(contains) && against.is_none_or(|v| i.against_version == Some(v)));
+                    if !matched {
+                        failures.push(format!(
+                            "{}: expected an incompatibility containing {contains:?} \
+                             (against {against:?}), got {rendered:#?}",
+                            case.name
+                        ));
+                    }
+                    for issue in &found {
+                        if !issue.message.contains("field `") && !issue.message.contains("the payload") {
+                            failures.push(format!("{}: message names no field: {issue}", case.name));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failing case(s):\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    /// `can_read` gives the logical path, a field-naming message and no version.
+    #[test]
+    fn can_read_reports_path_and_no_version() {
+        let reader = with_defs(&["RECEIPT"], &["street", "city", "postalCode"], true);
+        let writer = with_defs(&["RECEIPT"], &["street", "city"], true);
+        let found = can_read(&reader, &writer);
+        assert_eq!(
+            found,
+            vec![Incompatibility {
+                path: "/properties/address/properties/postalCode".to_owned(),
+                message: "field `address.postalCode` is required by the reader but may be \
+                          missing in the writer's data"
+                    .to_owned(),
+                against_version: None,
+            }]
+        );
+        assert_eq!(
+            found[0].to_string(),
+            "/properties/address/properties/postalCode: field `address.postalCode` is required \
+             by the reader but may be missing in the writer's data"
+        );
+        assert!(can_read(&writer, &reader).is_empty());
+    }
+
+    /// Mode names agree across serde, `Display` and `FromStr`.
+    #[test]
+    fn mode_names_round_trip() {
+        assert_eq!(CompatibilityMode::default(), Backward);
+        for mode in CompatibilityMode::ALL {
+            let name = mode.to_string();
+            assert_eq!(name.parse::<CompatibilityMode>(), Ok(mode));
+            assert_eq!(serde_json::to_value(mode).expect("serialize"), json!(name));
+            assert_eq!(
+                serde_json::from_value::<CompatibilityMode>(json!(name)).expect("deserialize"),
+                mode
+            );
+        }
+        assert_eq!(BackwardTransitive.to_string(), "BACKWARD_TRANSITIVE");
+        assert_eq!("full_transitive".parse::<CompatibilityMode>(), Ok(FullTransitive));
+        assert!("SIDEWAYS".parse::<CompatibilityMode>().is_err());
+    }
+
+    /// Version 1 of a payload, as a Rust type.
+    #[allow(dead_code)]
+    mod v1 {
+        use schemars::JsonSchema;
+
+        /// A postal address.
+        #[derive(JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct Address {
+            pub street: String,
+            pub city: String,
+        }
+
+        /// Why stock changed.
+        #[derive(JsonSchema)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum StockChangeReason {
+            Receipt,
+            Sale,
+            Adjustment,
+        }
+
+        /// The payload.
+        #[derive(JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct StockLevelChanged {
+            pub inventory_item_id: uuid::Uuid,
+            pub previous_quantity: i64,
+            pub new_quantity: i64,
+            pub change_reason: StockChangeReason,
+            pub description: Option<String>,
+            pub address: Option<Address>,
+            pub changed_fields: Vec<String>,
+        }
+    }
+
+    /// Version 2: one more enum variant and one more optional field.
+    #[allow(dead_code)]
+    mod v2 {
+        use schemars::JsonSchema;
+
+        pub use super::v1::Address;
+
+        /// Why stock changed.
+        #[derive(JsonSchema)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum StockChangeReason {
+            Receipt,
+            Sale,
+            Adjustment,
+            Return,
+        }
+
+        /// The payload.
+        #[derive(JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct StockLevelChanged {
+            pub inventory_item_id: uuid::Uuid,
+            pub previous_quantity: i64,
+            pub new_quantity: i64,
+            pub change_reason: StockChangeReason,
+            pub description: Option<String>,
+            pub address: Option<Address>,
+            pub changed_fields: Vec<String>,
+            pub warehouse_code: Option<String>,
+        }
+    }
+
+    /// Version 3: the address gains a required postal code.
+    #[allow(dead_code)]
+    mod v3 {
+        use schemars::JsonSchema;
+
+        pub use super::v2::StockChangeReason;
+
+        /// A postal address.
+        #[derive(JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct Address {
+            pub street: String,
+            pub city: String,
+            pub postal_code: String,
+        }
+
+        /// The payload.
+        #[derive(JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct StockLevelChanged {
+            pub inventory_item_id: uuid::Uuid,
+            pub previous_quantity: i64,
+            pub new_quantity: i64,
+            pub change_reason: StockChangeReason,
+            pub description: Option<String>,
+            pub address: Option<Address>,
+            pub changed_fields: Vec<String>,
+            pub warehouse_code: Option<String>,
+        }
+    }
+
+    /// A recursive type, to prove recursive `$ref`s terminate.
+    #[allow(dead_code)]
+    #[derive(JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    struct Category {
+        name: String,
+        children: Vec<Category>,
+        parent: Option<Box<Category>>,
+    }
+
+    /// The checker handles what `schemars::schema_for!` really emits.
+    #[test]
+    fn real_schemars_output() {
+        let v1 = serde_json::to_value(schemars::schema_for!(v1::StockLevelChanged)).expect("v1");
+        let v2 = serde_json::to_value(schemars::schema_for!(v2::StockLevelChanged)).expect("v2");
+        let v3 = serde_json::to_value(schemars::schema_for!(v3::StockLevelChanged)).expect("v3");
+
+        // The shapes this checker must understand really are what schemars emits.
+        assert!(v1["properties"]["address"]["anyOf"].is_array(), "{v1:#}");
+        assert_eq!(v1["properties"]["description"]["type"], json!(["string", "null"]));
+        assert_eq!(v1["properties"]["changeReason"]["$ref"], "#/$defs/StockChangeReason");
+
+        assert!(check(FullTransitive, &[(1, &v1)], &v1).is_empty());
+        assert!(check(Backward, &[(1, &v1)], &v2).is_empty(), "v2 reads v1 data");
+
+        let forward = check(Forward, &[(1, &v1)], &v2);
+        assert_eq!(forward.len(), 1, "{forward:#?}");
+        assert_eq!(forward[0].path, "/properties/changeReason");
+        assert!(forward[0].message.contains("\"RETURN\""), "{}", forward[0]);
+        assert_eq!(forward[0].against_version, Some(1));
+
+        let backward = check(BackwardTransitive, &[(1, &v1), (2, &v2)], &v3);
+        assert_eq!(backward.len(), 2, "{backward:#?}");
+        assert!(
+            backward
+                .iter()
+                .all(|i| i.message.contains("field `address.postalCode` is required")),
+            "{backward:#?}"
+        );
+        assert!(check(Forward, &[(1, &v1), (2, &v2)], &v3).is_empty());
+    }
+
+    /// Recursive `$ref`s neither loop forever nor hide real changes.
+    #[test]
+    fn recursive_schemas_terminate() {
+        let tree = serde_json::to_value(schemars::schema_for!(Category)).expect("schema");
+        assert!(check(FullTransitive, &[(1, &tree)], &tree).is_empty());
+
+        let mut renamed = tree.clone();
+        renamed["$defs"]["Category"]["properties"]["name"] = json!({ "type": "integer" });
+        renamed["properties"]["name"] = json!({ "type": "integer" });
+        let found = can_read(&renamed, &tree);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.message == "field `name` changed type from string to integer"),
+            "{found:#?}"
+        );
     }
 }

@@ -2,3 +2,4 @@
 //! versioned schemas per event type.
 
 pub mod compatibility;
+pub mod registry;

@@ -52,7 +52,11 @@ pub(crate) fn row_to_stored(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, 
 ///
 /// Rows are inserted sorted by aggregate so that concurrent batches take the per-aggregate
 /// locks of the store's trigger in one global order and cannot deadlock each other.
-pub async fn append(conn: &mut PgConnection, schema: &SchemaName, events: &[DomainEvent]) -> Result<Vec<i64>, StoreError> {
+pub async fn append(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    events: &[DomainEvent],
+) -> Result<Vec<i64>, StoreError> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
@@ -122,7 +126,10 @@ pub async fn append(conn: &mut PgConnection, schema: &SchemaName, events: &[Doma
         .map_err(StoreError::query("insert events"))?;
 
     let positions: std::collections::HashMap<Uuid, i64> = rows.into_iter().collect();
-    Ok(events.iter().map(|e| positions.get(&e.event_id).copied().unwrap_or_default()).collect())
+    Ok(events
+        .iter()
+        .map(|e| positions.get(&e.event_id).copied().unwrap_or_default())
+        .collect())
 }
 
 /// Filters for reading a range of the event store (replay, audits).

@@ -20,7 +20,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid PostgreSQL schema name {0:?}: use 1-63 lowercase letters, digits or '_', not starting with a digit")]
+    #[error(
+        "invalid PostgreSQL schema name {0:?}: use 1-63 lowercase letters, digits or '_', not starting with a digit"
+    )]
     InvalidSchemaName(String),
     #[error("connect to PostgreSQL: {0}")]
     Connect(#[source] sqlx::Error),
@@ -56,7 +58,9 @@ impl SchemaName {
         let valid = !name.is_empty()
             && name.len() <= 63
             && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if valid {
             Ok(Self(name.to_owned()))
         } else {

@@ -64,7 +64,10 @@ pub struct OutboxReader {
 
 impl OutboxReader {
     pub fn new(store: Store, consumer: impl Into<String>) -> Self {
-        Self { store, consumer: consumer.into() }
+        Self {
+            store,
+            consumer: consumer.into(),
+        }
     }
 
     pub fn consumer(&self) -> &str {
@@ -98,11 +101,12 @@ impl OutboxReader {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query("set read snapshot"))?;
-        let in_progress: Vec<String> =
-            sqlx::query_scalar("SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) x")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(StoreError::query("read snapshot"))?;
+        let in_progress: Vec<String> = sqlx::query_scalar(
+            "SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) x",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(StoreError::query("read snapshot"))?;
         let in_progress: BTreeSet<u64> = in_progress.iter().filter_map(|t| t.parse().ok()).collect();
 
         let states = load_states(&mut tx, schema, &self.consumer, shards).await?;
@@ -174,6 +178,9 @@ fn txid_literal(set: &BTreeSet<u64>) -> String {
     format!("{{{}}}", items.join(","))
 }
 
+/// A `relay_cursors` row: shard, position, watched, late, late_after (txids as text).
+type CursorRow = (i16, i64, Vec<String>, Vec<String>, i64);
+
 async fn load_states(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -184,7 +191,7 @@ async fn load_states(
         "SELECT shard, position, watched_txids::text[], late_txids::text[], late_after \
          FROM {schema}.relay_cursors WHERE consumer = $1 AND shard = ANY($2)"
     );
-    let rows: Vec<(i16, i64, Vec<String>, Vec<String>, i64)> = sqlx::query_as(sql(statement))
+    let rows: Vec<CursorRow> = sqlx::query_as(sql(statement))
         .bind(consumer)
         .bind(shards)
         .fetch_all(&mut *conn)
@@ -194,7 +201,12 @@ async fn load_states(
     Ok(rows
         .into_iter()
         .map(|(shard, position, watched, late, late_after)| {
-            let state = CursorState { position, watched: parse(&watched), late: parse(&late), late_after };
+            let state = CursorState {
+                position,
+                watched: parse(&watched),
+                late: parse(&late),
+                late_after,
+            };
             (shard, state)
         })
         .collect())

@@ -38,7 +38,10 @@ async fn an_idempotent_message_is_produced_and_consumed() {
             FutureRecord::to(&topic)
                 .key("item-42")
                 .payload("stock changed")
-                .headers(OwnedHeaders::new().insert(Header { key: "ce_id", value: Some("evt-1") })),
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "ce_id",
+                    value: Some("evt-1"),
+                })),
             Duration::from_secs(10),
         )
         .await

@@ -18,7 +18,9 @@ async fn admin_creates_and_reads_back_a_config_map() {
         "data": {"hello": "world"}
     }))
     .unwrap();
-    api.create(&PostParams::default(), &cm).await.expect("create config map");
+    api.create(&PostParams::default(), &cm)
+        .await
+        .expect("create config map");
 
     let read = api.get("greeting").await.expect("read config map");
     assert_eq!(read.data.unwrap().get("hello").map(String::as_str), Some("world"));
@@ -77,7 +79,10 @@ async fn a_crd_is_established_and_accepts_objects() {
     let resource = ApiResource::from_gvk_with_plural(&gvk, "widgets");
     let widgets: Api<DynamicObject> = Api::namespaced_with(client, &ns, &resource);
     let widget = DynamicObject::new("w1", &resource).data(serde_json::json!({"spec": {"size": 3}}));
-    widgets.create(&PostParams::default(), &widget).await.expect("create widget");
+    widgets
+        .create(&PostParams::default(), &widget)
+        .await
+        .expect("create widget");
     let read = widgets.get("w1").await.expect("read widget");
     assert_eq!(read.data["spec"]["size"], 3);
 

@@ -5,7 +5,10 @@ use crate::support::postgres::TestDatabase;
 #[tokio::test]
 async fn migrations_apply_and_a_row_round_trips() {
     let db = TestDatabase::create("smoke_pg").await;
-    sqlx::migrate!("./migrations").run(&db.pool).await.expect("apply migrations");
+    sqlx::migrate!("./migrations")
+        .run(&db.pool)
+        .await
+        .expect("apply migrations");
 
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
         .fetch_one(&db.pool)

@@ -14,7 +14,11 @@ async fn a_confirmed_message_comes_back_from_its_queue() {
     let channel = conn.create_channel().await.unwrap();
     let queue = unique_name("smoke");
     channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();

@@ -10,7 +10,9 @@ async fn sdk_config() -> aws_config::SdkConfig {
     aws_config::from_env()
         .endpoint_url(aws_endpoint())
         .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "smoke"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "smoke",
+        ))
         .load()
         .await
 }

@@ -41,7 +41,10 @@ pub fn kubeconfig_path() -> PathBuf {
 
 /// A name unique to this test run, safe for topics, queues, namespaces and databases.
 pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or_default())
+    format!(
+        "{prefix}-{}",
+        uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or_default()
+    )
 }
 
 pub mod kube;

@@ -5,8 +5,6 @@ use sqlx::{Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 /// A database created for one test.
 pub struct TestDatabase {
     pub name: String,
-    /// Connection URL of the test database, for code that builds its own pool.
-    pub url: String,
     pub pool: PgPool,
 }
 
@@ -30,16 +28,19 @@ impl TestDatabase {
             .connect(&url)
             .await
             .expect("connect to test database");
-        Self { name, url, pool }
+        Self { name, pool }
     }
 
     /// Closes the pool and drops the database.
     pub async fn drop(self) {
         self.pool.close().await;
         let mut admin = PgConnection::connect(&super::database_url()).await.expect("connect");
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
-            .execute(&mut admin)
-            .await
-            .expect("drop test database");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("drop test database");
     }
 }

@@ -1,0 +1,196 @@
+//! In-process event handlers: delivered after the event is durably stored, at least once,
+//! in per-aggregate order; failures are recorded in `failed_events` and retried with
+//! exponential backoff, later events of the same aggregate waiting behind them.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::{InventoryEventPublisher, PublishError};
+use crate::event::DomainEvent;
+use crate::store::events::StoredEvent;
+use crate::store::outbox::{OutboxReader, SHARDS};
+
+/// Why a handler failed; the message is stored as the failed event's last error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HandlerError(pub String);
+
+/// An async callback for one event type.
+pub trait EventHandler: Send + Sync {
+    fn handle<'a>(
+        &'a self,
+        event: &'a DomainEvent,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+}
+
+impl<F, Fut> EventHandler for F
+where
+    F: Fn(DomainEvent) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle<'a>(
+        &'a self,
+        event: &'a DomainEvent,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
+        Box::pin(self(event.clone()))
+    }
+}
+
+/// Exponential backoff for handler failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HandlerRetryPolicy {
+    pub initial_interval: Duration,
+    pub multiplier: f64,
+    pub max_interval: Duration,
+    /// Attempts before the event is dead-lettered for this consumer.
+    pub max_attempts: u32,
+}
+
+impl Default for HandlerRetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_interval: Duration::from_millis(500),
+            multiplier: 2.0,
+            max_interval: Duration::from_secs(60),
+            max_attempts: 5,
+        }
+    }
+}
+
+impl HandlerRetryPolicy {
+    /// Delay before attempt `attempt + 1`, or None when `attempt` attempts exhaust the policy.
+    pub fn next_delay(&self, attempt: u32) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let secs = self.initial_interval.as_secs_f64() * self.multiplier.powi(exponent);
+        Some(Duration::from_secs_f64(secs.min(self.max_interval.as_secs_f64())))
+    }
+}
+
+impl InventoryEventPublisher {
+    /// Delivers stored events to the registered handlers until `shutdown` resolves.
+    pub async fn run_handlers(&self, shutdown: impl Future<Output = ()>) -> Result<(), PublishError> {
+        let reader = OutboxReader::new(self.store.clone(), self.config.handler_consumer.clone());
+        let shards: Vec<i16> = (0..SHARDS).collect();
+        reader.ensure_cursors(&shards).await?;
+        tokio::pin!(shutdown);
+        loop {
+            let handled = self.dispatch_round(&reader, &shards).await?;
+            if handled == 0 {
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+
+    /// One round: due retries first, then new events. Returns how many events were handled.
+    pub async fn dispatch_round(&self, reader: &OutboxReader, shards: &[i16]) -> Result<usize, PublishError> {
+        let consumer = reader.consumer();
+        let mut handled = 0;
+        for event in self.failed.due_heads(consumer, 100).await? {
+            handled += 1;
+            self.deliver_failed(consumer, &event).await?;
+        }
+
+        let batch = reader.read(shards, 500).await?;
+        let mut blocked: HashSet<(String, String)> =
+            self.failed.blocked_aggregates(consumer).await?.into_iter().collect();
+        for event in &batch.events {
+            handled += 1;
+            let key = (event.event.aggregate_type.clone(), event.event.aggregate_id.clone());
+            if blocked.contains(&key) {
+                self.failed.hold(consumer, event).await?;
+                continue;
+            }
+            if let Err(e) = self.invoke(&event.event).await {
+                self.record_failure(consumer, event, &e, 0).await?;
+                blocked.insert(key);
+            }
+        }
+        reader.commit(batch.advance).await?;
+        Ok(handled)
+    }
+
+    pub(super) async fn invoke(&self, event: &DomainEvent) -> Result<(), HandlerError> {
+        for handler in self.handlers_for(&event.event_type) {
+            handler.handle(event).await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver_failed(&self, consumer: &str, event: &StoredEvent) -> Result<(), PublishError> {
+        match self.invoke(&event.event).await {
+            Ok(()) => {
+                self.failed.mark_delivered(consumer, event.event.event_id).await?;
+                tracing::info!(event_id = %event.event.event_id, consumer, "handler retry succeeded");
+            }
+            Err(e) => {
+                let attempts = self.failed.attempts(consumer, event.event.event_id).await?;
+                self.record_failure(consumer, event, &e, u32::try_from(attempts).unwrap_or(0))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_failure(
+        &self,
+        consumer: &str,
+        event: &StoredEvent,
+        error: &HandlerError,
+        previous_attempts: u32,
+    ) -> Result<(), PublishError> {
+        let attempt = previous_attempts + 1;
+        let next = self
+            .config
+            .handler_retry
+            .next_delay(attempt)
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| Utc::now() + d);
+        let row = self.failed.record_attempt(consumer, event, &error.0, next).await?;
+        tracing::warn!(
+            event_id = %event.event.event_id,
+            aggregate_id = %event.event.aggregate_id,
+            correlation_id = event.event.metadata.correlation_id.as_deref().unwrap_or_default(),
+            attempts = row.attempts,
+            status = row.status.as_str(),
+            error = %error,
+            "event handler failed"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_up_to_the_cap_then_stops() {
+        let policy = HandlerRetryPolicy {
+            initial_interval: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_interval: Duration::from_millis(350),
+            max_attempts: 5,
+        };
+        let delays: Vec<_> = (1..=5).map(|a| policy.next_delay(a)).collect();
+        assert_eq!(
+            delays,
+            vec![
+                Some(Duration::from_millis(100)),
+                Some(Duration::from_millis(200)),
+                Some(Duration::from_millis(350)),
+                Some(Duration::from_millis(350)),
+                None
+            ]
+        );
+    }
+}
