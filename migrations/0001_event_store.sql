@@ -40,11 +40,13 @@ LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     aggregate_key integer := hashtext(NEW.aggregate_type || '/' || NEW.aggregate_id);
 BEGIN
+    -- The transaction id first: a reader's snapshot must know this transaction is running
+    -- before any position of it exists.
+    NEW.txid := pg_current_xact_id();
     -- Class 1869574770 spells 'outr': keeps our locks apart from the application's own.
     PERFORM pg_advisory_xact_lock(1869574770, aggregate_key);
     NEW.position := nextval('event_position_seq');
     NEW.shard := (aggregate_key & 63)::smallint;
-    NEW.txid := pg_current_xact_id();
     RETURN NEW;
 END
 $$;
@@ -77,6 +79,8 @@ CREATE TRIGGER events_notify AFTER INSERT ON events
 -- in-process handler group. See `src/store/outbox.rs` for the reading algorithm:
 --   position       every event at or below it is handled, except rows of `watched_txids`;
 --   watched_txids  transactions in progress when `position` last moved (may commit below it);
+--   watch_from     ... and every transaction id from this one up (a running transaction
+--                  whose id is at or above a snapshot's xmax is not in its xip list);
 --   late_txids     finished watched transactions whose rows are being read in position order,
 --   late_after     ... up to this position so far.
 CREATE TABLE relay_cursors (
@@ -84,6 +88,7 @@ CREATE TABLE relay_cursors (
     shard             smallint    NOT NULL CHECK (shard BETWEEN 0 AND 63),
     position          bigint      NOT NULL DEFAULT 0,
     watched_txids     xid8[]      NOT NULL DEFAULT '{}',
+    watch_from        xid8        NOT NULL DEFAULT '0',
     late_txids        xid8[]      NOT NULL DEFAULT '{}',
     late_after        bigint      NOT NULL DEFAULT 0,
     owner             text,

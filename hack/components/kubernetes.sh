@@ -422,6 +422,11 @@ start_apiserver() {
 
 start_controller_manager() {
   local logfile="$OUTBOX_LOGS/kube-controller-manager.log"
+  # --use-service-account-credentials=true: each controller runs as its own kube-system
+  # ServiceAccount and so gets the bootstrap system:controller:* RBAC roles; the
+  # system:kube-controller-manager user alone may not delete arbitrary objects (GC, namespace
+  # deletion) nor create kube-root-ca.crt ConfigMaps.
+  # --authentication-skip-lookup: the apiserver has no front-proxy (requestheader) CA.
   if ! running "$KCM_PID" "$KCM_BIN"; then
     port_open "$KCM_PORT" && die "127.0.0.1:$KCM_PORT is already in use by another process (not our kube-controller-manager)"
     mkdir -p "$K8S_STATE/controller-manager"
@@ -429,13 +434,14 @@ start_controller_manager() {
       --kubeconfig="$KCM_KUBECONFIG" \
       --authentication-kubeconfig="$KCM_KUBECONFIG" \
       --authorization-kubeconfig="$KCM_KUBECONFIG" \
+      --authentication-skip-lookup=true \
       --bind-address=127.0.0.1 \
       --secure-port="$KCM_PORT" \
       --cert-dir="$K8S_STATE/controller-manager" \
       --controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation,root-ca-cert-publisher \
       --service-account-private-key-file="$PKI/sa.key" \
       --root-ca-file="$PKI/ca.crt" \
-      --use-service-account-credentials=false \
+      --use-service-account-credentials=true \
       --leader-elect=false \
       --profiling=false \
       --v=1

@@ -3,17 +3,20 @@
 //! Positions come from a sequence, so a transaction holding a lower position can commit after
 //! one holding a higher position; a plain "position > cursor" reader would skip it forever.
 //! Instead each (consumer, shard) cursor remembers which transactions were still in progress
-//! (`pg_current_snapshot()`'s xip list) when the cursor last moved. Only those can still
+//! when the cursor last moved: the snapshot's xip list, plus every transaction id at or above
+//! the snapshot's xmax (running transactions there are not listed in xip). Only those can still
 //! commit rows at or below the cursor. Once one finishes, its rows ("late rows") are read in
 //! position order together with the new rows above the cursor, so for every aggregate the
 //! stream stays in commit order (the store's trigger makes position order equal commit order
 //! per aggregate). A long-running transaction elsewhere only sits in the watch list; it never
 //! holds the cursor back.
 //!
-//! State machine per cursor (C = position, W = watched, F = late txids being read, L = late_after):
-//! - F empty: read late rows of F := {finished t in W} with L < position <= C, plus rows above C.
+//! State machine per cursor (C = position, W = watched txids and all txids >= watch_from,
+//! F = late txids being read, L = late_after):
+//! - F empty: F := finished members of W (explicit ones not in xip; in [watch_from, xmax) those
+//!   not in xip that own rows at or below C); read late rows of F with position <= C, plus rows above C.
 //!   If the batch ended at or below C, keep reading F from L := last position (mid-scan).
-//!   Otherwise C := last position (if any) and W := in-progress txids of the snapshot.
+//!   Otherwise C := last position (if any) and W := (xip, xmax) of the snapshot.
 //! - F not empty (mid-scan): read only late rows of F above L; no new rows until F is done,
 //!   so a later event of an aggregate can never overtake a late one.
 
@@ -32,6 +35,7 @@ pub const SHARDS: i16 = 64;
 struct CursorState {
     position: i64,
     watched: BTreeSet<u64>,
+    watch_from: u64,
     late: BTreeSet<u64>,
     late_after: i64,
 }
@@ -101,13 +105,18 @@ impl OutboxReader {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query("set read snapshot"))?;
-        let in_progress: Vec<String> = sqlx::query_scalar(
-            "SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) x",
+        let (xmax, in_progress): (String, Vec<String>) = sqlx::query_as(
+            "SELECT pg_snapshot_xmax(s)::text, \
+                    coalesce((SELECT array_agg(x::text) FROM pg_snapshot_xip(s) x), '{}') \
+             FROM (SELECT pg_current_snapshot() AS s) q",
         )
         .fetch_one(&mut *tx)
         .await
         .map_err(StoreError::query("read snapshot"))?;
-        let in_progress: BTreeSet<u64> = in_progress.iter().filter_map(|t| t.parse().ok()).collect();
+        let snapshot = Snapshot {
+            xmax: xmax.parse().unwrap_or(u64::MAX),
+            in_progress: in_progress.iter().filter_map(|t| t.parse().ok()).collect(),
+        };
 
         let states = load_states(&mut tx, schema, &self.consumer, shards).await?;
         // Shards with identical state are read together (in steady state: all of them).
@@ -122,7 +131,7 @@ impl OutboxReader {
             if remaining == 0 {
                 break;
             }
-            let (events, next) = read_group(&mut tx, schema, &state, &group, &in_progress, remaining).await?;
+            let (events, next) = read_group(&mut tx, schema, &state, &group, &snapshot, remaining).await?;
             if next != state {
                 batch.advance.updates.extend(group.iter().map(|&s| (s, next.clone())));
             }
@@ -141,21 +150,23 @@ impl OutboxReader {
         let mut shards = Vec::new();
         let mut positions = Vec::new();
         let mut watched = Vec::new();
+        let mut watch_from = Vec::new();
         let mut late = Vec::new();
         let mut late_after = Vec::new();
         for (shard, state) in advance.updates {
             shards.push(shard);
             positions.push(state.position);
             watched.push(txid_literal(&state.watched));
+            watch_from.push(state.watch_from.to_string());
             late.push(txid_literal(&state.late));
             late_after.push(state.late_after);
         }
         let statement = format!(
             "UPDATE {schema}.relay_cursors c SET position = u.position, \
-                 watched_txids = u.watched::xid8[], late_txids = u.late::xid8[], \
-                 late_after = u.late_after, updated_at = now() \
-             FROM UNNEST($2::int2[], $3::int8[], $4::text[], $5::text[], $6::int8[]) \
-                  AS u(shard, position, watched, late, late_after) \
+                 watched_txids = u.watched::xid8[], watch_from = u.watch_from::xid8, \
+                 late_txids = u.late::xid8[], late_after = u.late_after, updated_at = now() \
+             FROM UNNEST($2::int2[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
+                  AS u(shard, position, watched, watch_from, late, late_after) \
              WHERE c.consumer = $1 AND c.shard = u.shard",
             schema = self.store.schema()
         );
@@ -164,6 +175,7 @@ impl OutboxReader {
             .bind(&shards)
             .bind(&positions)
             .bind(&watched)
+            .bind(&watch_from)
             .bind(&late)
             .bind(&late_after)
             .execute(self.store.pool())
@@ -178,8 +190,16 @@ fn txid_literal(set: &BTreeSet<u64>) -> String {
     format!("{{{}}}", items.join(","))
 }
 
-/// A `relay_cursors` row: shard, position, watched, late, late_after (txids as text).
-type CursorRow = (i16, i64, Vec<String>, Vec<String>, i64);
+/// A `relay_cursors` row: shard, position, watched, watch_from, late, late_after (txids as text).
+type CursorRow = (i16, i64, Vec<String>, String, Vec<String>, i64);
+
+/// What the reading transaction's snapshot says about other transactions.
+struct Snapshot {
+    /// Transaction ids at or above this had not finished.
+    xmax: u64,
+    /// Transaction ids below `xmax` still running.
+    in_progress: BTreeSet<u64>,
+}
 
 async fn load_states(
     conn: &mut PgConnection,
@@ -188,7 +208,7 @@ async fn load_states(
     shards: &[i16],
 ) -> Result<Vec<(i16, CursorState)>, StoreError> {
     let statement = format!(
-        "SELECT shard, position, watched_txids::text[], late_txids::text[], late_after \
+        "SELECT shard, position, watched_txids::text[], watch_from::text, late_txids::text[], late_after \
          FROM {schema}.relay_cursors WHERE consumer = $1 AND shard = ANY($2)"
     );
     let rows: Vec<CursorRow> = sqlx::query_as(sql(statement))
@@ -200,10 +220,11 @@ async fn load_states(
     let parse = |v: &[String]| v.iter().filter_map(|t| t.parse().ok()).collect();
     Ok(rows
         .into_iter()
-        .map(|(shard, position, watched, late, late_after)| {
+        .map(|(shard, position, watched, watch_from, late, late_after)| {
             let state = CursorState {
                 position,
                 watched: parse(&watched),
+                watch_from: watch_from.parse().unwrap_or(0),
                 late: parse(&late),
                 late_after,
             };
@@ -217,14 +238,14 @@ async fn read_group(
     schema: &SchemaName,
     state: &CursorState,
     shards: &[i16],
-    in_progress: &BTreeSet<u64>,
+    snapshot: &Snapshot,
     limit: usize,
 ) -> Result<(Vec<StoredEvent>, CursorState), StoreError> {
     let mid_scan = !state.late.is_empty();
     let late: BTreeSet<u64> = if mid_scan {
         state.late.clone()
     } else {
-        state.watched.difference(in_progress).copied().collect()
+        finished_watched(conn, schema, state, shards, snapshot).await?
     };
     let late_after = if mid_scan { state.late_after } else { 0 };
     let late_vec: Vec<String> = late.iter().map(u64::to_string).collect();
@@ -264,29 +285,71 @@ async fn read_group(
     let next = match last {
         // Stopped inside the late rows: continue them next round before anything newer.
         Some(last) if full && last <= state.position => CursorState {
-            position: state.position,
-            watched: state.watched.clone(),
             late,
             late_after: last,
+            ..state.clone()
         },
-        // Late rows done (and, outside a mid-scan, new rows up to `last` read).
+        // New rows up to `last` read: whatever was running at this snapshot is watched now.
+        Some(last) if !mid_scan && last > state.position => CursorState {
+            position: last,
+            watched: snapshot.in_progress.clone(),
+            watch_from: snapshot.xmax,
+            late: BTreeSet::new(),
+            late_after: 0,
+        },
+        // Late rows done, cursor unchanged: keep watching only what still runs.
         _ => {
-            let watched_left: BTreeSet<u64> = state.watched.difference(&late).copied().collect();
-            match last {
-                Some(last) if !mid_scan && last > state.position => CursorState {
-                    position: last,
-                    watched: in_progress.clone(),
-                    late: BTreeSet::new(),
-                    late_after: 0,
-                },
-                _ => CursorState {
-                    position: state.position,
-                    watched: watched_left,
-                    late: BTreeSet::new(),
-                    late_after: 0,
-                },
+            let mut watched: BTreeSet<u64> = state.watched.difference(&late).copied().collect();
+            if !mid_scan {
+                watched.retain(|t| snapshot.in_progress.contains(t));
+                watched.extend(snapshot.in_progress.iter().filter(|&&t| t >= state.watch_from));
+            }
+            let watch_from = if mid_scan {
+                state.watch_from
+            } else {
+                snapshot.xmax.max(state.watch_from)
+            };
+            CursorState {
+                position: state.position,
+                watched,
+                watch_from,
+                late: BTreeSet::new(),
+                late_after: 0,
             }
         }
     };
     Ok((events, next))
+}
+
+/// Watched transactions that have finished by `snapshot` and may own rows at or below the cursor.
+async fn finished_watched(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    state: &CursorState,
+    shards: &[i16],
+    snapshot: &Snapshot,
+) -> Result<BTreeSet<u64>, StoreError> {
+    let mut finished: BTreeSet<u64> = state
+        .watched
+        .iter()
+        .filter(|t| !snapshot.in_progress.contains(t) && **t < snapshot.xmax)
+        .copied()
+        .collect();
+    if state.position > 0 && state.watch_from < snapshot.xmax {
+        // Transactions in [watch_from, xmax) that finished; only committed ones have visible rows.
+        let statement = format!(
+            "SELECT DISTINCT txid::text FROM {schema}.events \
+             WHERE txid >= $1::text::xid8 AND txid < $2::text::xid8 AND position <= $3 AND shard = ANY($4)"
+        );
+        let txids: Vec<String> = sqlx::query_scalar(sql(statement))
+            .bind(state.watch_from.to_string())
+            .bind(snapshot.xmax.to_string())
+            .bind(state.position)
+            .bind(shards)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::query("find late transactions"))?;
+        finished.extend(txids.iter().filter_map(|t| t.parse::<u64>().ok()));
+    }
+    Ok(finished)
 }
