@@ -20,3 +20,4 @@ pub mod publisher;
 pub mod schema;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

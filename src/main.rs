@@ -7,6 +7,7 @@ use inventory_outbox::cli::Cli;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    inventory_outbox::tls::install_crypto_provider();
     inventory_outbox::telemetry::init(cli.log_format)?;
     cli.run().await
 }

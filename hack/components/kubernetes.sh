@@ -308,9 +308,10 @@ launch() {
   rm -f "$pidfile"
   printf '\n===== %s starting %s =====\n' "$(date '+%F %T')" "$name" >>"$logfile"
   # bash writes its own pid, then execs the binary in place, so the pid file names the binary
+  # shellcheck disable=SC2016
   setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" >>"$logfile" 2>&1 </dev/null &
-  local i
-  for i in $(seq 1 50); do [[ -s $pidfile ]] && break; sleep 0.1; done
+  local _
+  for _ in $(seq 1 50); do [[ -s $pidfile ]] && break; sleep 0.1; done
   [[ -s $pidfile ]] || die "$name did not start (no pid file); see $logfile"
   log "started $name (pid $(cat "$pidfile"), log $logfile)"
 }
@@ -324,9 +325,9 @@ fail_with_log() {
 
 etcd_healthy() {
   local resp
-  resp=$(exec 3<>"/dev/tcp/127.0.0.1/$ETCD_PORT" &&
+  resp=$({ exec 3<>"/dev/tcp/127.0.0.1/$ETCD_PORT" &&
     printf 'GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 &&
-    timeout 5 cat <&3) 2>/dev/null || return 1
+    timeout 5 cat <&3; } 2>/dev/null) || return 1
   [[ $resp == *'"health":"true"'* ]]
 }
 

@@ -3,6 +3,7 @@
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 async fn config() -> kube::Config {
+    inventory_outbox::tls::install_crypto_provider();
     let path = super::kubeconfig_path();
     let kubeconfig = Kubeconfig::read_from(&path)
         .unwrap_or_else(|e| panic!("read kubeconfig {}: {e} (is `make env-up` done?)", path.display()));
