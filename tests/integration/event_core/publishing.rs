@@ -1,1 +1,291 @@
+//! Publishing inside the caller's transaction, validation before the store, handlers and replay.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use inventory_outbox::event::{EventType, NewEvent};
+use inventory_outbox::publisher::{HandlerError, PublishError, ReplayOptions};
+use inventory_outbox::store::events::EventRange;
+use inventory_outbox::store::failed::{FailedEventQuery, FailedStatus};
+use inventory_outbox::store::outbox::{OutboxReader, SHARDS};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::{publisher, stock_changed};
+
+async fn event_count(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox.events")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_leaves_no_event() {
+    let (db, publisher) = publisher("rollback").await;
+    let mut tx = db.pool.begin().await.unwrap();
+    publisher
+        .publish_event(&mut tx, stock_changed(Uuid::now_v7(), 1))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(event_count(&db.pool).await, 0);
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let stored = publisher
+        .publish_event(&mut tx, stock_changed(Uuid::now_v7(), 1))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(event_count(&db.pool).await, 1);
+    let id: Uuid = sqlx::query_scalar("SELECT event_id FROM outbox.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(id, stored.event_id);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_event_rejects_its_whole_batch_and_names_the_problem() {
+    let (db, publisher) = publisher("badbatch").await;
+    let mut bad = stock_changed(Uuid::now_v7(), 2);
+    bad.payload.as_object_mut().unwrap().remove("warehouseId");
+    let batch = vec![stock_changed(Uuid::now_v7(), 1), bad, stock_changed(Uuid::now_v7(), 3)];
+    let mut tx = db.pool.begin().await.unwrap();
+    let err = publisher.publish_events(&mut tx, batch).await.unwrap_err();
+    tx.commit().await.unwrap();
+    let message = err.to_string();
+    assert!(matches!(err, PublishError::Invalid { index: 1, .. }), "{message}");
+    assert!(message.contains("event 1 (StockLevelChanged)"), "{message}");
+    assert!(message.contains("\"warehouseId\" is a required property"), "{message}");
+    assert_eq!(event_count(&db.pool).await, 0, "nothing of the batch was written");
+
+    // An unregistered schema version is refused too.
+    let mut v9 = stock_changed(Uuid::now_v7(), 1);
+    v9.version = 9;
+    let mut tx = db.pool.begin().await.unwrap();
+    let err = publisher.publish_event(&mut tx, v9).await.unwrap_err().to_string();
+    assert!(
+        err.contains("version 9 of StockLevelChanged is not registered"),
+        "{err}"
+    );
+    tx.rollback().await.unwrap();
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_failed_statement_aborts_the_whole_batch() {
+    let (db, publisher) = publisher("dupbatch").await;
+    let existing = Uuid::now_v7();
+    let mut tx = db.pool.begin().await.unwrap();
+    publisher
+        .publish_event(&mut tx, stock_changed(Uuid::now_v7(), 1).with_event_id(existing))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // The second event reuses a stored eventId: the database refuses the insert, and the
+    // batch's other events are not written either.
+    let batch = vec![
+        stock_changed(Uuid::now_v7(), 1),
+        stock_changed(Uuid::now_v7(), 1).with_event_id(existing),
+    ];
+    let mut tx = db.pool.begin().await.unwrap();
+    let err = publisher.publish_events(&mut tx, batch).await.unwrap_err().to_string();
+    assert!(err.contains("insert events"), "{err}");
+    drop(tx);
+    assert_eq!(event_count(&db.pool).await, 1);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn handlers_get_events_at_least_once_with_failures_retried_in_aggregate_order() {
+    let (db, publisher) = publisher("handlers").await;
+    let seen = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let failures_left = Arc::new(AtomicUsize::new(2));
+    {
+        let (seen, failures_left) = (seen.clone(), failures_left.clone());
+        publisher.register_event_handler(
+            EventType::StockLevelChanged,
+            Arc::new(move |event: inventory_outbox::event::DomainEvent| {
+                let (seen, failures_left) = (seen.clone(), failures_left.clone());
+                async move {
+                    let sequence = event.payload["newQuantity"].as_i64().unwrap_or_default();
+                    // The first event fails twice before it goes through.
+                    if sequence == 1
+                        && failures_left
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                    {
+                        return Err(HandlerError("downstream unavailable".into()));
+                    }
+                    seen.lock().await.push(sequence);
+                    Ok(())
+                }
+            }),
+        );
+    }
+    let item = Uuid::now_v7();
+    let mut tx = db.pool.begin().await.unwrap();
+    publisher
+        .publish_events(&mut tx, (1..=3).map(|s| stock_changed(item, s)).collect())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let reader = OutboxReader::new(publisher.store().clone(), "handlers");
+    let shards: Vec<i16> = (0..SHARDS).collect();
+    reader.ensure_cursors(&shards).await.unwrap();
+    publisher.dispatch_round(&reader, &shards).await.unwrap();
+    // Event 1 failed; 2 and 3 wait behind it instead of overtaking it.
+    assert!(seen.lock().await.is_empty());
+    let failed = publisher
+        .get_failed_events(&FailedEventQuery {
+            consumer: Some("handlers".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let statuses: Vec<_> = failed.iter().map(|f| f.status).collect();
+    assert_eq!(
+        statuses,
+        vec![FailedStatus::Retrying, FailedStatus::Held, FailedStatus::Held]
+    );
+    assert_eq!(failed[0].last_error.as_deref(), Some("downstream unavailable"));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.lock().await.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handlers did not catch up: {:?}",
+            seen.lock().await
+        );
+        publisher.dispatch_round(&reader, &shards).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(*seen.lock().await, vec![1, 2, 3]);
+    let status = publisher.get_publisher_status("handlers").await.unwrap();
+    assert_eq!(
+        (status.pending_events, status.retrying_events, status.held_events),
+        (0, 0, 0)
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn dead_lettered_events_can_be_retried_and_resolved() {
+    let (db, publisher) = publisher("deadletter").await;
+    publisher.register_event_handler(
+        EventType::StockLevelChanged,
+        Arc::new(|_event| async { Err(HandlerError("always fails".into())) }),
+    );
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut tx = db.pool.begin().await.unwrap();
+    let events = publisher
+        .publish_events(&mut tx, vec![stock_changed(a, 1), stock_changed(b, 1)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE outbox.failed_events SET status = 'dead_lettered'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let reader = OutboxReader::new(publisher.store().clone(), "handlers");
+    let shards: Vec<i16> = (0..SHARDS).collect();
+    reader.ensure_cursors(&shards).await.unwrap();
+    publisher.dispatch_round(&reader, &shards).await.unwrap();
+    sqlx::query("UPDATE outbox.failed_events SET status = 'dead_lettered', next_retry_at = NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let retried = publisher
+        .retry_failed_event("handlers", events[0].event_id)
+        .await
+        .unwrap();
+    assert_eq!(retried.previous_status, FailedStatus::DeadLettered);
+    assert_eq!(retried.previous_attempts, 1);
+    let resolved = publisher
+        .resolve_failed_event("handlers", events[1].event_id, "duplicate order")
+        .await
+        .unwrap();
+    assert_eq!(resolved.status, FailedStatus::DeadLettered);
+    let rows = publisher
+        .get_failed_events(&FailedEventQuery {
+            consumer: Some("handlers".into()),
+            statuses: vec![FailedStatus::Resolved],
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].resolution.as_deref(), Some("duplicate order"));
+
+    let err = publisher
+        .retry_failed_event("handlers", Uuid::now_v7())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no failed event"), "{err}");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn replay_delivers_the_selected_range_and_resumes_from_its_checkpoint() {
+    let (db, publisher) = publisher("replay").await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        publisher.register_event_handler(
+            EventType::StockLevelChanged,
+            Arc::new(move |event: inventory_outbox::event::DomainEvent| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().await.push(event.aggregate_id);
+                    Ok(())
+                }
+            }),
+        );
+    }
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut tx = db.pool.begin().await.unwrap();
+    let mut drafts: Vec<NewEvent> = (1..=5).map(|s| stock_changed(a, s)).collect();
+    drafts.extend((1..=3).map(|s| stock_changed(b, s)));
+    publisher.publish_events(&mut tx, drafts).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let only_a = EventRange {
+        aggregate_ids: vec![a.to_string()],
+        ..Default::default()
+    };
+    let dry = publisher
+        .replay_events(&ReplayOptions {
+            replay_id: "dry".into(),
+            range: only_a.clone(),
+            dry_run: true,
+            batch_size: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!((dry.matched, dry.replayed), (5, 0));
+    assert!(seen.lock().await.is_empty(), "a dry run delivers nothing");
+
+    let options = ReplayOptions {
+        replay_id: "r1".into(),
+        range: only_a,
+        dry_run: false,
+        batch_size: 2,
+    };
+    let result = publisher.replay_events(&options).await.unwrap();
+    assert_eq!((result.matched, result.replayed, result.failed), (5, 5, 0));
+    assert_eq!(*seen.lock().await, vec![a.to_string(); 5]);
+    // Running the same replay id again resumes after its checkpoint: nothing new to deliver.
+    let again = publisher.replay_events(&options).await.unwrap();
+    assert_eq!(again.replayed, 5);
+    assert_eq!(seen.lock().await.len(), 5);
+    db.drop().await;
+}
