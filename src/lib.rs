@@ -14,6 +14,7 @@
 //! The folder layout follows the picture: `event` (envelope and inventory payloads),
 //! `store` (PostgreSQL), `broker` (one adapter per broker), `relay`, `operator`, `crd`.
 
+pub mod broker;
 pub mod cli;
 pub mod event;
 pub mod publisher;

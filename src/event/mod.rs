@@ -1,6 +1,7 @@
 //! The event model: the `DomainEvent` envelope, the fifteen typed inventory payloads and
 //! their JSON Schemas.
 
+pub mod cloudevents;
 pub mod envelope;
 pub mod inventory;
 pub mod validate;
