@@ -1,0 +1,1 @@
+//! Placeholder: replaced by the sns_sqs adapter tests.
