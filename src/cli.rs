@@ -29,8 +29,33 @@ pub enum Command {
     Crd,
     /// Administer failed and dead-lettered events through a relay's admin API.
     Admin,
-    /// Apply the database migrations (event store, outbox state, schema registry).
-    Migrate,
+    /// Apply the database migrations (event store, outbox state, schema registry) and
+    /// register the built-in event schemas.
+    Migrate(MigrateArgs),
+    /// Write the JSON Schema of every event type (the contract for producers in any language).
+    Schemas(SchemasArgs),
+}
+
+/// Where the outbox lives.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL connection URL (keep credentials out of shell history: prefer the variable).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// PostgreSQL schema holding the outbox tables.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = crate::store::SchemaName::DEFAULT)]
+    pub schema: String,
+    /// Compatibility mode given to built-in subjects that do not exist yet.
+    #[arg(long, default_value = "BACKWARD")]
+    pub compatibility: crate::schema::compatibility::CompatibilityMode,
+}
+
+/// Where to write the schema files.
+#[derive(Debug, clap::Args)]
+pub struct SchemasArgs {
+    /// Directory to write `{EventType}/v{version}.json` into; prints one JSON object when absent.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 impl Cli {
@@ -42,9 +67,44 @@ impl Cli {
             Command::Replay => not_implemented("replay"),
             Command::Crd => not_implemented("crd"),
             Command::Admin => not_implemented("admin"),
-            Command::Migrate => not_implemented("migrate"),
+            Command::Migrate(args) => migrate(args).await,
+            Command::Schemas(args) => write_schemas(args),
         }
     }
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let schema = crate::store::SchemaName::new(&args.schema)?;
+    let store = crate::store::Store::connect(&args.database_url, schema.clone(), 2).await?;
+    store.migrate().await?;
+    crate::schema::registry::SchemaRegistry::new(store)
+        .register_builtin(args.compatibility)
+        .await?;
+    tracing::info!(schema = %schema, "migrations applied and built-in schemas registered");
+    Ok(())
+}
+
+fn write_schemas(args: SchemasArgs) -> anyhow::Result<()> {
+    let files = crate::event::schemas::schema_files();
+    match args.out {
+        Some(dir) => {
+            for (path, text) in files {
+                let target = dir.join(path);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&target, text)?;
+            }
+        }
+        None => {
+            let all: serde_json::Map<String, serde_json::Value> = files
+                .into_iter()
+                .map(|(path, text)| (path, serde_json::from_str(&text).unwrap_or_default()))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+    }
+    Ok(())
 }
 
 /// Subcommands whose issue has not landed say so plainly and fail, instead of pretending.

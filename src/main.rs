@@ -1,13 +1,25 @@
 //! `inventory-outbox` binary: one executable, one subcommand per role (operator, relay, replay,
 //! admin CLI, CRD generator, migrations). All logic lives in the library crate.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use inventory_outbox::cli::Cli;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     inventory_outbox::tls::install_crypto_provider();
-    inventory_outbox::telemetry::init(cli.log_format)?;
-    cli.run().await
+    let result = match inventory_outbox::telemetry::init(cli.log_format) {
+        Ok(()) => cli.run().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, one line, without a backtrace: this is for operators.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,1 +1,1072 @@
-//! Placeholder: replaced by the kafka adapter.
+//! Kafka adapter: an idempotent `acks=all` producer (rdkafka `FutureProducer`) that pipelines a
+//! batch (enqueue every record, then await every delivery report), CloudEvents binary or
+//! structured encoding with the Kafka binding's `ce_` headers, and an admin client for topics.
+//!
+//! Records are keyed by `aggregateId`, so the events of one aggregate share a partition; with
+//! idempotence and at most 5 requests in flight, librdkafka keeps them in order across retries.
+//! Credentials never appear in the configuration: it names environment variables read at
+//! connect time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
+use crate::event::cloudevents::{self, KAFKA_PREFIX};
+
+/// `content-type` of a structured-mode record.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// Header carrying why a record was dead-lettered.
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-dead-letter-reason";
+/// Header carrying the topic a dead-lettered record was meant for.
+pub const ORIGINAL_TOPIC_HEADER: &str = "x-original-topic";
+
+/// How long `check_health` waits for cluster metadata.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the admin client waits for the controller to create topics.
+const ADMIN_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the admin client waits for a response at all.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pause before retrying an enqueue refused because librdkafka's local queue is full.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(10);
+/// Slack over `messageTimeoutMs` before a missing delivery report counts as lost.
+const DELIVERY_REPORT_GRACE: Duration = Duration::from_secs(5);
+/// Longest topic name Kafka accepts.
+const MAX_TOPIC_NAME_LEN: usize = 249;
+
+fn default_client_id() -> String {
+    "inventory-outbox".to_owned()
+}
+
+fn default_partitions() -> i32 {
+    6
+}
+
+fn default_replication_factor() -> i32 {
+    1
+}
+
+fn default_message_timeout_ms() -> u32 {
+    30_000
+}
+
+fn default_linger_ms() -> u32 {
+    5
+}
+
+/// Connection, producer and topic settings of the Kafka adapter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list of brokers to bootstrap from, e.g.
+    /// `kafka-0.kafka:9092,kafka-1.kafka:9092`.
+    pub bootstrap_servers: String,
+    /// Client id the brokers see in request logs and quotas.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// CloudEvents content mode: `binary` (attributes as `ce_` headers, JSON payload as body) or
+    /// `structured` (one `application/cloudevents+json` document as body).
+    #[serde(default)]
+    pub mode: CloudEventsMode,
+    /// Topic receiving events that exhausted their retries or were refused permanently; created
+    /// with the other topics.
+    pub dead_letter_topic: String,
+    /// Partition count of topics the publisher creates. Existing topics are left as they are.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of topics the publisher creates.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Topic-level configuration of topics the publisher creates, e.g. `retention.ms`,
+    /// `min.insync.replicas`, `max.message.bytes`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topic_config: BTreeMap<String, String>,
+    /// How long a record may wait for its acknowledgement, retries included, before it fails
+    /// as retriable (librdkafka `message.timeout.ms`).
+    #[serde(default = "default_message_timeout_ms")]
+    pub message_timeout_ms: u32,
+    /// How long the producer waits to fill a batch before sending it (librdkafka `linger.ms`).
+    /// Must be less than `messageTimeoutMs`.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u32,
+    /// Compression of record batches: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    #[serde(default)]
+    pub compression: KafkaCompression,
+    /// Protocol to talk to the brokers: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    #[serde(default)]
+    pub security_protocol: KafkaSecurityProtocol,
+    /// SASL mechanism (`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`); required with
+    /// `sasl_plaintext` and `sasl_ssl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<KafkaSaslMechanism>,
+    /// Name of the environment variable holding the SASL username (for example one filled from
+    /// a Secret); required with SASL. The value itself never goes in this document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_username_env: Option<String>,
+    /// Name of the environment variable holding the SASL password (for example one filled from
+    /// a Secret); required with SASL. The value itself never goes in this document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_password_env: Option<String>,
+    /// Extra librdkafka producer properties, e.g. `batch.size` or `ssl.ca.location`. `acks`,
+    /// `enable.idempotence` and `bootstrap.servers` cannot be overridden, settings with a field
+    /// of their own must use it, and secrets are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub producer_overrides: BTreeMap<String, String>,
+}
+
+/// Everything at its default; `bootstrapServers` and `deadLetterTopic` are empty and must be set.
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: String::new(),
+            client_id: default_client_id(),
+            mode: CloudEventsMode::default(),
+            dead_letter_topic: String::new(),
+            partitions: default_partitions(),
+            replication_factor: default_replication_factor(),
+            topic_config: BTreeMap::new(),
+            message_timeout_ms: default_message_timeout_ms(),
+            linger_ms: default_linger_ms(),
+            compression: KafkaCompression::default(),
+            security_protocol: KafkaSecurityProtocol::default(),
+            sasl_mechanism: None,
+            sasl_username_env: None,
+            sasl_password_env: None,
+            producer_overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// Compression codec of record batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaCompression {
+    /// Uncompressed.
+    None,
+    /// gzip: small, CPU-heavy.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4: fast, the default.
+    #[default]
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl KafkaCompression {
+    /// The librdkafka `compression.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaCompression::None => "none",
+            KafkaCompression::Gzip => "gzip",
+            KafkaCompression::Snappy => "snappy",
+            KafkaCompression::Lz4 => "lz4",
+            KafkaCompression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Transport security towards the brokers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaSecurityProtocol {
+    /// No TLS, no authentication.
+    #[default]
+    Plaintext,
+    /// TLS without SASL.
+    Ssl,
+    /// SASL authentication without TLS.
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    SaslSsl,
+}
+
+impl KafkaSecurityProtocol {
+    /// The librdkafka `security.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaSecurityProtocol::Plaintext => "plaintext",
+            KafkaSecurityProtocol::Ssl => "ssl",
+            KafkaSecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            KafkaSecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// True for the protocols that authenticate with SASL.
+    pub fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            KafkaSecurityProtocol::SaslPlaintext | KafkaSecurityProtocol::SaslSsl
+        )
+    }
+}
+
+impl fmt::Display for KafkaSecurityProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// SASL mechanism for username/password authentication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum KafkaSaslMechanism {
+    /// Username and password in clear (use with `sasl_ssl`).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl KafkaSaslMechanism {
+    /// The librdkafka `sasl.mechanism` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaSaslMechanism::Plain => "PLAIN",
+            KafkaSaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            KafkaSaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A configuration the adapter refuses; every message names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KafkaConfigError {
+    #[error("kafka.{field} is empty")]
+    Empty { field: &'static str },
+    #[error("kafka.{field} {name:?} is not a valid Kafka topic name: it {reason}")]
+    InvalidTopicName {
+        field: &'static str,
+        name: String,
+        reason: &'static str,
+    },
+    #[error("kafka.{field} is {value}; it must be at least {min}")]
+    TooSmall { field: &'static str, value: i64, min: i64 },
+    #[error("kafka.lingerMs ({linger_ms}) must be less than kafka.messageTimeoutMs ({message_timeout_ms})")]
+    LingerNotBelowTimeout { linger_ms: u32, message_timeout_ms: u32 },
+    #[error("kafka.{field} is required when kafka.securityProtocol is {protocol}")]
+    SaslSettingMissing {
+        field: &'static str,
+        protocol: KafkaSecurityProtocol,
+    },
+    #[error("kafka.{field} is set but kafka.securityProtocol is {protocol}; SASL needs sasl_plaintext or sasl_ssl")]
+    SaslSettingUnused {
+        field: &'static str,
+        protocol: KafkaSecurityProtocol,
+    },
+    #[error("kafka.{field} {name:?} is not a valid environment variable name")]
+    InvalidEnvName { field: &'static str, name: String },
+    #[error("kafka.topicConfig has an empty key")]
+    EmptyTopicConfigKey,
+    #[error("kafka.producerOverrides may not set {key:?}: {reason}")]
+    ForbiddenOverride { key: String, reason: String },
+}
+
+/// Overrides that would break the delivery guarantees or the connection settings.
+const PROTECTED_OVERRIDES: &[(&str, &str)] = &[
+    ("acks", "the adapter always produces with acks=all"),
+    ("request.required.acks", "the adapter always produces with acks=all"),
+    (
+        "enable.idempotence",
+        "the adapter always enables idempotence (no duplicates, per-partition order)",
+    ),
+    ("bootstrap.servers", "set kafka.bootstrapServers instead"),
+    ("metadata.broker.list", "set kafka.bootstrapServers instead"),
+];
+
+/// Properties (and their librdkafka aliases) that have a field of their own.
+const DEDICATED_OVERRIDES: &[(&str, &str)] = &[
+    ("client.id", "clientId"),
+    ("linger.ms", "lingerMs"),
+    ("queue.buffering.max.ms", "lingerMs"),
+    ("compression.type", "compression"),
+    ("compression.codec", "compression"),
+    ("message.timeout.ms", "messageTimeoutMs"),
+    ("delivery.timeout.ms", "messageTimeoutMs"),
+    ("security.protocol", "securityProtocol"),
+    ("sasl.mechanism", "saslMechanism"),
+    ("sasl.mechanisms", "saslMechanism"),
+    ("sasl.username", "saslUsernameEnv"),
+    ("sasl.password", "saslPasswordEnv"),
+];
+
+/// Properties holding secrets, which never go in the configuration document.
+const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.username",
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
+];
+
+impl KafkaConfig {
+    /// Checks the configuration without contacting Kafka.
+    pub fn validate(&self) -> Result<(), KafkaConfigError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(KafkaConfigError::Empty {
+                field: "bootstrapServers",
+            });
+        }
+        if self.client_id.trim().is_empty() {
+            return Err(KafkaConfigError::Empty { field: "clientId" });
+        }
+        check_topic_name(&self.dead_letter_topic).map_err(|reason| {
+            if self.dead_letter_topic.is_empty() {
+                KafkaConfigError::Empty {
+                    field: "deadLetterTopic",
+                }
+            } else {
+                KafkaConfigError::InvalidTopicName {
+                    field: "deadLetterTopic",
+                    name: self.dead_letter_topic.clone(),
+                    reason,
+                }
+            }
+        })?;
+        at_least("partitions", self.partitions.into(), 1)?;
+        at_least("replicationFactor", self.replication_factor.into(), 1)?;
+        at_least("messageTimeoutMs", self.message_timeout_ms.into(), 1)?;
+        if self.linger_ms >= self.message_timeout_ms {
+            return Err(KafkaConfigError::LingerNotBelowTimeout {
+                linger_ms: self.linger_ms,
+                message_timeout_ms: self.message_timeout_ms,
+            });
+        }
+        if self.topic_config.keys().any(|k| k.trim().is_empty()) {
+            return Err(KafkaConfigError::EmptyTopicConfigKey);
+        }
+        self.validate_sasl()?;
+        for key in self.producer_overrides.keys() {
+            check_override(key)?;
+        }
+        Ok(())
+    }
+
+    fn validate_sasl(&self) -> Result<(), KafkaConfigError> {
+        let protocol = self.security_protocol;
+        let settings = [
+            ("saslMechanism", self.sasl_mechanism.map(|_| "")),
+            ("saslUsernameEnv", self.sasl_username_env.as_deref()),
+            ("saslPasswordEnv", self.sasl_password_env.as_deref()),
+        ];
+        for (field, value) in settings {
+            match (protocol.uses_sasl(), value) {
+                (true, None) => return Err(KafkaConfigError::SaslSettingMissing { field, protocol }),
+                (false, Some(_)) => return Err(KafkaConfigError::SaslSettingUnused { field, protocol }),
+                _ => {}
+            }
+        }
+        for (field, name) in [
+            ("saslUsernameEnv", &self.sasl_username_env),
+            ("saslPasswordEnv", &self.sasl_password_env),
+        ] {
+            if let Some(name) = name
+                && (name.is_empty() || name.contains(['=', '\0']))
+            {
+                return Err(KafkaConfigError::InvalidEnvName {
+                    field,
+                    name: name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn message_timeout(&self) -> Duration {
+        Duration::from_millis(self.message_timeout_ms.into())
+    }
+
+    /// Connection settings shared by the producer and the admin client, credentials included.
+    fn client_config(&self) -> Result<ClientConfig, KafkaConnectError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", self.bootstrap_servers.trim())
+            .set("client.id", &self.client_id)
+            .set("security.protocol", self.security_protocol.as_str());
+        if let Some(mechanism) = self.sasl_mechanism {
+            config.set("sasl.mechanism", mechanism.as_str());
+        }
+        if let Some(variable) = &self.sasl_username_env {
+            config.set("sasl.username", read_env("saslUsernameEnv", variable)?);
+        }
+        if let Some(variable) = &self.sasl_password_env {
+            config.set("sasl.password", read_env("saslPasswordEnv", variable)?);
+        }
+        for (key, value) in &self.producer_overrides {
+            config.set(key.trim(), value);
+        }
+        Ok(config)
+    }
+}
+
+fn at_least(field: &'static str, value: i64, min: i64) -> Result<(), KafkaConfigError> {
+    if value < min {
+        return Err(KafkaConfigError::TooSmall { field, value, min });
+    }
+    Ok(())
+}
+
+/// Kafka's topic name rule; the error completes "topic name ... it".
+fn check_topic_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name == "." || name == ".." {
+        return Err("may not be \".\" or \"..\"");
+    }
+    if name.len() > MAX_TOPIC_NAME_LEN {
+        return Err("is longer than 249 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err("may contain only ASCII letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+fn check_override(key: &str) -> Result<(), KafkaConfigError> {
+    let key = key.trim();
+    let forbidden = |reason: String| KafkaConfigError::ForbiddenOverride {
+        key: key.to_owned(),
+        reason,
+    };
+    if key.is_empty() {
+        return Err(forbidden("the key is empty".to_owned()));
+    }
+    if let Some((_, reason)) = PROTECTED_OVERRIDES.iter().find(|(k, _)| *k == key) {
+        return Err(forbidden((*reason).to_owned()));
+    }
+    if let Some((_, field)) = DEDICATED_OVERRIDES.iter().find(|(k, _)| *k == key) {
+        return Err(forbidden(format!("set kafka.{field} instead")));
+    }
+    if SECRET_PROPERTIES.contains(&key) {
+        return Err(forbidden(
+            "it holds a secret, and secrets never go in the configuration document".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn read_env(field: &'static str, variable: &str) -> Result<String, KafkaConnectError> {
+    let problem = match std::env::var(variable) {
+        Ok(value) if !value.is_empty() => return Ok(value),
+        Ok(_) => "is empty",
+        Err(std::env::VarError::NotPresent) => "is not set",
+        Err(std::env::VarError::NotUnicode(_)) => "is not valid UTF-8",
+    };
+    Err(KafkaConnectError::Credential {
+        field,
+        variable: variable.to_owned(),
+        problem,
+    })
+}
+
+/// Why `KafkaBroker::connect` failed. Nothing here carries a credential.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KafkaConnectError {
+    #[error(transparent)]
+    Config(#[from] KafkaConfigError),
+    #[error("environment variable {variable} (named by kafka.{field}) {problem}")]
+    Credential {
+        field: &'static str,
+        variable: String,
+        problem: &'static str,
+    },
+    #[error("cannot create the Kafka {client}: {reason}")]
+    Client { client: &'static str, reason: String },
+}
+
+/// Describes a client error without echoing a secret property's value.
+fn describe_client_error(error: &KafkaError) -> String {
+    match error {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            if SECRET_PROPERTIES.contains(&key.as_str()) {
+                let description = if value.is_empty() {
+                    description.clone()
+                } else {
+                    description.replace(value.as_str(), "<redacted>")
+                };
+                format!("invalid property {key}: {description}")
+            } else {
+                format!("invalid property {key}={value}: {description}")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Broker-side refusals that will repeat on every retry.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidTopic
+            // librdkafka reports these only once metadata shows the topic missing after
+            // `topic.metadata.propagation.max.ms`, i.e. the broker did not auto-create it.
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+    )
+}
+
+/// Classifies a produce error; the message names the librdkafka error code and the topic.
+fn classify(error: &KafkaError, topic: &str) -> SendError {
+    match error.rdkafka_error_code() {
+        Some(code) if is_permanent(code) => SendError::Permanent(format!("Kafka {code:?} on topic {topic}: {code}")),
+        Some(code) => SendError::Retriable(format!("Kafka {code:?} on topic {topic}: {code}")),
+        None => SendError::Retriable(format!(
+            "Kafka error on topic {topic}: {}",
+            describe_client_error(error)
+        )),
+    }
+}
+
+/// Topic-creation refusals that will repeat on every retry.
+fn is_permanent_admin(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::InvalidReplicaAssignment
+            | RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+    )
+}
+
+/// One record ready for the producer.
+struct Outgoing {
+    topic: String,
+    key: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Outgoing {
+    fn record(&self) -> FutureRecord<'_, str, [u8]> {
+        let headers = self.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(self.headers.len()),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key: key.as_str(),
+                    value: Some(value.as_bytes()),
+                })
+            },
+        );
+        FutureRecord::to(&self.topic)
+            .key(self.key.as_str())
+            .payload(self.body.as_slice())
+            .headers(headers)
+    }
+}
+
+/// Where one record of a batch stands after the enqueue phase.
+enum Enqueued {
+    Failed(SendError),
+    Pending { topic: String, delivery: DeliveryFuture },
+}
+
+/// The Kafka adapter: one idempotent producer and one admin client.
+pub struct KafkaBroker {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    config: KafkaConfig,
+}
+
+impl fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaBroker")
+            .field("bootstrap_servers", &self.config.bootstrap_servers)
+            .field("client_id", &self.config.client_id)
+            .field("mode", &self.config.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBroker {
+    /// Validates the configuration, reads the credentials from the environment and creates the
+    /// producer and admin client. Connections are made lazily: an unreachable cluster shows in
+    /// `check_health` and in sends, not here.
+    pub fn connect(config: &KafkaConfig) -> Result<KafkaBroker, KafkaConnectError> {
+        config.validate()?;
+        let base = config.client_config()?;
+        let admin: AdminClient<DefaultClientContext> = base.create().map_err(|e| KafkaConnectError::Client {
+            client: "admin client",
+            reason: describe_client_error(&e),
+        })?;
+        let mut producer_config = base;
+        // Java-compatible key hashing, so other producers agree on an aggregate's partition.
+        if !config.producer_overrides.contains_key("partitioner") {
+            producer_config.set("partitioner", "murmur2_random");
+        }
+        producer_config
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("compression.type", config.compression.as_str())
+            .set("message.timeout.ms", config.message_timeout_ms.to_string());
+        let producer: FutureProducer = producer_config.create().map_err(|e| KafkaConnectError::Client {
+            client: "producer",
+            reason: describe_client_error(&e),
+        })?;
+        tracing::info!(
+            bootstrap_servers = %config.bootstrap_servers,
+            client_id = %config.client_id,
+            security_protocol = %config.security_protocol,
+            mode = ?config.mode,
+            "kafka producer created"
+        );
+        Ok(KafkaBroker {
+            producer,
+            admin,
+            config: config.clone(),
+        })
+    }
+
+    /// The configuration the broker was created with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// Headers and body of one event in the configured CloudEvents mode.
+    fn encode(&self, message: &Message, topic: &str, extra: &[(&str, &str)]) -> Result<Outgoing, SendError> {
+        let event = &message.event;
+        let encoding_failed =
+            |e: serde_json::Error| SendError::Permanent(format!("cannot encode event {} as JSON: {e}", event.event_id));
+        let (mut headers, body) = match self.config.mode {
+            CloudEventsMode::Binary => (
+                cloudevents::binary_headers(event, KAFKA_PREFIX),
+                serde_json::to_vec(&event.payload).map_err(encoding_failed)?,
+            ),
+            CloudEventsMode::Structured => (
+                vec![
+                    ("content-type".to_owned(), STRUCTURED_CONTENT_TYPE.to_owned()),
+                    (format!("{KAFKA_PREFIX}id"), event.event_id.to_string()),
+                ],
+                serde_json::to_vec(&cloudevents::to_structured(event)).map_err(encoding_failed)?,
+            ),
+        };
+        headers.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Ok(Outgoing {
+            topic: topic.to_owned(),
+            key: event.aggregate_id.clone(),
+            headers,
+            body,
+        })
+    }
+
+    /// Hands one record to librdkafka, waiting while its local queue is full (at most until
+    /// `deadline`).
+    async fn enqueue(&self, outgoing: &Outgoing, deadline: Instant) -> Enqueued {
+        let mut record = outgoing.record();
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    return Enqueued::Pending {
+                        topic: outgoing.topic.clone(),
+                        delivery,
+                    };
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                    if Instant::now() < deadline =>
+                {
+                    record = returned;
+                }
+                Err((error, _)) => return Enqueued::Failed(classify(&error, &outgoing.topic)),
+            }
+            tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+        }
+    }
+
+    /// Enqueues every record first (so they pipeline into batches), then awaits every delivery
+    /// report. Results are in input order.
+    async fn deliver(&self, records: Vec<Result<Outgoing, SendError>>) -> Vec<Result<(), SendError>> {
+        let timeout = self.config.message_timeout();
+        let enqueue_deadline = Instant::now() + timeout;
+        let mut enqueued = Vec::with_capacity(records.len());
+        for record in &records {
+            enqueued.push(match record {
+                Ok(outgoing) => self.enqueue(outgoing, enqueue_deadline).await,
+                Err(error) => Enqueued::Failed(error.clone()),
+            });
+        }
+        // librdkafka reports every record within message.timeout.ms of its enqueue; the grace
+        // only guards against a report that never comes.
+        let report_deadline = Instant::now() + timeout + DELIVERY_REPORT_GRACE;
+        join_all(enqueued.into_iter().map(|state| async move {
+            let (topic, delivery) = match state {
+                Enqueued::Failed(error) => return Err(error),
+                Enqueued::Pending { topic, delivery } => (topic, delivery),
+            };
+            match tokio::time::timeout_at(report_deadline, delivery).await {
+                Ok(Ok(Ok(_))) => Ok(()),
+                Ok(Ok(Err((error, _)))) => Err(classify(&error, &topic)),
+                Ok(Err(_canceled)) => Err(SendError::Retriable(format!(
+                    "delivery report for topic {topic} was canceled (producer shut down)"
+                ))),
+                Err(_elapsed) => Err(SendError::Retriable(format!(
+                    "no delivery report for topic {topic} within {} ms",
+                    timeout.as_millis() + DELIVERY_REPORT_GRACE.as_millis()
+                ))),
+            }
+        }))
+        .await
+    }
+
+    async fn create_topics(&self, destinations: &[String]) -> Result<(), SendError> {
+        let names: BTreeSet<&str> = destinations
+            .iter()
+            .map(String::as_str)
+            .chain([self.config.dead_letter_topic.as_str()])
+            .collect();
+        for name in &names {
+            check_topic_name(name)
+                .map_err(|reason| SendError::Permanent(format!("topic name {name:?} is invalid: it {reason}")))?;
+        }
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| {
+                self.config.topic_config.iter().fold(
+                    NewTopic::new(
+                        name,
+                        self.config.partitions,
+                        TopicReplication::Fixed(self.config.replication_factor),
+                    ),
+                    |topic, (key, value)| topic.set(key.trim(), value),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(ADMIN_OPERATION_TIMEOUT))
+            .request_timeout(Some(ADMIN_REQUEST_TIMEOUT));
+        let results = self.admin.create_topics(&topics, &options).await.map_err(|e| {
+            SendError::Retriable(format!(
+                "creating Kafka topics {names:?} failed: {}",
+                describe_client_error(&e)
+            ))
+        })?;
+        for result in results {
+            match result {
+                Ok(name) => tracing::info!(topic = %name, "kafka topic created"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    let message = format!("creating Kafka topic {name} failed with {code:?}: {code}");
+                    return Err(if is_permanent_admin(code) {
+                        SendError::Permanent(message)
+                    } else {
+                        SendError::Retriable(message)
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fetch_cluster_metadata(&self) -> Result<(), SendError> {
+        let producer = self.producer.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, HEALTH_TIMEOUT)
+                .map(|metadata| metadata.brokers().len())
+        })
+        .await
+        .map_err(|e| SendError::Retriable(format!("Kafka metadata request did not complete: {e}")))?;
+        match fetched {
+            Ok(0) => Err(SendError::Retriable("Kafka metadata lists no brokers".to_owned())),
+            Ok(_) => Ok(()),
+            Err(error) => Err(SendError::Retriable(format!(
+                "Kafka cluster metadata unavailable from {}: {}",
+                self.config.bootstrap_servers,
+                describe_client_error(&error)
+            ))),
+        }
+    }
+}
+
+impl Broker for KafkaBroker {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn send_batch<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Vec<Result<(), SendError>>> {
+        Box::pin(async move {
+            let records = messages.iter().map(|m| self.encode(m, &m.destination, &[])).collect();
+            self.deliver(records).await
+        })
+    }
+
+    fn send_dead_letter<'a>(&'a self, message: &'a Message, reason: &'a str) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(async move {
+            let extra = [
+                (DEAD_LETTER_REASON_HEADER, reason),
+                (ORIGINAL_TOPIC_HEADER, message.destination.as_str()),
+            ];
+            let record = self.encode(message, &self.config.dead_letter_topic, &extra);
+            self.deliver(vec![record]).await.pop().unwrap_or_else(|| {
+                Err(SendError::Retriable(
+                    "no delivery result for the dead letter".to_owned(),
+                ))
+            })
+        })
+    }
+
+    fn ensure_destinations<'a>(&'a self, destinations: &'a [String]) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(self.create_topics(destinations))
+    }
+
+    fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
+        Box::pin(self.fetch_cluster_metadata())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> KafkaConfig {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            dead_letter_topic: "inventory.dead-letter".into(),
+            ..KafkaConfig::default()
+        }
+    }
+
+    fn error_of(config: KafkaConfig) -> String {
+        config.validate().expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn a_minimal_document_gets_the_documented_defaults() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "bootstrapServers": "kafka:9092",
+            "deadLetterTopic": "dlq",
+        }))
+        .unwrap();
+        assert_eq!(config.client_id, "inventory-outbox");
+        assert_eq!(config.mode, CloudEventsMode::Binary);
+        assert_eq!((config.partitions, config.replication_factor), (6, 1));
+        assert_eq!((config.message_timeout_ms, config.linger_ms), (30_000, 5));
+        assert_eq!(config.compression, KafkaCompression::Lz4);
+        assert_eq!(config.security_protocol, KafkaSecurityProtocol::Plaintext);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_document_uses_camel_case_and_the_librdkafka_spellings() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "bootstrapServers": "kafka:9092",
+            "deadLetterTopic": "dlq",
+            "mode": "structured",
+            "compression": "zstd",
+            "securityProtocol": "sasl_ssl",
+            "saslMechanism": "SCRAM-SHA-512",
+            "saslUsernameEnv": "KAFKA_USER",
+            "saslPasswordEnv": "KAFKA_PASSWORD",
+            "topicConfig": {"retention.ms": "604800000"},
+            "producerOverrides": {"batch.size": "65536"},
+        }))
+        .unwrap();
+        assert_eq!(config.compression.as_str(), "zstd");
+        assert_eq!(config.security_protocol.as_str(), "sasl_ssl");
+        assert_eq!(
+            config.sasl_mechanism.map(KafkaSaslMechanism::as_str),
+            Some("SCRAM-SHA-512")
+        );
+        assert_eq!(config.validate(), Ok(()));
+        let round_trip: KafkaConfig = serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+        assert_eq!(round_trip, config);
+    }
+
+    #[test]
+    fn required_strings_are_named_when_empty() {
+        let mut config = valid();
+        config.bootstrap_servers = " ".into();
+        assert_eq!(error_of(config), "kafka.bootstrapServers is empty");
+        let mut config = valid();
+        config.client_id = String::new();
+        assert_eq!(error_of(config), "kafka.clientId is empty");
+        let mut config = valid();
+        config.dead_letter_topic = String::new();
+        assert_eq!(error_of(config), "kafka.deadLetterTopic is empty");
+    }
+
+    #[test]
+    fn the_dead_letter_topic_must_be_a_kafka_topic_name() {
+        let mut config = valid();
+        config.dead_letter_topic = "dead letters".into();
+        assert_eq!(
+            error_of(config),
+            "kafka.deadLetterTopic \"dead letters\" is not a valid Kafka topic name: it may contain only ASCII letters, digits, '.', '_' and '-'"
+        );
+        let mut config = valid();
+        config.dead_letter_topic = "x".repeat(250);
+        assert!(error_of(config).contains("longer than 249 characters"));
+    }
+
+    #[test]
+    fn counts_and_timeouts_are_bounded() {
+        let mut config = valid();
+        config.partitions = 0;
+        assert_eq!(error_of(config), "kafka.partitions is 0; it must be at least 1");
+        let mut config = valid();
+        config.replication_factor = -1;
+        assert_eq!(error_of(config), "kafka.replicationFactor is -1; it must be at least 1");
+        let mut config = valid();
+        config.message_timeout_ms = 0;
+        assert_eq!(error_of(config), "kafka.messageTimeoutMs is 0; it must be at least 1");
+        let mut config = valid();
+        config.linger_ms = 30_000;
+        assert_eq!(
+            error_of(config),
+            "kafka.lingerMs (30000) must be less than kafka.messageTimeoutMs (30000)"
+        );
+        let mut config = valid();
+        config.topic_config.insert(String::new(), "1".into());
+        assert_eq!(error_of(config), "kafka.topicConfig has an empty key");
+    }
+
+    #[test]
+    fn sasl_needs_a_mechanism_and_both_variable_names_and_nothing_else_takes_them() {
+        let mut config = valid();
+        config.security_protocol = KafkaSecurityProtocol::SaslSsl;
+        assert_eq!(
+            error_of(config.clone()),
+            "kafka.saslMechanism is required when kafka.securityProtocol is sasl_ssl"
+        );
+        config.sasl_mechanism = Some(KafkaSaslMechanism::Plain);
+        config.sasl_username_env = Some("KAFKA_USER".into());
+        assert_eq!(
+            error_of(config.clone()),
+            "kafka.saslPasswordEnv is required when kafka.securityProtocol is sasl_ssl"
+        );
+        config.sasl_password_env = Some("KAFKA=PASSWORD".into());
+        assert_eq!(
+            error_of(config.clone()),
+            "kafka.saslPasswordEnv \"KAFKA=PASSWORD\" is not a valid environment variable name"
+        );
+        config.sasl_password_env = Some("KAFKA_PASSWORD".into());
+        assert_eq!(config.validate(), Ok(()));
+        config.security_protocol = KafkaSecurityProtocol::Ssl;
+        assert_eq!(
+            error_of(config),
+            "kafka.saslMechanism is set but kafka.securityProtocol is ssl; SASL needs sasl_plaintext or sasl_ssl"
+        );
+    }
+
+    #[test]
+    fn overrides_may_not_weaken_delivery_bypass_fields_or_hold_secrets() {
+        let refused = |key: &str| {
+            let mut config = valid();
+            config.producer_overrides.insert(key.into(), "x".into());
+            error_of(config)
+        };
+        assert_eq!(
+            refused("acks"),
+            "kafka.producerOverrides may not set \"acks\": the adapter always produces with acks=all"
+        );
+        assert!(
+            refused("enable.idempotence").starts_with("kafka.producerOverrides may not set \"enable.idempotence\"")
+        );
+        assert_eq!(
+            refused("bootstrap.servers"),
+            "kafka.producerOverrides may not set \"bootstrap.servers\": set kafka.bootstrapServers instead"
+        );
+        assert_eq!(
+            refused("request.required.acks"),
+            "kafka.producerOverrides may not set \"request.required.acks\": the adapter always produces with acks=all"
+        );
+        assert_eq!(
+            refused("linger.ms"),
+            "kafka.producerOverrides may not set \"linger.ms\": set kafka.lingerMs instead"
+        );
+        assert!(refused("ssl.key.password").contains("secrets never go in the configuration document"));
+        let mut config = valid();
+        config.producer_overrides.insert("batch.size".into(), "65536".into());
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn connect_names_an_unset_credential_variable() {
+        let mut config = valid();
+        config.security_protocol = KafkaSecurityProtocol::SaslPlaintext;
+        config.sasl_mechanism = Some(KafkaSaslMechanism::Plain);
+        config.sasl_username_env = Some("INVENTORY_OUTBOX_TEST_SURELY_UNSET_USER".into());
+        config.sasl_password_env = Some("INVENTORY_OUTBOX_TEST_SURELY_UNSET_PASSWORD".into());
+        let error = KafkaBroker::connect(&config).expect_err("unset variable");
+        assert_eq!(
+            error.to_string(),
+            "environment variable INVENTORY_OUTBOX_TEST_SURELY_UNSET_USER (named by kafka.saslUsernameEnv) is not set"
+        );
+    }
+
+    #[test]
+    fn secret_values_are_redacted_from_client_errors() {
+        let error = KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value \"hunter2\"".into(),
+            "sasl.password".into(),
+            "hunter2".into(),
+        );
+        let described = describe_client_error(&error);
+        assert!(!described.contains("hunter2"), "{described}");
+        assert!(described.contains("sasl.password"), "{described}");
+    }
+
+    #[test]
+    fn errors_are_classified_by_code_and_name_it() {
+        let permanent = classify(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            "t",
+        );
+        assert!(matches!(&permanent, SendError::Permanent(m) if m.contains("MessageSizeTooLarge")));
+        for code in [
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::MessageBatchTooLarge,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::InvalidTopic,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            assert!(
+                !classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                "{code:?}"
+            );
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+        ] {
+            assert!(
+                classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                "{code:?}"
+            );
+        }
+        assert!(classify(&KafkaError::Canceled, "t").is_retriable());
+    }
+}

@@ -4,6 +4,7 @@
 pub mod cloudevents;
 pub mod envelope;
 pub mod inventory;
+pub mod schemas;
 pub mod validate;
 
 pub use envelope::{DomainEvent, EventMetadata, NewEvent};

@@ -1,0 +1,124 @@
+//! `publish_events` throughput against a plain multi-row INSERT of the same rows, in one run.
+//!
+//! `source ~/.local/state/inventory-outbox/env.sh && cargo bench --bench publish`
+//! Each measurement writes 1 KiB payloads in batches of 100 and 1,000 on one connection, one
+//! transaction per batch. The baseline inserts the same rows with one UNNEST statement into a
+//! table with the same columns, a bigserial key and a unique event id, without validation,
+//! trigger or extra indexes: what a naive outbox costs.
+
+use std::time::Instant;
+
+use inventory_outbox::event::{NewEvent, inventory::StockChangeReason, inventory::StockLevelChanged};
+use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
+use inventory_outbox::store::{SchemaName, Store};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+const EVENTS_PER_RUN: usize = 20_000;
+
+fn draft(aggregate: Uuid) -> NewEvent {
+    let mut event = NewEvent::from_payload(&StockLevelChanged {
+        inventory_item_id: aggregate,
+        warehouse_id: Uuid::now_v7(),
+        previous_quantity: 10,
+        new_quantity: 11,
+        change_amount: 1,
+        change_reason: StockChangeReason::Receipt,
+        transaction_id: Uuid::now_v7(),
+    })
+    .expect("payload");
+    // Pad to 1 KiB with an optional field (schemas are open for additive evolution).
+    let size = event.payload.to_string().len();
+    event.payload["note"] = "x".repeat(1024usize.saturating_sub(size + 10)).into();
+    event
+}
+
+async fn publish(publisher: &InventoryEventPublisher, pool: &PgPool, batch: usize, aggregates: &[Uuid]) -> f64 {
+    let start = Instant::now();
+    for round in 0..EVENTS_PER_RUN / batch {
+        let drafts = (0..batch)
+            .map(|i| draft(aggregates[(round * batch + i) % aggregates.len()]))
+            .collect();
+        let mut tx = pool.begin().await.expect("begin");
+        publisher.publish_events(&mut tx, drafts).await.expect("publish");
+        tx.commit().await.expect("commit");
+    }
+    EVENTS_PER_RUN as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn plain_insert(pool: &PgPool, publisher: &InventoryEventPublisher, batch: usize, aggregates: &[Uuid]) -> f64 {
+    // Same rows as `publish` (prepared outside the timed part, as the payload building is).
+    let start_total = Instant::now();
+    let mut spent_preparing = std::time::Duration::ZERO;
+    for round in 0..EVENTS_PER_RUN / batch {
+        let prep = Instant::now();
+        let drafts = (0..batch)
+            .map(|i| draft(aggregates[(round * batch + i) % aggregates.len()]))
+            .collect();
+        let events = publisher.prepare(drafts).await.expect("prepare");
+        spent_preparing += prep.elapsed();
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let agg: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+        let times: Vec<_> = events.iter().map(|e| e.timestamp).collect();
+        let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query(
+            "INSERT INTO bench_plain (event_id, event_type, aggregate_id, occurred_at, payload) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::jsonb[])",
+        )
+        .bind(&ids)
+        .bind(&types)
+        .bind(&agg)
+        .bind(&times)
+        .bind(&payloads)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+        tx.commit().await.expect("commit");
+    }
+    EVENTS_PER_RUN as f64 / (start_total.elapsed() - spent_preparing).as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    inventory_outbox::tls::install_crypto_provider();
+    let admin_url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!("set DATABASE_URL (make env-up)"))?;
+    let db = format!("bench_{}", Uuid::now_v7().simple());
+    let mut admin = PgConnection::connect(&admin_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut admin)
+        .await?;
+    let url = format!(
+        "{}/{db}",
+        admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(base, _)| base)
+    );
+    let pool = PgPool::connect(&url).await?;
+    sqlx::query(
+        "CREATE TABLE bench_plain (position bigserial PRIMARY KEY, event_id uuid NOT NULL UNIQUE, \
+         event_type text NOT NULL, aggregate_id text NOT NULL, occurred_at timestamptz NOT NULL, payload jsonb NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let store = Store::from_pool(pool.clone(), SchemaName::default());
+    let publisher = InventoryEventPublisher::setup(store, PublisherConfig::default()).await?;
+    let aggregates: Vec<Uuid> = (0..500).map(|_| Uuid::now_v7()).collect();
+
+    // Warm up caches and the schema validator once.
+    publish(&publisher, &pool, 1000, &aggregates).await;
+    println!("publish_events vs plain multi-row INSERT, 1 KiB payloads, {EVENTS_PER_RUN} events per measurement");
+    println!(
+        "{:>6} {:>18} {:>18} {:>7}",
+        "batch", "publish_events/s", "plain INSERT/s", "ratio"
+    );
+    for batch in [100, 1000] {
+        let ours = publish(&publisher, &pool, batch, &aggregates).await;
+        let plain = plain_insert(&pool, &publisher, batch, &aggregates).await;
+        println!("{batch:>6} {ours:>18.0} {plain:>18.0} {:>7.2}", ours / plain);
+    }
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
