@@ -14,10 +14,12 @@
 //! The folder layout follows the picture: `event` (envelope and inventory payloads),
 //! `store` (PostgreSQL), `broker` (one adapter per broker), `relay`, `operator`, `crd`.
 
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod event;
 pub mod publisher;
+pub mod relay;
 pub mod schema;
 pub mod store;
 pub mod telemetry;
