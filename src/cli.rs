@@ -22,7 +22,7 @@ pub enum Command {
     /// Run the Kubernetes operator (reconciles EventPublisher and ReplayJob resources).
     Operator,
     /// Run an outbox relay worker that publishes stored events to the broker.
-    Relay,
+    Relay(RelayArgs),
     /// Run one replay of historical events (started by the operator as a Job).
     Replay,
     /// Print the CustomResourceDefinitions as YAML.
@@ -34,6 +34,17 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Write the JSON Schema of every event type (the contract for producers in any language).
     Schemas(SchemasArgs),
+}
+
+/// How to run a relay worker.
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    /// Relay configuration document (YAML or JSON).
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// Worker id, unique among the publisher's replicas (defaults to POD_NAME, then the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub worker_id: Option<String>,
 }
 
 /// Where the outbox lives.
@@ -63,7 +74,7 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Operator => not_implemented("operator"),
-            Command::Relay => not_implemented("relay"),
+            Command::Relay(args) => relay(args).await,
             Command::Replay => not_implemented("replay"),
             Command::Crd => not_implemented("crd"),
             Command::Admin => not_implemented("admin"),
@@ -71,6 +82,39 @@ impl Cli {
             Command::Schemas(args) => write_schemas(args),
         }
     }
+}
+
+async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let worker_id = args
+        .worker_id
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("worker-{}", uuid::Uuid::new_v4().simple()));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = stop.send(true);
+    });
+    crate::relay::run(config, &worker_id, shutdown).await
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {

@@ -95,7 +95,7 @@ impl InventoryEventPublisher {
     pub async fn dispatch_round(&self, reader: &OutboxReader, shards: &[i16]) -> Result<usize, PublishError> {
         let consumer = reader.consumer();
         let mut handled = 0;
-        for event in self.failed.due_heads(consumer, 100).await? {
+        for event in self.failed.due_heads(consumer, shards, 100).await? {
             handled += 1;
             self.deliver_failed(consumer, &event).await?;
         }

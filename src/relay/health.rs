@@ -39,7 +39,8 @@ impl HealthState {
 
     /// Called by the claim loop once per round.
     pub fn loop_ran(&self) {
-        self.last_loop_at_ms.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.last_loop_at_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
     pub fn set_failed_events(&self, count: i64) {
@@ -64,9 +65,16 @@ impl HealthState {
         }
         let failed = self.failed_events.load(Ordering::Relaxed);
         if failed > self.failed_threshold {
-            reasons.push(format!("{failed} failed events exceed the threshold of {}", self.failed_threshold));
+            reasons.push(format!(
+                "{failed} failed events exceed the threshold of {}",
+                self.failed_threshold
+            ));
         }
-        if reasons.is_empty() { Ok(()) } else { Err(NotReady(reasons)) }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(NotReady(reasons))
+        }
     }
 }
 
@@ -83,6 +91,9 @@ mod tests {
         health.set_broker_reachable(true);
         health.ready().unwrap();
         health.set_failed_events(11);
-        assert_eq!(health.ready().unwrap_err().0, vec!["11 failed events exceed the threshold of 10".to_owned()]);
+        assert_eq!(
+            health.ready().unwrap_err().0,
+            vec!["11 failed events exceed the threshold of 10".to_owned()]
+        );
     }
 }

@@ -3,6 +3,93 @@
 //! through one shared retry policy and circuit breaker; exhausted events are dead-lettered.
 
 pub mod circuit;
+pub mod config;
 pub mod health;
+pub mod leases;
 pub mod metrics;
 pub mod retry;
+pub mod worker;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use config::{BrokerConfig, RelayConfig};
+
+/// Connects the configured broker adapter.
+pub async fn connect_broker(config: &BrokerConfig) -> anyhow::Result<Arc<dyn Broker>> {
+    Ok(match config {
+        BrokerConfig::Kafka(c) => Arc::new(crate::broker::kafka::KafkaBroker::connect(c)?),
+        BrokerConfig::Rabbitmq(c) => Arc::new(crate::broker::rabbitmq::RabbitMqBroker::new(c.clone())?),
+        BrokerConfig::SnsSqs(c) => Arc::new(crate::broker::sns_sqs::SnsSqsBroker::connect(c.clone()).await?),
+    })
+}
+
+/// Runs one relay worker with its HTTP server until `shutdown` turns true.
+pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let url_env = &config.outbox.database_url_env;
+    let url = std::env::var(url_env)
+        .with_context(|| format!("environment variable {url_env} (outbox.databaseUrlEnv) is not set"))?;
+    let store = crate::store::Store::connect(&url, config.schema_name(), config.outbox.max_connections).await?;
+    if config.outbox.migrate {
+        store.migrate().await?;
+    }
+    let broker = connect_broker(&config.broker).await?;
+    let destinations: Vec<String> = match &config.routing {
+        crate::broker::routing::Routing::Single { destination } => vec![destination.clone()],
+        // Per-type destinations are created on first use by the adapters or by the operator.
+        _ => Vec::new(),
+    };
+    if let Err(e) = broker.ensure_destinations(&destinations).await {
+        tracing::warn!(error = %e, "could not create destinations yet; sends will retry");
+    }
+    let token: Arc<str> = match &config.http.admin_token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("read http.adminTokenFile {}", path.display()))?
+            .trim()
+            .into(),
+        None => {
+            tracing::warn!("http.adminTokenFile not set: the admin API refuses every request");
+            uuid::Uuid::new_v4().to_string().into()
+        }
+    };
+    if token.len() < 16 {
+        anyhow::bail!("the admin token in http.adminTokenFile must be at least 16 characters");
+    }
+
+    let relay = Arc::new(worker::Relay::new(config.clone(), store, broker, worker_id));
+    let router = crate::admin::api::router(crate::admin::api::AdminState {
+        failed: relay.failed_events(),
+        consumer: config.publisher.clone(),
+        token,
+        health: relay.health(),
+        metrics: relay.metrics(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("listen on http.listen {}", config.http.listen))?;
+    tracing::info!(
+        publisher = %config.publisher,
+        worker = worker_id,
+        listen = %config.http.listen,
+        broker = relay_kind(&config.broker),
+        "relay starting"
+    );
+    let mut http_shutdown = shutdown.clone();
+    let server = tokio::spawn(crate::admin::api::serve(listener, router, async move {
+        let _ = http_shutdown.wait_for(|stop| *stop).await;
+    }));
+    let result = relay.run(shutdown).await;
+    server.abort();
+    Ok(result?)
+}
+
+fn relay_kind(config: &BrokerConfig) -> &'static str {
+    match config {
+        BrokerConfig::Kafka(_) => "kafka",
+        BrokerConfig::Rabbitmq(_) => "rabbitmq",
+        BrokerConfig::SnsSqs(_) => "sns_sqs",
+    }
+}

@@ -205,7 +205,7 @@ impl FailedEvents {
 
     /// The next event to deliver for each blocked aggregate whose head is due: the oldest
     /// retrying or held row, when no earlier row of the aggregate is still retrying later.
-    pub async fn due_heads(&self, consumer: &str, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+    pub async fn due_heads(&self, consumer: &str, shards: &[i16], limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
         let schema = self.store.schema();
         let statement = format!(
             "WITH heads AS ( \
@@ -213,7 +213,7 @@ impl FailedEvents {
                  FROM {schema}.failed_events WHERE consumer = $1 AND status IN ('retrying', 'held') \
                  ORDER BY aggregate_type, aggregate_id, position) \
              SELECT {cols} FROM heads h JOIN {schema}.events e USING (event_id) \
-             WHERE h.status = 'held' OR h.next_retry_at <= now() \
+             WHERE (h.status = 'held' OR h.next_retry_at <= now()) AND e.shard = ANY($3) \
              ORDER BY e.position LIMIT $2",
             cols = super::events::EVENT_COLUMNS
                 .split(", ")
@@ -224,6 +224,7 @@ impl FailedEvents {
         let rows = sqlx::query(sql(statement))
             .bind(consumer)
             .bind(limit)
+            .bind(shards)
             .fetch_all(self.store.pool())
             .await
             .map_err(StoreError::query("read due failed events"))?;

@@ -64,6 +64,8 @@ pub struct ReadBatch {
 pub struct OutboxReader {
     store: Store,
     consumer: String,
+    /// When set, cursors are only moved for shards this worker still leases.
+    owner: Option<String>,
 }
 
 impl OutboxReader {
@@ -71,7 +73,14 @@ impl OutboxReader {
         Self {
             store,
             consumer: consumer.into(),
+            owner: None,
         }
+    }
+
+    /// Guards cursor moves by shard ownership (relay replicas sharing the shards).
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
     }
 
     pub fn consumer(&self) -> &str {
@@ -167,7 +176,7 @@ impl OutboxReader {
                  late_txids = u.late::xid8[], late_after = u.late_after, updated_at = now() \
              FROM UNNEST($2::int2[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
                   AS u(shard, position, watched, watch_from, late, late_after) \
-             WHERE c.consumer = $1 AND c.shard = u.shard",
+             WHERE c.consumer = $1 AND c.shard = u.shard AND ($8::text IS NULL OR c.owner = $8)",
             schema = self.store.schema()
         );
         sqlx::query(sql(statement))
@@ -178,6 +187,7 @@ impl OutboxReader {
             .bind(&watch_from)
             .bind(&late)
             .bind(&late_after)
+            .bind(&self.owner)
             .execute(self.store.pool())
             .await
             .map_err(StoreError::query("advance relay cursors"))?;

@@ -1,6 +1,7 @@
 //! Integration tests against the real local stack (`make env-up`): PostgreSQL, Kafka, RabbitMQ,
 //! moto (SNS/SQS) and a real kube-apiserver. One test binary keeps link time down.
 
+mod admin_api;
 mod broker;
 mod event_core;
 mod smoke;

@@ -1,0 +1,281 @@
+//! The relay's one typed configuration document. The operator renders it into a ConfigMap;
+//! locally it is a YAML or JSON file. Secrets never appear in it: fields ending in `Env` or
+//! `File` name where the secret is.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::circuit::CircuitBreakerConfig;
+use super::retry::RetryPolicy;
+use crate::broker::kafka::KafkaConfig;
+use crate::broker::rabbitmq::RabbitMqConfig;
+use crate::broker::routing::Routing;
+use crate::broker::sns_sqs::SnsSqsConfig;
+use crate::store::SchemaName;
+
+/// Everything a relay worker needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Publisher name: the key of this publisher's cursors, failed events and heartbeats.
+    pub publisher: String,
+    /// Where the outbox is and how it is read.
+    pub outbox: OutboxConfig,
+    /// Exactly one broker.
+    pub broker: BrokerConfig,
+    /// Which destination each event goes to.
+    pub routing: Routing,
+    /// Backoff for failed deliveries before dead-lettering.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// When to stop sending to an unhealthy destination.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// How replicas share the work.
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    /// Health thresholds.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// The HTTP server for probes, metrics and the admin API.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// The PostgreSQL outbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Environment variable holding the PostgreSQL connection URL.
+    #[serde(default = "default_database_url_env")]
+    pub database_url_env: String,
+    /// PostgreSQL schema of the outbox tables.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Shortest wait between polls while idle (a NOTIFY wakes the relay earlier), in ms.
+    #[serde(default = "default_min_poll")]
+    pub min_poll_interval_ms: u64,
+    /// Longest wait between polls while idle, in ms.
+    #[serde(default = "default_max_poll")]
+    pub max_poll_interval_ms: u64,
+    /// Most events read and sent in one round.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Database connections of one worker.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Apply migrations at start (off when an init step runs `inventory-outbox migrate`).
+    #[serde(default = "default_true")]
+    pub migrate: bool,
+}
+
+/// Exactly one broker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum BrokerConfig {
+    /// Apache Kafka.
+    Kafka(KafkaConfig),
+    /// RabbitMQ.
+    Rabbitmq(RabbitMqConfig),
+    /// Amazon SNS or SQS.
+    SnsSqs(SnsSqsConfig),
+}
+
+/// Work sharing between replicas: each owns a share of the 64 shards under a lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// How often a worker renews its leases and heartbeat, in ms.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// How long a lease lasts without renewal; a dead worker's shards move after this, in ms.
+    #[serde(default = "default_lease")]
+    pub lease_duration_ms: u64,
+}
+
+/// Health thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Readiness fails above this many retrying plus dead-lettered events.
+    #[serde(default = "default_failed_threshold")]
+    pub failed_event_threshold: i64,
+}
+
+/// The HTTP server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address for probes, metrics and the admin API.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// File holding the admin API bearer token (mounted from a Secret). No admin API without it.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+fn default_database_url_env() -> String {
+    "DATABASE_URL".into()
+}
+fn default_schema() -> String {
+    SchemaName::DEFAULT.into()
+}
+fn default_min_poll() -> u64 {
+    5
+}
+fn default_max_poll() -> u64 {
+    500
+}
+fn default_batch_size() -> usize {
+    1000
+}
+fn default_max_connections() -> u32 {
+    8
+}
+fn default_true() -> bool {
+    true
+}
+fn default_heartbeat() -> u64 {
+    1000
+}
+fn default_lease() -> u64 {
+    6000
+}
+fn default_failed_threshold() -> i64 {
+    1000
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: default_heartbeat(),
+            lease_duration_ms: default_lease(),
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            failed_event_threshold: default_failed_threshold(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_token_file: None,
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read relay config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("relay config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("relay config field {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+impl RelayConfig {
+    /// Reads a YAML (or JSON, which is YAML) file and validates it.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates a document; `origin` only names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: RelayConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field that serde's types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let name_ok = !self.publisher.is_empty()
+            && self.publisher.len() <= 63
+            && self
+                .publisher
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !name_ok {
+            return Err(invalid(
+                "publisher",
+                "must be 1-63 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        SchemaName::new(&self.outbox.schema).map_err(|e| invalid("outbox.schema", e))?;
+        if self.outbox.database_url_env.is_empty() {
+            return Err(invalid("outbox.databaseUrlEnv", "is empty"));
+        }
+        if self.outbox.min_poll_interval_ms == 0 || self.outbox.min_poll_interval_ms > self.outbox.max_poll_interval_ms
+        {
+            return Err(invalid(
+                "outbox.minPollIntervalMs",
+                "must be at least 1 and at most maxPollIntervalMs",
+            ));
+        }
+        if !(1..=10_000).contains(&self.outbox.batch_size) {
+            return Err(invalid("outbox.batchSize", "must be between 1 and 10000"));
+        }
+        if self.outbox.max_connections < 2 {
+            return Err(invalid(
+                "outbox.maxConnections",
+                "must be at least 2 (reading and listening)",
+            ));
+        }
+        match &self.broker {
+            BrokerConfig::Kafka(k) => k.validate().map_err(|e| invalid("broker.kafka", e))?,
+            BrokerConfig::Rabbitmq(r) => r.validate().map_err(|e| invalid("broker.rabbitmq", e))?,
+            BrokerConfig::SnsSqs(s) => s.validate().map_err(|e| invalid("broker.snsSqs", e))?,
+        }
+        self.routing.validate().map_err(|e| invalid("routing", e))?;
+        self.retry.validate().map_err(|e| invalid("retry", e))?;
+        self.circuit_breaker
+            .validate()
+            .map_err(|e| invalid("circuitBreaker", e))?;
+        let w = &self.workers;
+        if w.heartbeat_interval_ms == 0 || w.lease_duration_ms < 2 * w.heartbeat_interval_ms {
+            return Err(invalid(
+                "workers.leaseDurationMs",
+                "must be at least twice heartbeatIntervalMs",
+            ));
+        }
+        if self.health.failed_event_threshold < 0 {
+            return Err(invalid("health.failedEventThreshold", "must not be negative"));
+        }
+        Ok(())
+    }
+
+    pub fn schema_name(&self) -> SchemaName {
+        SchemaName::new(&self.outbox.schema).unwrap_or_default()
+    }
+}
