@@ -28,7 +28,7 @@ pub enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Administer failed and dead-lettered events through a relay's admin API.
-    Admin,
+    Admin(crate::admin::client::AdminArgs),
     /// Apply the database migrations (event store, outbox state, schema registry) and
     /// register the built-in event schemas.
     Migrate(MigrateArgs),
@@ -77,7 +77,7 @@ impl Cli {
             Command::Relay(args) => relay(args).await,
             Command::Replay => not_implemented("replay"),
             Command::Crd => not_implemented("crd"),
-            Command::Admin => not_implemented("admin"),
+            Command::Admin(args) => crate::admin::client::run_cli(args).await,
             Command::Migrate(args) => migrate(args).await,
             Command::Schemas(args) => write_schemas(args),
         }

@@ -220,6 +220,7 @@ pub struct RetryResult {
 }
 
 impl RetryResult {
+    /// Describes a scheduled retry from the row as it was before.
     fn from_previous(previous: &FailedEvent) -> Self {
         Self {
             event_id: previous.event_id,
@@ -275,12 +276,16 @@ pub struct ApiError {
 /// An error answer: a status and an [`ApiError`] body.
 #[derive(Debug)]
 struct Problem {
+    /// The answer's status code.
     status: StatusCode,
+    /// The message for people.
     error: String,
+    /// The offending parameter or body field.
     field: Option<String>,
 }
 
 impl Problem {
+    /// A problem without a field.
     fn new(status: StatusCode, error: impl Into<String>) -> Self {
         Self {
             status,
@@ -289,6 +294,7 @@ impl Problem {
         }
     }
 
+    /// A 400 naming the offending parameter or field.
     fn bad_request(field: &str, error: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
@@ -297,10 +303,12 @@ impl Problem {
         }
     }
 
+    /// A 401 (the response adds `WWW-Authenticate: Bearer`).
     fn unauthorized(error: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, error)
     }
 
+    /// The 404 of a retry whose event has no retryable failed row.
     fn not_retryable(event_id: Uuid) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -308,6 +316,7 @@ impl Problem {
         )
     }
 
+    /// A 500 for a store error; the details go to the log, not to the client.
     fn store(action: &str, error: &crate::store::StoreError) -> Self {
         tracing::error!(action, %error, "admin API store error");
         Self::new(
@@ -335,6 +344,7 @@ impl IntoResponse for Problem {
 
 /// Shortens a client-supplied value before it is echoed in a message.
 fn echo(value: &str) -> String {
+    /// Longest echo, in bytes.
     const MAX: usize = 64;
     if value.len() <= MAX {
         return value.to_owned();
@@ -385,6 +395,7 @@ pub async fn serve(
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
+/// A JSON 404 for unknown routes.
 async fn not_found(request: Request) -> Problem {
     Problem::new(
         StatusCode::NOT_FOUND,
@@ -392,6 +403,7 @@ async fn not_found(request: Request) -> Problem {
     )
 }
 
+/// A JSON 405 for known routes with the wrong method.
 async fn method_not_allowed(request: Request) -> Problem {
     Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -406,8 +418,11 @@ async fn method_not_allowed(request: Request) -> Problem {
 /// Why a request failed authentication (logged; never includes the token).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AuthFailure {
+    /// No `Authorization` header.
     Missing,
+    /// Not `Bearer <token>`.
     Malformed,
+    /// A token other than the configured one.
     Wrong,
 }
 
@@ -439,6 +454,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Middleware letting only requests with the configured bearer token through.
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     match check_bearer(request.headers().get(header::AUTHORIZATION), &state.token) {
         Ok(()) => next.run(request).await,
@@ -463,6 +479,7 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
 // Probes, metrics, OpenAPI
 // ---------------------------------------------------------------------------------------------
 
+/// `GET /livez`: 200 while the claim loop runs.
 async fn livez(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     if state.health.live() {
         (StatusCode::OK, "ok\n")
@@ -471,6 +488,7 @@ async fn livez(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     }
 }
 
+/// `GET /readyz`: 200 when ready, else 503 with one reason per line.
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     match state.health.ready() {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
@@ -482,6 +500,7 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     }
 }
 
+/// `GET /metrics`: the relay metrics as OpenMetrics text.
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
         [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
@@ -490,7 +509,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
+/// `GET /api/v1/openapi.json`: the OpenAPI document, built once.
 async fn openapi() -> Json<&'static serde_json::Value> {
+    /// Built on first use; the document never changes while the process runs.
     static DOCUMENT: LazyLock<serde_json::Value> = LazyLock::new(openapi_document);
     Json(&DOCUMENT)
 }
@@ -586,6 +607,7 @@ fn parse_list_query(pairs: &[(String, String)]) -> Result<FailedEventQuery, Prob
     Ok(query)
 }
 
+/// Validates an `eventType` or `aggregateId` filter: non-empty, at most 256 bytes.
 fn filter_value(name: &str, value: &str) -> Result<String, Problem> {
     if value.is_empty() {
         return Err(Problem::bad_request(name, format!("{name} must not be empty")));
@@ -599,6 +621,7 @@ fn filter_value(name: &str, value: &str) -> Result<String, Problem> {
     Ok(value.to_owned())
 }
 
+/// Parses an RFC 3339 timestamp parameter.
 fn timestamp(name: &str, value: &str) -> Result<DateTime<Utc>, Problem> {
     DateTime::parse_from_rfc3339(value.trim())
         .map(|t| t.with_timezone(&Utc))
@@ -627,7 +650,7 @@ fn encode_cursor(position: i64) -> String {
 /// Decodes a cursor made by [`encode_cursor`].
 fn decode_cursor(cursor: &str) -> Result<i64, Problem> {
     let malformed = || Problem::bad_request("cursor", "cursor is malformed; pass the nextCursor of a previous page");
-    if cursor.is_empty() || cursor.len() % 2 != 0 || cursor.len() > 64 {
+    if cursor.is_empty() || !cursor.len().is_multiple_of(2) || cursor.len() > 64 {
         return Err(malformed());
     }
     let bytes = (0..cursor.len())
@@ -642,6 +665,7 @@ fn decode_cursor(cursor: &str) -> Result<i64, Problem> {
         .ok_or_else(malformed)
 }
 
+/// `GET /api/v1/failed-events`: one page of this consumer's failed events.
 async fn list_failed(
     State(state): State<AdminState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -674,6 +698,7 @@ async fn list_failed(
     }))
 }
 
+/// The `eventId` path segment as a UUID.
 fn parse_event_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
     let invalid = || Problem::bad_request("eventId", "eventId must be a UUID");
     let Path(raw) = path.map_err(|_| invalid())?;
@@ -700,6 +725,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// `POST /api/v1/failed-events/{eventId}/retry`.
 async fn retry_one(
     State(state): State<AdminState>,
     path: Result<Path<String>, PathRejection>,
@@ -723,6 +749,8 @@ async fn retry_one(
     }
 }
 
+/// `POST /api/v1/failed-events/retry`: retries each id in turn (not atomically: a store
+/// error part-way answers 500 after the earlier ids were scheduled).
 async fn retry_many(
     State(state): State<AdminState>,
     body: Result<Bytes, BytesRejection>,
@@ -777,6 +805,7 @@ async fn retry_many(
     Ok(Json(result))
 }
 
+/// `POST /api/v1/failed-events/{eventId}/resolve`.
 async fn resolve(
     State(state): State<AdminState>,
     path: Result<Path<String>, PathRejection>,

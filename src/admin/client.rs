@@ -124,8 +124,11 @@ impl ListFailedParams {
 /// A client of one relay worker's admin API.
 #[derive(Clone)]
 pub struct AdminClient {
+    /// The HTTP client (connection pool, timeouts).
     http: reqwest::Client,
+    /// The API base URL, ending with a slash.
     base: Url,
+    /// The bearer token; never logged.
     token: String,
 }
 
@@ -223,6 +226,7 @@ impl AdminClient {
         .await
     }
 
+    /// Sends one request and decodes a 2xx JSON answer; other statuses become [`AdminClientError::Api`].
     async fn send<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -363,6 +367,7 @@ pub struct ListArgs {
     pub all_pages: bool,
 }
 
+/// Parses one `--status` value.
 fn parse_status(value: &str) -> Result<FailedEventStatus, String> {
     FailedEventStatus::parse(value.trim())
         .ok_or_else(|| format!("unknown status `{value}`; allowed: {}", FailedEventStatus::allowed()))
@@ -476,6 +481,7 @@ pub async fn run_cli(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints `value` as pretty JSON and a newline.
 fn print_json(out: &mut impl std::io::Write, value: &impl Serialize) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)?;
@@ -484,6 +490,7 @@ fn print_json(out: &mut impl std::io::Write, value: &impl Serialize) -> anyhow::
 
 /// Formats failed events as aligned columns (errors shortened to one line of 60 characters).
 pub fn failed_table(items: &[FailedEventRecord]) -> String {
+    /// Column titles.
     const HEADERS: [&str; 8] = [
         "EVENT ID",
         "POSITION",

@@ -24,27 +24,34 @@ const BATCH_SIZE_BUCKETS: [f64; 12] = [
 /// Labels of the per-event counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
+    /// The event type, e.g. `StockLevelChanged`.
     event_type: String,
+    /// The broker destination (topic, exchange or SNS topic).
     destination: String,
 }
 
 /// Labels of the failure counter: the event labels plus whether the failure is retriable.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
+    /// The event type.
     event_type: String,
+    /// The broker destination.
     destination: String,
+    /// `retriable` or `permanent`.
     kind: &'static str,
 }
 
 /// Label of the per-destination circuit gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DestinationLabel {
+    /// The broker destination.
     destination: String,
 }
 
 /// Label of the failed-events gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
+    /// `retrying` or `dead_lettered`.
     status: &'static str,
 }
 
@@ -52,16 +59,27 @@ struct StatusLabel {
 /// a read lock on the label family), so the hot loop may call them freely.
 #[derive(Debug)]
 pub struct RelayMetrics {
+    /// Holds every metric below, prefixed `outbox_relay` and labelled with the publisher.
     registry: Registry,
+    /// `events_published_total`.
     published: Family<EventLabels, Counter>,
+    /// `events_failed_total`.
     failed: Family<FailureLabels, Counter>,
+    /// `events_retried_total`.
     retried: Family<EventLabels, Counter>,
+    /// `events_dead_lettered_total`.
     dead_lettered: Family<EventLabels, Counter>,
+    /// `commit_to_ack_seconds`.
     commit_to_ack: Histogram,
+    /// `batch_size`.
     batch_size: Histogram,
+    /// `pending_events`.
     pending_events: Gauge,
+    /// `oldest_pending_age_seconds`.
     oldest_pending_age: Gauge<f64, AtomicU64>,
+    /// `circuit_state`.
     circuit_state: Family<DestinationLabel, Gauge>,
+    /// `failed_events`.
     failed_events: Family<StatusLabel, Gauge>,
 }
 
@@ -134,6 +152,7 @@ impl RelayMetrics {
         Self { registry, ..metrics }
     }
 
+    /// The label set of the per-event counters.
     fn event_labels(event_type: &str, destination: &str) -> EventLabels {
         EventLabels {
             event_type: event_type.to_owned(),

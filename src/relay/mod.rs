@@ -37,14 +37,6 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         store.migrate().await?;
     }
     let broker = connect_broker(&config.broker).await?;
-    let destinations: Vec<String> = match &config.routing {
-        crate::broker::routing::Routing::Single { destination } => vec![destination.clone()],
-        // Per-type destinations are created on first use by the adapters or by the operator.
-        _ => Vec::new(),
-    };
-    if let Err(e) = broker.ensure_destinations(&destinations).await {
-        tracing::warn!(error = %e, "could not create destinations yet; sends will retry");
-    }
     let token: Arc<str> = match &config.http.admin_token_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("read http.adminTokenFile {}", path.display()))?

@@ -23,6 +23,7 @@ use super::health::HealthState;
 use super::leases::{HeartbeatReport, LeaseManager};
 use super::metrics::RelayMetrics;
 use super::retry::RetryDecision;
+use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message, SendError};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
@@ -116,6 +117,15 @@ impl Relay {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), RelayError> {
         let all: Vec<i16> = (0..SHARDS).collect();
         self.reader.ensure_cursors(&all).await?;
+        let destinations = match &self.config.routing {
+            Routing::Single { destination } => vec![destination.clone()],
+            // Per-type destinations are created on first use by the adapters or by the operator.
+            _ => Vec::new(),
+        };
+        // Also creates the dead-letter destination and configured consumer queues.
+        if let Err(e) = self.broker.ensure_destinations(&destinations).await {
+            tracing::warn!(error = %e, "could not create destinations yet; sends will retry");
+        }
         *self.owned.write().await = self.leases.tick(&self.report()).await?;
         let background = tokio::spawn(self.clone().background(shutdown.clone()));
         let listener = tokio::spawn(self.clone().listen_for_inserts());
@@ -368,7 +378,9 @@ impl Relay {
             let circuit = circuits
                 .entry(destination.to_owned())
                 .or_insert_with(|| CircuitBreaker::new(self.config.circuit_breaker.clone()));
-            if let Permit::Rejected { retry_in } = circuit.try_acquire(now) {
+            let permit = circuit.try_acquire(now);
+            self.report_transitions(destination, circuit);
+            if let Permit::Rejected { retry_in } = permit {
                 return Some(retry_in);
             }
         }
@@ -381,22 +393,25 @@ impl Relay {
         let circuit = circuits
             .entry(destination.to_owned())
             .or_insert_with(|| CircuitBreaker::new(self.config.circuit_breaker.clone()));
-        let before = circuit.state(now);
         if success {
             circuit.record_success(now);
         } else {
             circuit.record_failure(now);
         }
-        let after = circuit.state(now);
-        if before.as_str() != after.as_str() {
+        self.report_transitions(destination, circuit);
+    }
+
+    /// Logs and exports every state change of a destination's circuit exactly once.
+    fn report_transitions(&self, destination: &str, circuit: &mut CircuitBreaker) {
+        for t in circuit.take_transitions() {
             tracing::warn!(
                 destination,
-                from = before.as_str(),
-                to = after.as_str(),
+                from = t.from.as_str(),
+                to = t.to.as_str(),
                 "circuit state changed"
             );
+            self.metrics.set_circuit_state(destination, t.to.as_gauge());
         }
-        self.metrics.set_circuit_state(destination, after.as_gauge());
     }
 
     fn on_published(&self, event: &StoredEvent, message: &Message) {

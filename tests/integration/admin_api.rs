@@ -25,14 +25,21 @@ const TOKEN: &str = "test-admin-token-0123456789";
 
 /// A running admin server over a database holding failed events of `CONSUMER`.
 struct AdminServer {
+    /// The test's own database, dropped by `stop`.
     db: TestDatabase,
+    /// `http://127.0.0.1:<port>`.
     base: String,
+    /// The real client, with the right token.
     client: AdminClient,
+    /// A plain HTTP client for requests `AdminClient` would never send.
     http: reqwest::Client,
+    /// The server's health flags, for the probe test to flip.
     health: Arc<HealthState>,
     /// Stored events in position order; `dead` of them are dead-lettered, the rest retrying.
     events: Vec<StoredEvent>,
+    /// Ends the server.
     shutdown: oneshot::Sender<()>,
+    /// The server task.
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -107,6 +114,7 @@ impl AdminServer {
         }
     }
 
+    /// The absolute URL of `path`.
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -153,6 +161,7 @@ impl AdminServer {
         page.items.into_iter().next().expect("one item")
     }
 
+    /// Stops the server (waiting for it to drain) and drops the database.
     async fn stop(self) {
         let _ = self.shutdown.send(());
         self.server.await.expect("server task").expect("server ran");
@@ -160,6 +169,7 @@ impl AdminServer {
     }
 }
 
+/// Asserts `err` is an API error with `status` whose message contains `contains`.
 fn assert_api_error(err: AdminClientError, status: u16, contains: &str) {
     match err {
         AdminClientError::Api {

@@ -4,5 +4,6 @@
 mod admin_api;
 mod broker;
 mod event_core;
+mod relay;
 mod smoke;
 mod support;
