@@ -2,6 +2,7 @@
 
 mod config;
 mod crash;
+mod outage;
 mod poison;
 mod replicas;
 mod steady_state;
