@@ -31,3 +31,7 @@ integration-test:
 # The README's test command: stack up, formatting, lints, then every test.
 test: env-up lint
 	source $(ENV_FILE) && cargo test --locked --all-targets -- --test-threads=$(TEST_THREADS)
+
+# The README's demo command: the stack, a relay publishing to Kafka, events visibly flowing.
+demo:
+	hack/demo.sh
