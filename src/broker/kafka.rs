@@ -668,6 +668,10 @@ impl KafkaBroker {
                 serde_json::to_vec(&cloudevents::to_structured(event)).map_err(encoding_failed)?,
             ),
         };
+        // OpenTelemetry propagators read the plain W3C header, not the CloudEvents one.
+        if let Some(traceparent) = &event.metadata.traceparent {
+            headers.push(("traceparent".to_owned(), traceparent.clone()));
+        }
         headers.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         Ok(Outgoing {
             topic: topic.to_owned(),

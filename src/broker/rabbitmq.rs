@@ -393,6 +393,10 @@ fn encode(
             (body, STRUCTURED_CONTENT_TYPE)
         }
     };
+    // OpenTelemetry propagators read the plain W3C header, not the CloudEvents one.
+    if let Some(traceparent) = &event.metadata.traceparent {
+        headers.insert("traceparent".into(), long(traceparent.clone()));
+    }
     let size = body.len() as u64;
     if size > config.max_message_bytes {
         if !omit_large_body {

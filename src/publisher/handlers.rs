@@ -1,6 +1,7 @@
 //! In-process event handlers: delivered after the event is durably stored, at least once,
-//! in per-aggregate order; failures are recorded in `failed_events` and retried with
-//! exponential backoff, later events of the same aggregate waiting behind them.
+//! in per-aggregate order; failures are recorded in `failed_events` and retried with the
+//! shared [`RetryPolicy`](crate::relay::retry::RetryPolicy), later events of the same
+//! aggregate waiting behind them.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -37,39 +38,6 @@ where
         event: &'a DomainEvent,
     ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
         Box::pin(self(event.clone()))
-    }
-}
-
-/// Exponential backoff for handler failures.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HandlerRetryPolicy {
-    pub initial_interval: Duration,
-    pub multiplier: f64,
-    pub max_interval: Duration,
-    /// Attempts before the event is dead-lettered for this consumer.
-    pub max_attempts: u32,
-}
-
-impl Default for HandlerRetryPolicy {
-    fn default() -> Self {
-        Self {
-            initial_interval: Duration::from_millis(500),
-            multiplier: 2.0,
-            max_interval: Duration::from_secs(60),
-            max_attempts: 5,
-        }
-    }
-}
-
-impl HandlerRetryPolicy {
-    /// Delay before attempt `attempt + 1`, or None when `attempt` attempts exhaust the policy.
-    pub fn next_delay(&self, attempt: u32) -> Option<Duration> {
-        if attempt >= self.max_attempts {
-            return None;
-        }
-        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
-        let secs = self.initial_interval.as_secs_f64() * self.multiplier.powi(exponent);
-        Some(Duration::from_secs_f64(secs.min(self.max_interval.as_secs_f64())))
     }
 }
 
@@ -166,31 +134,5 @@ impl InventoryEventPublisher {
             "event handler failed"
         );
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_exponentially_up_to_the_cap_then_stops() {
-        let policy = HandlerRetryPolicy {
-            initial_interval: Duration::from_millis(100),
-            multiplier: 2.0,
-            max_interval: Duration::from_millis(350),
-            max_attempts: 5,
-        };
-        let delays: Vec<_> = (1..=5).map(|a| policy.next_delay(a)).collect();
-        assert_eq!(
-            delays,
-            vec![
-                Some(Duration::from_millis(100)),
-                Some(Duration::from_millis(200)),
-                Some(Duration::from_millis(350)),
-                Some(Duration::from_millis(350)),
-                None
-            ]
-        );
     }
 }

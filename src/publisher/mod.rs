@@ -12,7 +12,7 @@ mod handlers;
 mod replay;
 mod status;
 
-pub use handlers::{EventHandler, HandlerError, HandlerRetryPolicy};
+pub use handlers::{EventHandler, HandlerError};
 pub use replay::{ReplayOptions, ReplayResult};
 pub use status::{PublisherStatus, WorkerStatus};
 
@@ -58,7 +58,8 @@ pub struct PublisherConfig {
     pub limits: Limits,
     /// Consumer name of the in-process handler dispatcher (its cursors and failed events).
     pub handler_consumer: String,
-    pub handler_retry: HandlerRetryPolicy,
+    /// Backoff for failed handler deliveries (the relay's policy type).
+    pub handler_retry: crate::relay::retry::RetryPolicy,
 }
 
 impl Default for PublisherConfig {
@@ -67,7 +68,7 @@ impl Default for PublisherConfig {
             source: "inventory-service".to_owned(),
             limits: Limits::default(),
             handler_consumer: "handlers".to_owned(),
-            handler_retry: HandlerRetryPolicy::default(),
+            handler_retry: crate::relay::retry::RetryPolicy::default(),
         }
     }
 }

@@ -150,6 +150,23 @@ async fn a_pipelined_batch_is_acknowledged_and_reads_back_in_order_per_aggregate
 }
 
 #[tokio::test]
+async fn a_trace_context_travels_as_the_w3c_traceparent_header() {
+    let topic = unique_name("kafka-trace");
+    let config = config(&unique_name("kafka-trace-dlq"));
+    let broker = connected(&config, std::slice::from_ref(&topic)).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut traced = (*event("item-t", json!({"newQuantity": 1}))).clone();
+    traced.metadata.traceparent = Some(traceparent.to_owned());
+    let messages = vec![message(1, &topic, Arc::new(traced))];
+    let results = within("send_batch", broker.send_batch(&messages)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let records = read_back(&topic, config.partitions, 1).await;
+    let headers = headers_of(&records[0]);
+    assert_eq!(header(&headers, "traceparent"), Some(traceparent));
+    assert_eq!(header(&headers, "ce_traceparent"), Some(traceparent));
+}
+
+#[tokio::test]
 async fn structured_mode_puts_the_whole_cloudevent_in_the_body() {
     let topic = unique_name("kafka-structured");
     let config = KafkaConfig {
