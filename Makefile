@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/inventory-outb
 # Tests run against the stack; two cores, so keep test threads modest.
 TEST_THREADS ?= 4
 
-.PHONY: env-up env-down env-status test lint unit-test integration-test demo
+.PHONY: env-up env-down env-status test lint unit-test integration-test demo bench
 
 env-up:
 	hack/env-up.sh
@@ -28,9 +28,14 @@ unit-test:
 integration-test:
 	source $(ENV_FILE) && cargo test --locked --test integration -- --test-threads=$(TEST_THREADS)
 
-# The README's test command: stack up, formatting, lints, then every test.
+# The README's test command: stack up, formatting, lints (all targets, benches included),
+# then every test. Benchmarks are compiled by clippy but run only by `cargo bench`.
 test: env-up lint
-	source $(ENV_FILE) && cargo test --locked --all-targets -- --test-threads=$(TEST_THREADS)
+	source $(ENV_FILE) && cargo test --locked --lib --bins --tests --examples -- --test-threads=$(TEST_THREADS)
+
+# Benchmarks against the local stack; figures go to BENCHMARKS.md.
+bench: env-up
+	source $(ENV_FILE) && cargo bench --locked --bench publish && cargo bench --locked --bench relay
 
 # The README's demo command: the stack, a relay publishing to Kafka, events visibly flowing.
 demo:
