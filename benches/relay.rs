@@ -10,12 +10,12 @@
 //! 2. Baseline: a raw rdkafka `FutureProducer` with the adapter's settings sends the same
 //!    records (same keys, bodies and `ce_` headers) to another topic, all enqueued then awaited;
 //!    a second figure awaits them per batch of the relay's best batch size, as the relay does.
-//! 3. Commit → ack latency: writers commit small transactions at a steady rate (half the best
+//! 3. Throughput outbox → RabbitMQ with publisher confirms (exchange + one bound queue).
+//! 4. Commit → ack latency: writers commit small transactions at a steady rate (half the best
 //!    relay rate, or what they sustain) while the caught-up relay publishes them. Commit time
 //!    is taken right after `COMMIT` returns; ack time when the adapter's `send_batch` returns
 //!    (the moment the relay counts the event as published, seen through a timing wrapper
 //!    around the broker); consume time when a Kafka consumer in this process receives it.
-//! 4. Throughput outbox → RabbitMQ with publisher confirms (exchange + one bound queue).
 //!
 //! Everything it creates (database, topics, exchanges, queues) is dropped at the end.
 
@@ -208,9 +208,10 @@ impl ThroughputRun {
             .first()
             .map_or(0.0, |r| r.start_us.saturating_sub(self.start_us) as f64 / 1000.0);
         format!(
-            "{:<28} {:>6} rounds, {:>5.0} events/round, send_batch {:>6.1} ms/round ({:>4.0} % of {:.2} s), \
+            "{:<28} {:>6.0} ev/s: {:>4} rounds, {:>5.0} events/round, send_batch {:>6.1} ms/round ({:>4.0} % of {:.2} s), \
              between sends {:>5.1} ms/round (read + cursor commit + bookkeeping), first send after {:.0} ms",
             self.label,
+            self.rate,
             self.rounds.len(),
             sent as f64 / n,
             send_ms / n,
@@ -748,7 +749,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         let timed = TimedBroker::new(inner, env.base, goal, false);
         let run = relay_until(env, config, timed, format!("relay → Kafka, batch {batch}"), goal).await?;
         check_cursors(&pool, &format!("bench-kafka-b{batch}")).await?;
-        eprintln!("{}: {:.0} events/s", run.label, run.rate);
+        eprintln!("{}", run.breakdown());
         kafka_runs.push(run);
     }
     let best = kafka_runs
@@ -779,7 +780,28 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     // Where the relay's time goes, outside the broker: one read and one cursor commit.
     let (read_ms, commit_ms) = probe_reader(env, best.batch).await?;
 
-    // 3. Latency at half the best relay rate, on the caught-up publisher of the best run.
+    // 3. Relay → RabbitMQ with publisher confirms.
+    let mut rabbit_runs = Vec::new();
+    for batch in BATCH_SIZES {
+        let broker = json!({"rabbitmq": {"urlEnv": "AMQP_URL", "exchange": exchange,
+                                         "queues": [{"name": queue, "bindingKey": "#"}]}});
+        let publisher_name = format!("bench-rabbit-b{batch}");
+        let config = relay_config(&publisher_name, batch, broker, "inventory.stock");
+        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        inner.ensure_destinations(&["inventory.stock".to_owned()]).await?;
+        let timed = TimedBroker::new(inner, env.base, goal, false);
+        let run = relay_until(env, config, timed, format!("relay → RabbitMQ, batch {batch}"), goal).await?;
+        check_cursors(&pool, &publisher_name).await?;
+        eprintln!("{}", run.breakdown());
+        amqp_cleanup(env, exchange, queue, true).await?;
+        rabbit_runs.push(run);
+    }
+    let best_rabbit = rabbit_runs
+        .iter()
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+        .expect("a run");
+    // 4. Latency at half the best relay rate, on the caught-up publisher of the best run; last,
+    //    as it appends events the throughput runs must not see.
     let lat_topic = format!("bench-latency-{}", env.tag);
     topics.push(lat_topic);
     let best_publisher = format!("bench-kafka-b{}", best.batch);
@@ -794,26 +816,6 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     )
     .await?;
 
-    // 4. Relay → RabbitMQ with publisher confirms.
-    let mut rabbit_runs = Vec::new();
-    for batch in BATCH_SIZES {
-        let broker = json!({"rabbitmq": {"urlEnv": "AMQP_URL", "exchange": exchange,
-                                         "queues": [{"name": queue, "bindingKey": "#"}]}});
-        let publisher_name = format!("bench-rabbit-b{batch}");
-        let config = relay_config(&publisher_name, batch, broker, "inventory.stock");
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
-        inner.ensure_destinations(&["inventory.stock".to_owned()]).await?;
-        let timed = TimedBroker::new(inner, env.base, goal, false);
-        let run = relay_until(env, config, timed, format!("relay → RabbitMQ, batch {batch}"), goal).await?;
-        check_cursors(&pool, &publisher_name).await?;
-        eprintln!("{}: {:.0} events/s", run.label, run.rate);
-        amqp_cleanup(env, exchange, queue, true).await?;
-        rabbit_runs.push(run);
-    }
-    let best_rabbit = rabbit_runs
-        .iter()
-        .max_by(|a, b| a.rate.total_cmp(&b.rate))
-        .expect("a run");
     pool.close().await;
 
     // Report.

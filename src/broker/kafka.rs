@@ -66,7 +66,7 @@ fn default_linger_ms() -> u32 {
 
 /// Connection, producer and topic settings of the Kafka adapter.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Comma-separated `host:port` list of brokers to bootstrap from, e.g.
     /// `kafka-0.kafka:9092,kafka-1.kafka:9092`.

@@ -93,7 +93,7 @@ fn default_max_message_bytes() -> u64 {
 
 /// Where the relay publishes in RabbitMQ and how.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RabbitMqConfig {
     /// Name of the environment variable holding the AMQP URL, credentials included
     /// (e.g. `AMQP_URL`, filled from a Secret). Credentials never go in this document.
@@ -142,7 +142,7 @@ pub struct RabbitMqConfig {
 
 /// A consumer queue and the binding key that routes events to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QueueBinding {
     /// Queue name.
     pub name: String,

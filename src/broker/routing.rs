@@ -7,7 +7,7 @@ use crate::event::DomainEvent;
 
 /// How events are spread over destinations.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", tag = "strategy")]
+#[serde(rename_all = "camelCase", tag = "strategy", deny_unknown_fields)]
 pub enum Routing {
     /// Every event to one destination.
     Single { destination: String },

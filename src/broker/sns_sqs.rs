@@ -100,7 +100,7 @@ pub enum SnsSqsTarget {
 
 /// Connection and delivery settings for SNS or SQS.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SnsSqsConfig {
     /// AWS region of the topics and queues, e.g. `eu-west-1`.
     pub region: String,

@@ -28,7 +28,7 @@ const MAX_PENDING_TRANSITIONS: usize = 64;
 
 /// When a destination's circuit opens (sends stop) and how it is probed before closing again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
     /// Consecutive retriable failures that open the circuit; at least 1. Default 5.
     #[schemars(range(min = 1))]

@@ -16,7 +16,7 @@ use crate::broker::SendError;
 /// Exponential backoff for failed sends to a broker, with random jitter; after `maxAttempts`
 /// failed attempts the message is dead-lettered.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Delay in milliseconds after the first failed attempt, before jitter. Default 500.
     pub initial_interval_ms: u64,

@@ -335,20 +335,30 @@ impl Relay {
             }
         }
         self.metrics.observe_batch(to_send.len());
-        let results = if to_send.is_empty() {
-            Vec::new()
-        } else {
-            self.broker.send_batch(&to_send).await
-        };
-        for ((event, message), result) in stored.into_iter().zip(&to_send).zip(results) {
-            let key = aggregate_key(event);
-            match result {
-                Ok(()) => self.on_published(event, message),
-                // A predecessor of this aggregate failed in this batch: wait behind it.
-                Err(_) if blocked.contains(&key) => self.failed.hold(&self.config.publisher, event).await?,
-                Err(error) => {
-                    if self.on_failed(event, message, &error, 0).await? {
-                        blocked.insert(key);
+        // Waves: the k-th event of every aggregate goes in wave k, so when an event fails its
+        // successors in this batch have not been sent yet and are held behind it.
+        for wave in waves(&stored) {
+            let mut sending = Vec::with_capacity(wave.len());
+            let mut messages = Vec::with_capacity(wave.len());
+            for i in wave {
+                if blocked.contains(&aggregate_key(stored[i])) {
+                    self.failed.hold(&self.config.publisher, stored[i]).await?;
+                } else {
+                    sending.push(stored[i]);
+                    messages.push(to_send[i].clone());
+                }
+            }
+            if messages.is_empty() {
+                continue;
+            }
+            let results = self.broker.send_batch(&messages).await;
+            for ((event, message), result) in sending.into_iter().zip(&messages).zip(results) {
+                match result {
+                    Ok(()) => self.on_published(event, message),
+                    Err(error) => {
+                        if self.on_failed(event, message, &error, 0).await? {
+                            blocked.insert(aggregate_key(event));
+                        }
                     }
                 }
             }
@@ -513,6 +523,55 @@ impl Relay {
     }
 }
 
+/// Splits a batch (in position order) into waves: wave k holds the k-th event of each
+/// aggregate, in position order. Returns indexes into `events`.
+fn waves(events: &[&StoredEvent]) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        let n = seen
+            .entry((&event.event.aggregate_type, &event.event.aggregate_id))
+            .or_insert(0);
+        if waves.len() <= *n {
+            waves.push(Vec::new());
+        }
+        waves[*n].push(i);
+        *n += 1;
+    }
+    waves
+}
+
 fn aggregate_key(event: &StoredEvent) -> (String, String) {
     (event.event.aggregate_type.clone(), event.event.aggregate_id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{NewEvent, validate::enrich};
+
+    fn stored(position: i64, aggregate: &str) -> StoredEvent {
+        let draft = NewEvent::raw("Stockout", "InventoryItem", aggregate, 1, serde_json::json!({}));
+        StoredEvent {
+            position,
+            shard: 0,
+            recorded_at: Utc::now(),
+            event: enrich(draft, "", Utc::now()),
+        }
+    }
+
+    #[test]
+    fn waves_hold_the_kth_event_of_each_aggregate_in_position_order() {
+        let events = [
+            stored(1, "a"),
+            stored(2, "b"),
+            stored(3, "a"),
+            stored(4, "c"),
+            stored(5, "a"),
+            stored(6, "b"),
+        ];
+        let refs: Vec<&StoredEvent> = events.iter().collect();
+        assert_eq!(waves(&refs), vec![vec![0, 1, 3], vec![2, 5], vec![4]]);
+        assert!(waves(&[]).is_empty());
+    }
 }

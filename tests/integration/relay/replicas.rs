@@ -1,1 +1,133 @@
-//! Placeholder: replaced by relay replicas tests.
+//! Two relay replicas of one publisher: they split the 64 shards, deliver without duplicates,
+//! and the survivor takes every shard over when the other crashes or stops.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use inventory_outbox::event::DomainEvent;
+use inventory_outbox::relay::config::RelayConfig;
+use serde_json::json;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::crash::{TopicCollector, owners};
+use super::{assert_delivered, eventually, relay_config, start_relay, write_events};
+use crate::event_core::publisher;
+use crate::support::postgres::TestDatabase;
+use crate::support::{kafka_bootstrap, unique_name};
+
+fn kafka_config(publisher: &str, topic: &str) -> RelayConfig {
+    let broker = json!({"kafka": {"bootstrapServers": kafka_bootstrap(), "deadLetterTopic": format!("{topic}-dlq"),
+                                  "partitions": 6, "mode": "structured"}});
+    relay_config(publisher, broker, json!({"strategy": "single", "destination": topic}))
+}
+
+async fn wait_for_even_split(db: &TestDatabase, publisher: &str) {
+    eventually(Duration::from_secs(15), "r1 and r2 to own 32 shards each", async || {
+        let owners = owners(db, publisher).await;
+        owners.get("r1") == Some(&32) && owners.get("r2") == Some(&32)
+    })
+    .await;
+}
+
+/// Only the events of `sent` among `received`.
+fn only(sent: &[DomainEvent], received: Vec<DomainEvent>) -> Vec<DomainEvent> {
+    let ids: HashSet<Uuid> = sent.iter().map(|e| e.event_id).collect();
+    received.into_iter().filter(|e| ids.contains(&e.event_id)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_split_the_shards_without_duplicates_and_one_takes_over_when_the_other_dies() {
+    const PUBLISHER: &str = "kafka-replicas";
+    let (db, publisher) = publisher("relay_replicas").await;
+    let topic = unique_name("replicas");
+    let config = kafka_config(PUBLISHER, &topic);
+    let batch_size = config.outbox.batch_size;
+    let r1 = start_relay(&db, config.clone(), "r1").await;
+    let r2 = start_relay(&db, config, "r2").await;
+    wait_for_even_split(&db, PUBLISHER).await;
+
+    let collector = TopicCollector::start(&topic);
+    let sent = write_events(&publisher, &db, 8, 250, 200).await;
+    let received = collector
+        .wait_for(&sent, Duration::from_secs(40), Duration::from_secs(2))
+        .await;
+    assert_delivered(&sent, &received, false);
+    assert_eq!(owners(&db, PUBLISHER).await.len(), 2, "both replicas kept their shards");
+
+    // r1 dies while the next 1000 events are being written and relayed: no release.
+    let before = collector.len();
+    let mut r1 = Some(r1);
+    let (more, crashed_at) = tokio::join!(write_events(&publisher, &db, 4, 250, 100), async {
+        eventually(Duration::from_secs(20), "the new events to flow", async || {
+            collector.len() >= before + 100
+        })
+        .await;
+        r1.take().expect("r1 running").crash();
+        Instant::now()
+    });
+    eventually(
+        Duration::from_secs(10),
+        "r2 to own all 64 shards after r1 crashed",
+        async || owners(&db, PUBLISHER).await.get("r2") == Some(&64),
+    )
+    .await;
+    eprintln!("r2 owned all 64 shards {:?} after r1 crashed", crashed_at.elapsed());
+    let received = collector
+        .wait_for(&more, Duration::from_secs(30), Duration::from_secs(2))
+        .await;
+    let duplicates = assert_delivered(&more, &only(&more, received), true);
+    eprintln!(
+        "takeover after crash: {} events, {duplicates} duplicates (batchSize {batch_size})",
+        more.len()
+    );
+    assert!(
+        duplicates <= batch_size,
+        "{duplicates} duplicates exceed r1's in-flight batch of {batch_size}"
+    );
+    // Nothing of the first 2000 was sent again.
+    let first_again = only(&sent, collector.received()).len() - sent.len();
+    assert_eq!(first_again, 0, "events delivered before the crash were re-sent");
+
+    r2.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gracefully_stopped_replica_hands_its_shards_over_at_once() {
+    const PUBLISHER: &str = "kafka-handover";
+    let (db, publisher) = publisher("relay_handover").await;
+    let topic = unique_name("handover");
+    let config = kafka_config(PUBLISHER, &topic);
+    let r1 = start_relay(&db, config.clone(), "r1").await;
+    let r2 = start_relay(&db, config, "r2").await;
+    wait_for_even_split(&db, PUBLISHER).await;
+
+    r1.stop().await;
+    let stopped_at = Instant::now();
+    let heartbeats: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox.worker_heartbeats WHERE consumer = $1 AND worker_id = 'r1'")
+            .bind(PUBLISHER)
+            .fetch_one(&db.pool)
+            .await
+            .expect("count heartbeats");
+    assert_eq!(heartbeats, 0, "a stopped replica removes its heartbeat");
+    // Well below the 3 s lease: the shards were released, not left to expire.
+    eventually(
+        Duration::from_secs(3),
+        "r2 to own all 64 shards after r1 stopped",
+        async || owners(&db, PUBLISHER).await.get("r2") == Some(&64),
+    )
+    .await;
+    eprintln!("r2 owned all 64 shards {:?} after r1 stopped", stopped_at.elapsed());
+
+    let collector = TopicCollector::start(&topic);
+    let sent = write_events(&publisher, &db, 4, 50, 20).await;
+    let received = collector
+        .wait_for(&sent, Duration::from_secs(30), Duration::from_secs(1))
+        .await;
+    assert_delivered(&sent, &received, false);
+
+    r2.stop().await;
+    db.drop().await;
+}
