@@ -13,7 +13,7 @@
 #        rabbitmq.sh ctl ARGS...   (rabbitmqctl against our node)
 source "$(dirname "$0")/../lib/common.sh"
 
-NODE=outbox@localhost
+NODE=${RABBITMQ_NODE:-outbox@localhost}
 RMQ_BIN=/usr/lib/rabbitmq/bin
 STATE_DIR="$OUTBOX_STATE/rabbitmq"
 PIDFILE="$STATE_DIR/rabbitmq.pid"
