@@ -60,8 +60,10 @@ fn default_message_timeout_ms() -> u32 {
     30_000
 }
 
+/// 1 ms: the relay already hands whole waves to the producer, so waiting longer for a fuller
+/// batch mostly adds latency (measured in BENCHMARKS.md).
 fn default_linger_ms() -> u32 {
-    5
+    1
 }
 
 /// Connection, producer and topic settings of the Kafka adapter.
@@ -872,7 +874,7 @@ mod tests {
         assert_eq!(config.client_id, "inventory-outbox");
         assert_eq!(config.mode, CloudEventsMode::Binary);
         assert_eq!((config.partitions, config.replication_factor), (6, 1));
-        assert_eq!((config.message_timeout_ms, config.linger_ms), (30_000, 5));
+        assert_eq!((config.message_timeout_ms, config.linger_ms), (30_000, 1));
         assert_eq!(config.compression, KafkaCompression::Lz4);
         assert_eq!(config.security_protocol, KafkaSecurityProtocol::Plaintext);
         assert_eq!(config.validate(), Ok(()));

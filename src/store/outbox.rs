@@ -114,6 +114,12 @@ impl OutboxReader {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query("set read snapshot"))?;
+        // A generic plan for the range queries below cannot see that the late set is small and
+        // scans the history up to the cursor; plan every read for its own parameters.
+        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("set plan cache mode"))?;
         let (xmax, in_progress): (String, Vec<String>) = sqlx::query_as(
             "SELECT pg_snapshot_xmax(s)::text, \
                     coalesce((SELECT array_agg(x::text) FROM pg_snapshot_xip(s) x), '{}') \
@@ -266,6 +272,13 @@ async fn read_group(
     );
     let statement = if mid_scan {
         format!("{late_part} ORDER BY position LIMIT $5")
+    } else if late.is_empty() {
+        // The common case: nothing late, only rows above the cursor ($1 and $2 unused).
+        format!(
+            "SELECT {EVENT_COLUMNS} FROM {schema}.events \
+             WHERE position > $3 AND shard = ANY($4) AND cardinality($1::text[]) = 0 AND $2::int8 >= 0 \
+             ORDER BY position LIMIT $5"
+        )
     } else {
         format!(
             "({late_part}) UNION ALL \
