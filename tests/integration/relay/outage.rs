@@ -261,27 +261,48 @@ async fn a_kafka_outage_opens_the_circuit_loses_nothing_and_recovers_by_itself()
                                   "partitions": 3, "mode": "structured", "messageTimeoutMs": 3000}});
     let observed = run_outage(&db, &publisher, &kafka, "outage-kafka", broker, &topic).await;
 
+    // Partitions assigned directly: no consumer-group coordination on the restarted node.
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("group.id", unique_name("outage"))
-        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    consumer.subscribe(&[&topic]).unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        partitions
+            .add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&partitions).unwrap();
     let expected: HashSet<Uuid> = observed.sent.iter().map(|e| e.event_id).collect();
     let (mut received, mut seen) = (Vec::new(), HashSet::new());
-    let collect = async {
-        while !expected.is_subset(&seen) {
-            let m = consumer.recv().await.expect("consume");
-            let doc: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
-            let e = cloudevents::from_structured(&doc).unwrap();
-            seen.insert(e.event_id);
-            received.push(e);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(90), collect)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while !expected.is_subset(&seen) && tokio::time::Instant::now() < deadline {
+        let Ok(m) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
+            continue;
+        };
+        let m = m.expect("consume");
+        let doc: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+        let e = cloudevents::from_structured(&doc).unwrap();
+        seen.insert(e.event_id);
+        received.push(e);
+    }
+    let missing: Vec<Uuid> = expected.difference(&seen).copied().collect();
+    if !missing.is_empty() {
+        let states: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT status, attempts FROM outbox.failed_events WHERE consumer = 'outage-kafka' AND event_id = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&db.pool)
         .await
-        .expect("every event delivered after the outage");
+        .unwrap();
+        panic!(
+            "{} of {} events not on the topic; their failed_events rows: {states:?}",
+            missing.len(),
+            expected.len()
+        );
+    }
     let duplicates = assert_delivered(&observed.sent, &received, true);
     eprintln!("kafka outage: {duplicates} redelivered");
     assert_circuit_cycled(&observed);
