@@ -6,9 +6,11 @@
 //! table with the same columns, a bigserial key and a unique event id, without validation,
 //! trigger or extra indexes: what a naive outbox costs.
 
+mod support;
+
 use std::time::Instant;
 
-use inventory_outbox::event::{NewEvent, inventory::StockChangeReason, inventory::StockLevelChanged};
+use inventory_outbox::event::NewEvent;
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
 use inventory_outbox::store::{SchemaName, Store};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -17,20 +19,7 @@ use uuid::Uuid;
 const EVENTS_PER_RUN: usize = 20_000;
 
 fn draft(aggregate: Uuid) -> NewEvent {
-    let mut event = NewEvent::from_payload(&StockLevelChanged {
-        inventory_item_id: aggregate,
-        warehouse_id: Uuid::now_v7(),
-        previous_quantity: 10,
-        new_quantity: 11,
-        change_amount: 1,
-        change_reason: StockChangeReason::Receipt,
-        transaction_id: Uuid::now_v7(),
-    })
-    .expect("payload");
-    // Pad to 1 KiB with an optional field (schemas are open for additive evolution).
-    let size = event.payload.to_string().len();
-    event.payload["note"] = "x".repeat(1024usize.saturating_sub(size + 10)).into();
-    event
+    support::kib_draft(aggregate)
 }
 
 async fn publish(publisher: &InventoryEventPublisher, pool: &PgPool, batch: usize, aggregates: &[Uuid]) -> f64 {

@@ -26,6 +26,8 @@
 //! call's size and start time. Everything it creates (database, topics, exchanges, queues) is
 //! dropped at the end. See BENCHMARKS.md for measured figures.
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use inventory_outbox::broker::{BoxFuture, Broker, Message, SendError};
+use inventory_outbox::event::NewEvent;
 use inventory_outbox::event::cloudevents::{self, KAFKA_PREFIX};
-use inventory_outbox::event::{NewEvent, inventory::StockChangeReason, inventory::StockLevelChanged};
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
 use inventory_outbox::relay::config::RelayConfig;
 use inventory_outbox::relay::metrics::RelayMetrics;
@@ -87,20 +89,7 @@ const TARGET_P99_MS: f64 = 25.0;
 const TARGET_RABBIT: f64 = 30_000.0;
 
 fn draft(aggregate: Uuid) -> NewEvent {
-    let mut event = NewEvent::from_payload(&StockLevelChanged {
-        inventory_item_id: aggregate,
-        warehouse_id: Uuid::now_v7(),
-        previous_quantity: 10,
-        new_quantity: 11,
-        change_amount: 1,
-        change_reason: StockChangeReason::Receipt,
-        transaction_id: Uuid::now_v7(),
-    })
-    .expect("payload");
-    // Pad to 1 KiB with an optional field (schemas are open for additive evolution).
-    let size = event.payload.to_string().len();
-    event.payload["note"] = "x".repeat(1024usize.saturating_sub(size + 10)).into();
-    event
+    support::kib_draft(aggregate)
 }
 
 /// One Kafka record as the adapter encodes it in binary mode.

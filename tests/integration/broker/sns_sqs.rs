@@ -48,15 +48,7 @@ async fn broker(config: SnsSqsConfig) -> SnsSqsBroker {
 
 /// Plain SDK clients for the test's own checks.
 async fn clients() -> (aws_sdk_sns::Client, aws_sdk_sqs::Client) {
-    inventory_outbox::tls::install_crypto_provider();
-    let sdk = aws_config::from_env()
-        .endpoint_url(aws_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .load()
-        .await;
+    let sdk = crate::support::aws_sdk_config().await;
     (aws_sdk_sns::Client::new(&sdk), aws_sdk_sqs::Client::new(&sdk))
 }
 

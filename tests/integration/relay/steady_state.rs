@@ -145,14 +145,7 @@ async fn a_sqs_fifo_queue_receives_every_committed_event_once_in_aggregate_order
     // Fewer events: moto answers one call at a time.
     let sent = write_events(&publisher, &db, 4, 150, 60).await;
 
-    let config = aws_config::from_env()
-        .endpoint_url(aws_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .load()
-        .await;
+    let config = crate::support::aws_sdk_config().await;
     let sqs = aws_sdk_sqs::Client::new(&config);
     let mut received = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

@@ -4,22 +4,11 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use crate::support::{aws_endpoint, unique_name};
-
-async fn sdk_config() -> aws_config::SdkConfig {
-    aws_config::from_env()
-        .endpoint_url(aws_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "smoke",
-        ))
-        .load()
-        .await
-}
+use crate::support::unique_name;
 
 #[tokio::test]
 async fn a_subscribed_queue_receives_a_topic_message() {
-    let config = sdk_config().await;
+    let config = crate::support::aws_sdk_config().await;
     let sns = aws_sdk_sns::Client::new(&config);
     let sqs = aws_sdk_sqs::Client::new(&config);
 

@@ -33,6 +33,19 @@ pub fn aws_endpoint() -> String {
     env_or("AWS_ENDPOINT_URL", "http://127.0.0.1:15000")
 }
 
+/// SDK settings for moto: its endpoint, us-east-1 and static test credentials.
+pub async fn aws_sdk_config() -> aws_config::SdkConfig {
+    inventory_outbox::tls::install_crypto_provider();
+    aws_config::from_env()
+        .endpoint_url(aws_endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .load()
+        .await
+}
+
 pub fn kubeconfig_path() -> PathBuf {
     std::env::var("KUBECONFIG")
         .map(PathBuf::from)
