@@ -23,6 +23,7 @@ HELM_CACHE="$OUTBOX_CACHE/helm/$HELM_VERSION"
 HELM_BIN="$HELM_CACHE/bin/helm"
 KUBE_APISERVER_BIN="$KUBE_BIN_DIR/kube-apiserver"
 KCM_BIN="$KUBE_BIN_DIR/kube-controller-manager"
+SCHEDULER_BIN="$KUBE_BIN_DIR/kube-scheduler"
 KUBECTL_BIN="$KUBE_BIN_DIR/kubectl"
 
 K8S_STATE="$OUTBOX_STATE/kubernetes"
@@ -104,7 +105,7 @@ install_helm() {
 }
 
 install_kubernetes() {
-  if [[ -x $KUBE_APISERVER_BIN && -x $KCM_BIN && -x $KUBECTL_BIN ]]; then
+  if [[ -x $KUBE_APISERVER_BIN && -x $KCM_BIN && -x $SCHEDULER_BIN && -x $KUBECTL_BIN ]]; then
     log "kubernetes $KUBERNETES_VERSION: cached ($KUBE_BIN_DIR)"; return 0
   fi
   require_go
@@ -143,7 +144,7 @@ install_kubernetes() {
   rm -f "$src/go.sum"
   cp "$src/go.mod" "$logfile.go.mod"
 
-  local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
+  local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
   (cd "$src" && run_step "kubernetes: resolve modules (go get)" "$logfile" \
     go get "${pkgs[@]/%/@$KUBERNETES_VERSION}")
 
@@ -156,12 +157,13 @@ install_kubernetes() {
   rm -rf "$tmpbin"; mkdir -p "$tmpbin"
   (cd "$src" && CGO_ENABLED=0 run_step "kubernetes: go build ${pkgs[*]}" "$logfile" \
     go build -mod=mod -trimpath -ldflags "$ldflags" -o "$tmpbin/" "${pkgs[@]}")
-  for p in kube-apiserver kube-controller-manager kubectl; do
+  for p in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     [[ -x $tmpbin/$p ]] || die "install step 'kubernetes: go build' produced no $p; see $logfile"
   done
   # kubectl last: its presence marks a complete install
   mv -f "$tmpbin/kube-apiserver" "$KUBE_APISERVER_BIN"
   mv -f "$tmpbin/kube-controller-manager" "$KCM_BIN"
+  mv -f "$tmpbin/kube-scheduler" "$SCHEDULER_BIN"
   mv -f "$tmpbin/kubectl" "$KUBECTL_BIN"
   rm -rf "$tmpbin"
   log "kubernetes $KUBERNETES_VERSION built: $KUBE_BIN_DIR"
