@@ -34,6 +34,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Write the JSON Schema of every event type (the contract for producers in any language).
     Schemas(SchemasArgs),
+    /// Serve the schema registry over the Confluent-compatible REST API (for Kafka consumers'
+    /// deserializers).
+    Registry(crate::schema::server::RegistryArgs),
 }
 
 /// How to run a relay worker.
@@ -80,6 +83,7 @@ impl Cli {
             Command::Admin(args) => crate::admin::client::run_cli(args).await,
             Command::Migrate(args) => migrate(args).await,
             Command::Schemas(args) => write_schemas(args),
+            Command::Registry(args) => crate::schema::server::run(args, shutdown_signal()).await,
         }
     }
 }

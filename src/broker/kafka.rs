@@ -21,6 +21,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::confluent::{self, ConfluentFraming, WireFormat};
 use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
 use crate::event::cloudevents::{self, KAFKA_PREFIX};
 
@@ -80,6 +81,11 @@ pub struct KafkaConfig {
     /// `structured` (one `application/cloudevents+json` document as body).
     #[serde(default)]
     pub mode: CloudEventsMode,
+    /// Record value layout: CloudEvents as `mode` says (default), or the Confluent wire format
+    /// (magic byte, schema id, JSON payload) that Confluent deserializers read with the
+    /// schema registry API; see `broker::confluent`.
+    #[serde(default)]
+    pub wire_format: WireFormat,
     /// Topic receiving events that exhausted their retries or were refused permanently; created
     /// with the other topics.
     pub dead_letter_topic: String,
@@ -133,6 +139,7 @@ impl Default for KafkaConfig {
             bootstrap_servers: String::new(),
             client_id: default_client_id(),
             mode: CloudEventsMode::default(),
+            wire_format: WireFormat::default(),
             dead_letter_topic: String::new(),
             partitions: default_partitions(),
             replication_factor: default_replication_factor(),
@@ -594,6 +601,7 @@ pub struct KafkaBroker {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     config: KafkaConfig,
+    framing: Option<ConfluentFraming>,
 }
 
 impl fmt::Debug for KafkaBroker {
@@ -644,7 +652,15 @@ impl KafkaBroker {
             producer,
             admin,
             config: config.clone(),
+            framing: None,
         })
+    }
+
+    /// Frames record values in the Confluent wire format with ids from `framing`
+    /// (`wireFormat.format: confluent`); dead letters stay plain CloudEvents.
+    pub fn with_confluent_framing(mut self, framing: ConfluentFraming) -> Self {
+        self.framing = Some(framing);
+        self
     }
 
     /// The configuration the broker was created with.
@@ -819,7 +835,16 @@ impl Broker for KafkaBroker {
 
     fn send_batch<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Vec<Result<(), SendError>>> {
         Box::pin(async move {
-            let records = messages.iter().map(|m| self.encode(m, &m.destination, &[])).collect();
+            let records = match &self.framing {
+                None => messages.iter().map(|m| self.encode(m, &m.destination, &[])).collect(),
+                Some(framing) => (framing.schema_ids(messages).await.into_iter().zip(messages))
+                    .map(|(id, m)| {
+                        let mut record = self.encode(m, &m.destination, &[])?;
+                        record.body = confluent::frame(id?, &record.body);
+                        Ok(record)
+                    })
+                    .collect(),
+            };
             self.deliver(records).await
         })
     }

@@ -8,6 +8,7 @@
 //! RabbitMQ publisher confirm, SNS/SQS successful batch entry). A NACK, a timeout or an
 //! error is never "published".
 
+pub mod confluent;
 pub mod kafka;
 pub mod rabbitmq;
 pub mod routing;

@@ -18,13 +18,37 @@ use tokio::sync::watch;
 use crate::broker::Broker;
 use config::{BrokerConfig, RelayConfig};
 
-/// Connects the configured broker adapter.
+/// Connects the configured broker adapter. Kafka in the Confluent wire format needs the
+/// registry's ids: use [`connect_broker_with_registry`] for it.
 pub async fn connect_broker(config: &BrokerConfig) -> anyhow::Result<Arc<dyn Broker>> {
+    if let BrokerConfig::Kafka(c) = config
+        && c.wire_format.is_confluent()
+    {
+        anyhow::bail!("broker.kafka.wireFormat confluent needs the schema registry: connect with connect_broker_with_registry");
+    }
     Ok(match config {
         BrokerConfig::Kafka(c) => Arc::new(crate::broker::kafka::KafkaBroker::connect(c)?),
         BrokerConfig::Rabbitmq(c) => Arc::new(crate::broker::rabbitmq::RabbitMqBroker::new(c.clone())?),
         BrokerConfig::SnsSqs(c) => Arc::new(crate::broker::sns_sqs::SnsSqsBroker::connect(c.clone()).await?),
     })
+}
+
+/// Connects the configured broker adapter; Kafka in the Confluent wire format frames values
+/// with schema ids from the registry in `store`.
+pub async fn connect_broker_with_registry(
+    config: &BrokerConfig,
+    store: &crate::store::Store,
+) -> anyhow::Result<Arc<dyn Broker>> {
+    match config {
+        BrokerConfig::Kafka(c) if c.wire_format.is_confluent() => {
+            let registry = crate::schema::registry::SchemaRegistry::new(store.clone());
+            let framing = crate::broker::confluent::ConfluentFraming::new(c.mode, c.wire_format, registry)?;
+            Ok(Arc::new(
+                crate::broker::kafka::KafkaBroker::connect(c)?.with_confluent_framing(framing),
+            ))
+        }
+        _ => connect_broker(config).await,
+    }
 }
 
 /// Runs one relay worker with its HTTP server until `shutdown` turns true.
@@ -36,7 +60,7 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
     if config.outbox.migrate {
         store.migrate().await?;
     }
-    let broker = connect_broker(&config.broker).await?;
+    let broker = connect_broker_with_registry(&config.broker, &store).await?;
     let token: Arc<str> = match &config.http.admin_token_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("read http.adminTokenFile {}", path.display()))?

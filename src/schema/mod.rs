@@ -1,5 +1,7 @@
-//! Schema management: compatibility rules between schema versions and the registry of
-//! versioned schemas per event type.
+//! Schema management: compatibility rules between schema versions, the registry of versioned
+//! schemas with global ids, and the registry's Confluent-compatible REST API.
 
+pub mod api;
 pub mod compatibility;
 pub mod registry;
+pub mod server;
