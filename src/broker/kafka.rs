@@ -838,7 +838,7 @@ impl Broker for KafkaBroker {
             let records = match &self.framing {
                 None => messages.iter().map(|m| self.encode(m, &m.destination, &[])).collect(),
                 Some(framing) => (framing.schema_ids(messages).await.into_iter().zip(messages))
-                    .map(|(id, m)| {
+                    .map(|(id, m)| -> Result<Outgoing, SendError> {
                         let mut record = self.encode(m, &m.destination, &[])?;
                         record.body = confluent::frame(id?, &record.body);
                         Ok(record)

@@ -1211,7 +1211,7 @@ mod tests {
 
     use super::cases::*;
     use super::*;
-    use CompatibilityMode::{Backward, BackwardTransitive, Forward, ForwardTransitive, Full, FullTransitive};
+    use CompatibilityMode::{Backward, BackwardTransitive, Forward, FullTransitive};
     use serde_json::json;
 
     /// Runs every table case and reports all failures at once.

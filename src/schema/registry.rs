@@ -423,7 +423,8 @@ impl SchemaRegistry {
         permanent: bool,
     ) -> Result<u32, RegistryError> {
         let rows = self.store.versions(subject).await?;
-        let target = select(subject, &rows, selector, permanent)?;
+        // Soft-deleted versions are found too, so a second soft delete says what happened.
+        let target = select(subject, &rows, selector, true)?;
         let version = target.version;
         match (permanent, target.deleted) {
             (false, false) => self.store.soft_delete(subject, &[version]).await?,
