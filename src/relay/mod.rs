@@ -24,7 +24,9 @@ pub async fn connect_broker(config: &BrokerConfig) -> anyhow::Result<Arc<dyn Bro
     if let BrokerConfig::Kafka(c) = config
         && c.wire_format.is_confluent()
     {
-        anyhow::bail!("broker.kafka.wireFormat confluent needs the schema registry: connect with connect_broker_with_registry");
+        anyhow::bail!(
+            "broker.kafka.wireFormat confluent needs the schema registry: connect with connect_broker_with_registry"
+        );
     }
     Ok(match config {
         BrokerConfig::Kafka(c) => Arc::new(crate::broker::kafka::KafkaBroker::connect(c)?),

@@ -129,7 +129,9 @@ impl From<RegistryError> for ApiError {
                 )
             }
             E::SubjectNotFound { subject } => Self::subject_not_found(&subject),
-            E::UnknownVersion { version: 0, .. } => Self::new(StatusCode::NOT_FOUND, 40402, "Version latest not found."),
+            E::UnknownVersion { version: 0, .. } => {
+                Self::new(StatusCode::NOT_FOUND, 40402, "Version latest not found.")
+            }
             E::UnknownVersion { version, .. } => {
                 Self::new(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found."))
             }
@@ -152,7 +154,9 @@ impl From<RegistryError> for ApiError {
             E::VersionSoftDeleted { subject, version } => Self::new(
                 StatusCode::NOT_FOUND,
                 40406,
-                format!("Subject '{subject}' Version {version} was soft deleted.Set permanent=true to delete permanently"),
+                format!(
+                    "Subject '{subject}' Version {version} was soft deleted.Set permanent=true to delete permanently"
+                ),
             ),
             E::VersionNotSoftDeleted { subject, version } => Self::new(
                 StatusCode::NOT_FOUND,
@@ -173,10 +177,7 @@ impl From<RegistryError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = reply(
-            self.status,
-            &json!({"error_code": self.code, "message": self.message}),
-        );
+        let mut response = reply(self.status, &json!({"error_code": self.code, "message": self.message}));
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -268,7 +269,11 @@ async fn not_found(request: Request) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         404,
-        format!("HTTP 404 Not Found: no route for {} {}", request.method(), echo(request.uri().path())),
+        format!(
+            "HTTP 404 Not Found: no route for {} {}",
+            request.method(),
+            echo(request.uri().path())
+        ),
     )
 }
 
@@ -346,7 +351,7 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         }))
     }
     let bytes = text.as_bytes();
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
@@ -402,9 +407,9 @@ fn param<'p>(params: &'p [(String, String)], name: &str) -> Option<&'p str> {
 fn page<T>(items: Vec<T>, params: &[(String, String)]) -> Result<Vec<T>, ApiError> {
     let number = |name: &str, default: i64| match param(params, name) {
         None => Ok(default),
-        Some(v) => v
-            .parse::<i64>()
-            .map_err(|_| ApiError::bad_request(format!("query parameter {name} must be an integer, not '{}'", echo(v)))),
+        Some(v) => v.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(format!("query parameter {name} must be an integer, not '{}'", echo(v)))
+        }),
     };
     let offset = usize::try_from(number("offset", 0)?.max(0)).unwrap_or(usize::MAX);
     let limit = number("limit", -1)?;
@@ -455,8 +460,13 @@ fn schema_id_of(path: Result<Path<String>, PathRejection>) -> Result<u32, ApiErr
 
 /// The schema of a register / lookup / compatibility request body.
 pub fn parse_schema_request(body: &[u8]) -> Result<Value, ApiError> {
-    let request: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 422, format!("Unprocessable request body: {e}")))?;
+    let request: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            422,
+            format!("Unprocessable request body: {e}"),
+        )
+    })?;
     let Some(fields) = request.as_object() else {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -483,7 +493,11 @@ pub fn parse_schema_request(body: &[u8]) -> Result<Value, ApiError> {
     }
     let text = match fields.get("schema") {
         Some(Value::String(text)) => text,
-        Some(_) => return Err(ApiError::invalid_schema("\"schema\" must be a string holding the JSON Schema")),
+        Some(_) => {
+            return Err(ApiError::invalid_schema(
+                "\"schema\" must be a string holding the JSON Schema",
+            ));
+        }
         None => return Err(ApiError::invalid_schema("the request has no \"schema\" field")),
     };
     let schema: Value =
@@ -496,8 +510,13 @@ pub fn parse_schema_request(body: &[u8]) -> Result<Value, ApiError> {
 
 /// The compatibility level of a `PUT /config` body (`compatibility` or `compatibilityLevel`).
 fn parse_config_request(body: &[u8]) -> Result<CompatibilityMode, ApiError> {
-    let request: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 422, format!("Unprocessable request body: {e}")))?;
+    let request: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            422,
+            format!("Unprocessable request body: {e}"),
+        )
+    })?;
     let level = request
         .get("compatibility")
         .or_else(|| request.get("compatibilityLevel"))
@@ -840,7 +859,10 @@ mod tests {
 
     #[test]
     fn tokens_come_from_bearer_or_the_basic_password() {
-        assert_eq!(presented_token(&header("Bearer s3cret-token")).as_deref(), Some("s3cret-token"));
+        assert_eq!(
+            presented_token(&header("Bearer s3cret-token")).as_deref(),
+            Some("s3cret-token")
+        );
         // "admin:s3cret-token"
         assert_eq!(
             presented_token(&header("Basic YWRtaW46czNjcmV0LXRva2Vu")).as_deref(),
@@ -861,7 +883,11 @@ mod tests {
         assert_eq!(parse_version("7"), Ok(VersionSelector::Number(7)));
         for bad in ["0", "-2", "2147483648", "one", ""] {
             let error = parse_version(bad).expect_err(bad);
-            assert_eq!((error.status, error.code), (StatusCode::UNPROCESSABLE_ENTITY, 42202), "{bad}");
+            assert_eq!(
+                (error.status, error.code),
+                (StatusCode::UNPROCESSABLE_ENTITY, 42202),
+                "{bad}"
+            );
             assert!(error.message.contains(&format!("'{bad}'")), "{}", error.message);
         }
     }
@@ -873,7 +899,11 @@ mod tests {
         let cases: [(&[u8], u32, &str); 6] = [
             (br#"{"schema":"{}"}"#, 42201, "schemaType AVRO is not supported"),
             (br#"{"schemaType":"PROTOBUF","schema":"{}"}"#, 42201, "PROTOBUF"),
-            (br#"{"schemaType":"JSON","schema":"{not json"}"#, 42201, "the schema is not JSON"),
+            (
+                br#"{"schemaType":"JSON","schema":"{not json"}"#,
+                42201,
+                "the schema is not JSON",
+            ),
             (br#"{"schemaType":"JSON"}"#, 42201, "no \"schema\" field"),
             (
                 br#"{"schemaType":"JSON","schema":"{}","references":[{"name":"a","subject":"b","version":1}]}"#,
@@ -909,13 +939,31 @@ mod tests {
         let code = |e: RegistryError| ApiError::from(e).code;
         let s = || "orders-value".to_owned();
         assert_eq!(code(RegistryError::SubjectNotFound { subject: s() }), 40401);
-        assert_eq!(code(RegistryError::UnknownVersion { subject: s(), version: 3 }), 40402);
+        assert_eq!(
+            code(RegistryError::UnknownVersion {
+                subject: s(),
+                version: 3
+            }),
+            40402
+        );
         assert_eq!(code(RegistryError::SchemaNotFound { subject: s() }), 40403);
         assert_eq!(code(RegistryError::SchemaIdNotFound { id: 9 }), 40403);
         assert_eq!(code(RegistryError::SubjectSoftDeleted { subject: s() }), 40404);
         assert_eq!(code(RegistryError::SubjectNotSoftDeleted { subject: s() }), 40405);
-        assert_eq!(code(RegistryError::VersionSoftDeleted { subject: s(), version: 1 }), 40406);
-        assert_eq!(code(RegistryError::VersionNotSoftDeleted { subject: s(), version: 1 }), 40407);
+        assert_eq!(
+            code(RegistryError::VersionSoftDeleted {
+                subject: s(),
+                version: 1
+            }),
+            40406
+        );
+        assert_eq!(
+            code(RegistryError::VersionNotSoftDeleted {
+                subject: s(),
+                version: 1
+            }),
+            40407
+        );
         let conflict = ApiError::from(RegistryError::Incompatible {
             subject: s(),
             mode: CompatibilityMode::Backward,

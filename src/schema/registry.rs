@@ -162,7 +162,10 @@ impl SchemaRegistry {
 
     /// Sets the compatibility level of a subject, creating the subject if needed.
     pub async fn set_compatibility(&self, subject: &str, mode: CompatibilityMode) -> Result<(), RegistryError> {
-        Ok(self.store.set_subject_compatibility(subject, Some(mode.as_str())).await?)
+        Ok(self
+            .store
+            .set_subject_compatibility(subject, Some(mode.as_str()))
+            .await?)
     }
 
     /// Removes a subject's own level (it then follows the global one); returns the removed
@@ -255,9 +258,7 @@ impl SchemaRegistry {
             deleted: false,
         };
         self.store.insert_version(&mut tx, &row).await?;
-        tx.commit()
-            .await
-            .map_err(StoreError::query("commit schema version"))?;
+        tx.commit().await.map_err(StoreError::query("commit schema version"))?;
         Ok(row.into())
     }
 

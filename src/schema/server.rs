@@ -53,17 +53,23 @@ fn admin_token(path: Option<&PathBuf>) -> anyhow::Result<Arc<str>> {
         tracing::warn!("no admin token file: the registry API refuses every write");
         return Ok(uuid::Uuid::new_v4().to_string().into());
     };
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("read the admin token file {}", path.display()))?;
+    let token =
+        std::fs::read_to_string(path).with_context(|| format!("read the admin token file {}", path.display()))?;
     let token = token.trim();
     if token.len() < MIN_TOKEN_LEN {
-        anyhow::bail!("the admin token in {} must be at least {MIN_TOKEN_LEN} characters", path.display());
+        anyhow::bail!(
+            "the admin token in {} must be at least {MIN_TOKEN_LEN} characters",
+            path.display()
+        );
     }
     Ok(token.into())
 }
 
 /// Runs the registry server until SIGTERM or Ctrl-C.
-pub async fn run(args: RegistryArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    args: RegistryArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     if args.protect_reads && args.admin_token_file.is_none() {
         anyhow::bail!("--protect-reads needs --admin-token-file: nobody could read the registry");
     }

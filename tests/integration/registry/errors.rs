@@ -34,7 +34,9 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
 
     // Unknown subject, bad version, unknown version, unknown id.
     assert_error(
-        server.call(Method::GET, "/subjects/nope-value/versions", None, None).await,
+        server
+            .call(Method::GET, "/subjects/nope-value/versions", None, None)
+            .await,
         StatusCode::NOT_FOUND,
         40401,
         "Subject 'nope-value' not found",
@@ -45,19 +47,25 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
     assert_eq!(status, StatusCode::OK, "{registered}");
     let id = registered["id"].as_u64().expect("id");
     assert_error(
-        server.call(Method::GET, "/subjects/bins-value/versions/zero", None, None).await,
+        server
+            .call(Method::GET, "/subjects/bins-value/versions/zero", None, None)
+            .await,
         StatusCode::UNPROCESSABLE_ENTITY,
         42202,
         "'zero' is not a valid version",
     );
     assert_error(
-        server.call(Method::GET, "/subjects/bins-value/versions/0", None, None).await,
+        server
+            .call(Method::GET, "/subjects/bins-value/versions/0", None, None)
+            .await,
         StatusCode::UNPROCESSABLE_ENTITY,
         42202,
         "'0'",
     );
     assert_error(
-        server.call(Method::GET, "/subjects/bins-value/versions/7", None, None).await,
+        server
+            .call(Method::GET, "/subjects/bins-value/versions/7", None, None)
+            .await,
         StatusCode::NOT_FOUND,
         40402,
         "Version 7 not found",
@@ -71,7 +79,12 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
     // Look-up of a schema the subject does not hold.
     assert_error(
         server
-            .call(post.clone(), "/subjects/bins-value", Some(&RunningRegistry::schema_body(&object(&[]))), None)
+            .call(
+                post.clone(),
+                "/subjects/bins-value",
+                Some(&RunningRegistry::schema_body(&object(&[]))),
+                None,
+            )
             .await,
         StatusCode::NOT_FOUND,
         40403,
@@ -80,15 +93,26 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
 
     // Malformed schemas.
     let malformed = [
-        (json!({"schemaType": "JSON", "schema": "{\"type\": 12}"}), "Invalid schema"),
-        (json!({"schemaType": "JSON", "schema": "{not json"}), "the schema is not JSON"),
+        (
+            json!({"schemaType": "JSON", "schema": "{\"type\": 12}"}),
+            "Invalid schema",
+        ),
+        (
+            json!({"schemaType": "JSON", "schema": "{not json"}),
+            "the schema is not JSON",
+        ),
         (json!({"schema": "{}"}), "schemaType AVRO is not supported"),
         (json!({"schemaType": "JSON"}), "no \"schema\" field"),
     ];
     for (request, names) in malformed {
         assert_error(
             server
-                .call(post.clone(), "/subjects/bins-value/versions", Some(&request), Some(TOKEN))
+                .call(
+                    post.clone(),
+                    "/subjects/bins-value/versions",
+                    Some(&request),
+                    Some(TOKEN),
+                )
                 .await,
             StatusCode::UNPROCESSABLE_ENTITY,
             42201,
@@ -97,7 +121,12 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
     }
     assert_error(
         server
-            .call(Method::PUT, "/config/bins-value", Some(&json!({"compatibility": "SIDEWAYS"})), Some(TOKEN))
+            .call(
+                Method::PUT,
+                "/config/bins-value",
+                Some(&json!({"compatibility": "SIDEWAYS"})),
+                Some(TOKEN),
+            )
             .await,
         StatusCode::UNPROCESSABLE_ENTITY,
         42203,
@@ -112,14 +141,21 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
 
     // Writes need the token; reads are open on this server.
     assert_error(
-        server.call(post.clone(), "/subjects/other-value/versions", Some(&body), None).await,
+        server
+            .call(post.clone(), "/subjects/other-value/versions", Some(&body), None)
+            .await,
         StatusCode::UNAUTHORIZED,
         40101,
         "needs the admin token",
     );
     assert_error(
         server
-            .call(Method::PUT, "/config", Some(&json!({"compatibility": "NONE"})), Some("wrong-token-wrong-token"))
+            .call(
+                Method::PUT,
+                "/config",
+                Some(&json!({"compatibility": "NONE"})),
+                Some("wrong-token-wrong-token"),
+            )
             .await,
         StatusCode::UNAUTHORIZED,
         40101,
@@ -134,7 +170,12 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
 
     // An incompatible registration: 409 naming the field.
     let (status, _, _) = server
-        .call(Method::PUT, "/config/bins-value", Some(&json!({"compatibility": "BACKWARD"})), Some(TOKEN))
+        .call(
+            Method::PUT,
+            "/config/bins-value",
+            Some(&json!({"compatibility": "BACKWARD"})),
+            Some(TOKEN),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_error(
@@ -154,7 +195,12 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
     // Soft, then permanent delete of a version.
     assert_error(
         server
-            .call(Method::DELETE, "/subjects/bins-value/versions/1?permanent=true", None, Some(TOKEN))
+            .call(
+                Method::DELETE,
+                "/subjects/bins-value/versions/1?permanent=true",
+                None,
+                Some(TOKEN),
+            )
             .await,
         StatusCode::NOT_FOUND,
         40407,
@@ -165,17 +211,23 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
         .await;
     assert_eq!((status, deleted), (StatusCode::OK, json!(1)));
     assert_error(
-        server.call(Method::DELETE, "/subjects/bins-value/versions/1", None, Some(TOKEN)).await,
+        server
+            .call(Method::DELETE, "/subjects/bins-value/versions/1", None, Some(TOKEN))
+            .await,
         StatusCode::NOT_FOUND,
         40406,
         "Version 1 was soft deleted",
     );
     // Old messages stay readable by id while the version is only soft-deleted.
-    let (status, _, by_id) = server.call(Method::GET, &format!("/schemas/ids/{id}"), None, None).await;
+    let (status, _, by_id) = server
+        .call(Method::GET, &format!("/schemas/ids/{id}"), None, None)
+        .await;
     assert_eq!(status, StatusCode::OK, "{by_id}");
     assert_eq!(by_id["schemaType"], "JSON");
     assert_error(
-        server.call(Method::GET, "/subjects/bins-value/versions", None, None).await,
+        server
+            .call(Method::GET, "/subjects/bins-value/versions", None, None)
+            .await,
         StatusCode::NOT_FOUND,
         40401,
         "bins-value",
@@ -189,8 +241,14 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
     let (status, _, _) = server
         .call(post.clone(), "/subjects/bins-value/versions", Some(&body), Some(TOKEN))
         .await;
-    assert_eq!(status, StatusCode::OK, "re-registering after a soft delete is a new version");
-    let (_, _, versions) = server.call(Method::GET, "/subjects/bins-value/versions", None, None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "re-registering after a soft delete is a new version"
+    );
+    let (_, _, versions) = server
+        .call(Method::GET, "/subjects/bins-value/versions", None, None)
+        .await;
     assert_eq!(versions, json!([2]), "numbers are not reused");
     assert_error(
         server
@@ -200,10 +258,14 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
         40405,
         "was not deleted first",
     );
-    let (status, _, deleted) = server.call(Method::DELETE, "/subjects/bins-value", None, Some(TOKEN)).await;
+    let (status, _, deleted) = server
+        .call(Method::DELETE, "/subjects/bins-value", None, Some(TOKEN))
+        .await;
     assert_eq!((status, deleted), (StatusCode::OK, json!([2])));
     assert_error(
-        server.call(Method::DELETE, "/subjects/bins-value", None, Some(TOKEN)).await,
+        server
+            .call(Method::DELETE, "/subjects/bins-value", None, Some(TOKEN))
+            .await,
         StatusCode::NOT_FOUND,
         40404,
         "was soft deleted",
@@ -213,7 +275,9 @@ async fn bad_requests_get_confluent_error_codes_and_messages_naming_the_problem(
         .await;
     assert_eq!((status, deleted), (StatusCode::OK, json!([1, 2])));
     assert_error(
-        server.call(Method::GET, &format!("/schemas/ids/{id}"), None, None).await,
+        server
+            .call(Method::GET, &format!("/schemas/ids/{id}"), None, None)
+            .await,
         StatusCode::NOT_FOUND,
         40403,
         "not found",
@@ -241,11 +305,21 @@ async fn protected_reads_need_the_token_and_the_built_in_subjects_are_served() {
     let (status, content_type, subjects) = server.call(Method::GET, "/subjects", None, Some(TOKEN)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(content_type, "application/vnd.schemaregistry.v1+json");
-    let subjects: Vec<&str> = subjects.as_array().expect("list").iter().filter_map(Value::as_str).collect();
+    let subjects: Vec<&str> = subjects
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     assert_eq!(subjects.len(), 15, "{subjects:?}");
     assert!(subjects.contains(&"StockLevelChanged"));
     let (status, _, latest) = server
-        .call(Method::GET, "/subjects/StockLevelChanged/versions/latest", None, Some(TOKEN))
+        .call(
+            Method::GET,
+            "/subjects/StockLevelChanged/versions/latest",
+            None,
+            Some(TOKEN),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{latest}");
     let schema: Value = serde_json::from_str(latest["schema"].as_str().expect("schema string")).expect("schema JSON");
@@ -263,7 +337,9 @@ async fn protected_reads_need_the_token_and_the_built_in_subjects_are_served() {
         .await;
     assert_eq!(raw, schema);
     // The built-ins keep the level `migrate` gave them; the global level is Confluent's default.
-    let (_, _, level) = server.call(Method::GET, "/config/StockLevelChanged", None, Some(TOKEN)).await;
+    let (_, _, level) = server
+        .call(Method::GET, "/config/StockLevelChanged", None, Some(TOKEN))
+        .await;
     assert_eq!(level, json!({"compatibilityLevel": "BACKWARD"}));
     let (_, _, global) = server.call(Method::GET, "/config", None, Some(TOKEN)).await;
     assert_eq!(global, json!({"compatibilityLevel": "BACKWARD"}));

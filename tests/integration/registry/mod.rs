@@ -85,10 +85,7 @@ impl RunningRegistry {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let response = request.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = response.status();
         let content_type = response
             .headers()
@@ -97,7 +94,8 @@ impl RunningRegistry {
             .unwrap_or_default()
             .to_owned();
         let text = response.text().await.expect("response body");
-        let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path} answered non-JSON {text:?}: {e}"));
+        let json =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path} answered non-JSON {text:?}: {e}"));
         (status, content_type, json)
     }
 
@@ -110,6 +108,9 @@ impl RunningRegistry {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.task.await.expect("registry task").expect("registry served cleanly");
+        self.task
+            .await
+            .expect("registry task")
+            .expect("registry served cleanly");
     }
 }

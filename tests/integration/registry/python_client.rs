@@ -154,10 +154,7 @@ async fn a_json_deserializer_reads_1000_relay_events_in_the_confluent_wire_forma
         .versions(&format!("{topic}-value"))
         .await
         .expect("topic subject");
-    assert_eq!(
-        topic_versions.iter().map(|v| v.id).collect::<Vec<_>>(),
-        vec![record_id]
-    );
+    assert_eq!(topic_versions.iter().map(|v| v.id).collect::<Vec<_>>(), vec![record_id]);
     server.stop().await;
     db.drop().await;
 }

@@ -28,12 +28,12 @@ async fn rest_and_rust_compatibility_decisions_agree_over_the_case_table() {
             .await
             .expect("set NONE");
         for schema in &case.history {
-            registry.register(&subject, schema, None).await.expect("register history");
+            registry
+                .register(&subject, schema, None)
+                .await
+                .expect("register history");
         }
-        registry
-            .set_compatibility(&subject, case.mode)
-            .await
-            .expect("set mode");
+        registry.set_compatibility(&subject, case.mode).await.expect("set mode");
 
         let path = format!("/compatibility/subjects/{subject}/versions?verbose=true");
         let body = RunningRegistry::schema_body(&case.candidate);
@@ -81,7 +81,11 @@ async fn rest_and_rust_compatibility_decisions_agree_over_the_case_table() {
                 Some(TOKEN),
             )
             .await;
-        let expected_status = if rust.is_empty() { StatusCode::OK } else { StatusCode::CONFLICT };
+        let expected_status = if rust.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::CONFLICT
+        };
         if status != expected_status || (status == StatusCode::CONFLICT && answer["error_code"] != 409) {
             failures.push(format!(
                 "{}: register answered {status} {answer}, expected {expected_status}",
@@ -90,7 +94,10 @@ async fn rest_and_rust_compatibility_decisions_agree_over_the_case_table() {
         }
         checked += 1;
     }
-    assert!(checked + 1 >= cases.len(), "only {checked} cases were decided, not refused as invalid");
+    assert!(
+        checked + 1 >= cases.len(),
+        "only {checked} cases were decided, not refused as invalid"
+    );
     assert!(
         failures.is_empty(),
         "{} disagreement(s) over {} cases:\n{}",

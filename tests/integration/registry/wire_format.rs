@@ -102,7 +102,11 @@ async fn consume(topic: &str, count: usize) -> Vec<Framed> {
         }
     };
     let received = tokio::time::timeout(Duration::from_secs(60), collect).await;
-    assert!(received.is_ok(), "only {} of {count} framed records within 60 s", out.len());
+    assert!(
+        received.is_ok(),
+        "only {} of {count} framed records within 60 s",
+        out.len()
+    );
     out
 }
 
@@ -125,18 +129,18 @@ async fn the_relay_frames_values_with_the_registry_id_of_the_event_type_and_vers
     let mut seen = HashSet::new();
     for record in &records {
         assert_eq!(record.schema_id, expected_id, "headers {:?}", record.headers);
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let header = |name: &str| record.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         assert_eq!(header("ce_type").as_deref(), Some("StockLevelChanged"));
         assert_eq!(header("ce_eventversion").as_deref(), Some("1"));
         let id = header("ce_id").expect("ce_id header");
-        let event = sent.iter().find(|e| e.event_id.to_string() == id).expect("a sent event");
-        assert_eq!(record.payload, event.payload, "the payload after the header is the event's");
+        let event = sent
+            .iter()
+            .find(|e| e.event_id.to_string() == id)
+            .expect("a sent event");
+        assert_eq!(
+            record.payload, event.payload,
+            "the payload after the header is the event's"
+        );
         seen.insert(id);
     }
     assert_eq!(seen, sent_ids, "every event once");
