@@ -6,6 +6,7 @@
 
 mod errors;
 mod python_client;
+mod subcommand;
 mod table;
 mod wire_format;
 

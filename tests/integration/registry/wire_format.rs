@@ -165,3 +165,17 @@ async fn the_confluent_wire_format_needs_binary_mode_and_the_registry() {
     assert!(error.to_string().contains("needs the schema registry"), "{error}");
     db.drop().await;
 }
+
+#[test]
+fn the_example_relay_config_selects_the_confluent_wire_format() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/relay/kafka-confluent.yaml");
+    let config = RelayConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let inventory_outbox::relay::config::BrokerConfig::Kafka(kafka) = &config.broker else {
+        panic!("the example configures Kafka: {:?}", config.broker);
+    };
+    assert!(kafka.wire_format.is_confluent());
+    assert_eq!(
+        kafka.wire_format.subject_name_strategy,
+        confluent::SubjectNameStrategy::RecordName
+    );
+}
