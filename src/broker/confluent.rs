@@ -173,7 +173,7 @@ impl ConfluentFraming {
         let missing = || {
             // Retriable: registering the version (e.g. `inventory-outbox migrate`) fixes it.
             SendError::Retriable(format!(
-                "no live schema for subject {event_type:?} version {version} in the registry, so the Confluent \
+                "no schema for subject {event_type:?} version {version} in the registry, so the Confluent \
                  wire format has no schema id for this event"
             ))
         };
@@ -188,7 +188,7 @@ impl ConfluentFraming {
             SubjectNameStrategy::TopicName => {
                 let source = match self
                     .registry
-                    .version(event_type, VersionSelector::Number(version), false)
+                    .version(event_type, VersionSelector::Number(version), true)
                     .await
                 {
                     Ok(source) => source,

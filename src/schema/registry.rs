@@ -382,9 +382,11 @@ impl SchemaRegistry {
         Ok(rows)
     }
 
-    /// The schema id of exactly `version` of `subject`, if that version is live.
+    /// The schema id of exactly `version` of `subject`, if that version is stored. A
+    /// soft-deleted version keeps its id (consumers still read it by id), so events already
+    /// written with it keep flowing.
     pub async fn schema_id(&self, subject: &str, version: u32) -> Result<Option<u32>, RegistryError> {
-        Ok(self.store.live_schema_id(subject, version).await?)
+        Ok(self.store.stored_schema_id(subject, version).await?)
     }
 
     /// Deletes a subject: soft (hides every live version), or with `permanent` removes the

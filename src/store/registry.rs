@@ -196,10 +196,10 @@ impl RegistryStore {
         Ok(rows.into_iter().map(row).collect())
     }
 
-    /// The schema id of a subject's live version, for the relay's wire format.
-    pub async fn live_schema_id(&self, subject: &str, version: u32) -> Result<Option<u32>, StoreError> {
+    /// The schema id of a subject's version (soft-deleted or not), for the relay's wire format.
+    pub async fn stored_schema_id(&self, subject: &str, version: u32) -> Result<Option<u32>, StoreError> {
         let statement = format!(
-            "SELECT schema_id FROM {}.schema_versions WHERE subject = $1 AND version = $2 AND deleted_at IS NULL",
+            "SELECT schema_id FROM {}.schema_versions WHERE subject = $1 AND version = $2",
             self.schema()
         );
         let id: Option<i32> = sqlx::query_scalar(sql(statement))

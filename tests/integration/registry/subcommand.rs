@@ -33,6 +33,9 @@ async fn the_registry_subcommand_migrates_and_serves_the_api_with_a_token_file()
         .arg("--admin-token-file")
         .arg(&token_file)
         .env("DATABASE_URL", &url)
+        // A few log lines: kept in the pipe and shown if the process dies early.
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn inventory-outbox registry");
@@ -48,7 +51,12 @@ async fn the_registry_subcommand_migrates_and_serves_the_api_with_a_token_file()
             break list;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("the registry process exited early: {status}");
+            let output = child.wait_with_output().await.expect("output");
+            panic!(
+                "the registry process exited early ({status}):\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         assert!(
             tokio::time::Instant::now() < deadline,

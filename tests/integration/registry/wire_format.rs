@@ -8,6 +8,7 @@ use std::time::Duration;
 use inventory_outbox::broker::confluent;
 use inventory_outbox::relay::config::RelayConfig;
 use inventory_outbox::relay::worker::{Relay, RelayError};
+use inventory_outbox::schema::registry::VersionSelector;
 use inventory_outbox::store::{SchemaName, Store};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
@@ -114,6 +115,13 @@ async fn consume(topic: &str, count: usize) -> Vec<Framed> {
 async fn the_relay_frames_values_with_the_registry_id_of_the_event_type_and_version() {
     let (db, publisher) = crate::event_core::publisher("registry_wire").await;
     let topic = unique_name("framed");
+    // A soft-deleted version keeps its id: events written with it still get framed.
+    let deleted = publisher
+        .registry()
+        .delete_version("StockLevelChanged", VersionSelector::Number(1), false)
+        .await
+        .expect("soft delete");
+    assert_eq!(deleted, 1);
     let relay = FramedRelay::start(&db, &topic, "recordName").await;
     let sent = write_events(&publisher, &db, 2, 25, 10).await;
     let records = consume(&topic, sent.len()).await;
