@@ -8,6 +8,7 @@ use std::time::Duration;
 use inventory_outbox::broker::confluent;
 use inventory_outbox::relay::config::RelayConfig;
 use inventory_outbox::relay::worker::{Relay, RelayError};
+use inventory_outbox::schema::compatibility::CompatibilityMode;
 use inventory_outbox::schema::registry::VersionSelector;
 use inventory_outbox::store::{SchemaName, Store};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -186,4 +187,78 @@ fn the_example_relay_config_selects_the_confluent_wire_format() {
         kafka.wire_format.subject_name_strategy,
         confluent::SubjectNameStrategy::RecordName
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_topic_name_strategy_an_event_type_the_topic_subject_refuses_is_dead_lettered_with_the_reason() {
+    use inventory_outbox::event::NewEvent;
+    use inventory_outbox::event::inventory::Stockout;
+    use inventory_outbox::store::failed::{FailedEventQuery, FailedStatus};
+
+    let (db, publisher) = crate::event_core::publisher("registry_topic_subject").await;
+    let topic = unique_name("framed-topic");
+    let relay = FramedRelay::start(&db, &topic, "topicName").await;
+    // StockLevelChanged first: its schema becomes `{topic}-value` version 1.
+    let first = write_events(&publisher, &db, 1, 5, 1).await;
+    let records = consume(&topic, first.len()).await;
+    // Stockout's open schema reads StockLevelChanged data (BACKWARD holds), but not the other
+    // way round: under FULL the topic subject refuses it.
+    publisher
+        .registry()
+        .set_compatibility(&format!("{topic}-value"), CompatibilityMode::Full)
+        .await
+        .expect("set FULL");
+    let mut tx = db.pool.begin().await.expect("begin");
+    let stockout = publisher
+        .publish_event(
+            &mut tx,
+            NewEvent::from_payload(&Stockout {
+                inventory_item_id: uuid::Uuid::now_v7(),
+                warehouse_id: uuid::Uuid::nil(),
+                unfulfilled_quantity: Some(3),
+            })
+            .expect("payload"),
+        )
+        .await
+        .expect("publish stockout");
+    tx.commit().await.expect("commit");
+
+    let query = FailedEventQuery {
+        statuses: vec![FailedStatus::DeadLettered],
+        limit: 10,
+        ..FailedEventQuery::default()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let failed = publisher.get_failed_events(&query).await.expect("failed events");
+        if let Some(dead) = failed.into_iter().find(|f| f.event_id == stockout.event_id) {
+            break dead;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Stockout event was not dead-lettered within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    relay.stop().await;
+    let reason = dead.last_error.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("\"{topic}-value\"")) && reason.contains("TopicNameStrategy"),
+        "{reason}"
+    );
+    // The topic subject still holds only StockLevelChanged, under the shared id.
+    let record_id = publisher
+        .registry()
+        .schema_id("StockLevelChanged", 1)
+        .await
+        .expect("id")
+        .expect("registered");
+    assert!(records.iter().all(|r| r.schema_id == record_id));
+    let topic_subject = publisher
+        .registry()
+        .versions(&format!("{topic}-value"))
+        .await
+        .expect("topic subject");
+    assert_eq!(topic_subject.iter().map(|v| v.id).collect::<Vec<_>>(), vec![record_id]);
+    db.drop().await;
 }
