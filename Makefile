@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/inventory-outb
 # Tests run against the stack; two cores, so keep test threads modest.
 TEST_THREADS ?= 4
 
-.PHONY: env-up env-down env-status test lint unit-test integration-test demo bench
+.PHONY: env-up env-down env-status test lint chart-check unit-test integration-test demo bench
 
 env-up:
 	hack/env-up.sh
@@ -22,6 +22,10 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
 
+# The chart (helm lint, helm-unittest, promtool) and the Dockerfile (hadolint).
+chart-check:
+	hack/chart-check.sh
+
 unit-test:
 	cargo test --locked --lib --bins
 
@@ -29,8 +33,8 @@ integration-test:
 	source $(ENV_FILE) && cargo test --locked --test integration -- --test-threads=$(TEST_THREADS)
 
 # The README's test command: stack up, formatting, lints (all targets, benches included),
-# then every test. Benchmarks are compiled by clippy but run only by `cargo bench`.
-test: env-up lint
+# chart and Dockerfile checks, then every test. Benchmarks are compiled by clippy but run only by `cargo bench`.
+test: env-up lint chart-check
 	source $(ENV_FILE) && cargo test --locked --lib --bins --tests --examples -- --test-threads=$(TEST_THREADS)
 
 # Benchmarks against the local stack; figures go to BENCHMARKS.md.
