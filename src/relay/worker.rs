@@ -390,7 +390,8 @@ impl Relay {
         if !refused.is_empty() {
             tracing::warn!(worker = self.leases.worker_id(), lost = ?refused, "shards lost during the round; dropping them");
             if let Ok(mut next) = self.next_owned.lock() {
-                next.get_or_insert_with(|| owned.to_vec()).retain(|s| !refused.contains(s));
+                next.get_or_insert_with(|| owned.to_vec())
+                    .retain(|s| !refused.contains(s));
             }
         }
         Ok(())

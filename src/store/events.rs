@@ -195,8 +195,7 @@ const AGGREGATE_LOCK_CLASS: i32 = 1_869_574_770;
 /// waits for another) waits for exactly those writers, and not for unrelated long
 /// transactions elsewhere in the database.
 pub async fn settled_end(pool: &PgPool, schema: &SchemaName, to_position: Option<i64>) -> Result<i64, StoreError> {
-    let statement =
-        format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {schema}.event_position_seq");
+    let statement = format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {schema}.event_position_seq");
     let handed_out: i64 = sqlx::query_scalar(sql(statement))
         .fetch_one(pool)
         .await

@@ -29,14 +29,19 @@ async fn a_resolve_made_while_a_retry_is_in_flight_sticks() {
     let failed = FailedEvents::new(publisher.store().clone());
     let mut tx = db.pool.begin().await.unwrap();
     let written = publisher
-        .publish_events(&mut tx, vec![stock_changed(Uuid::now_v7(), 1), stock_changed(Uuid::now_v7(), 1)])
+        .publish_events(
+            &mut tx,
+            vec![stock_changed(Uuid::now_v7(), 1), stock_changed(Uuid::now_v7(), 1)],
+        )
         .await
         .unwrap();
     tx.commit().await.unwrap();
     let reader = OutboxReader::new(publisher.store().clone(), CONSUMER);
     let shards: Vec<i16> = (0..SHARDS).collect();
     reader.ensure_cursors(&shards).await.unwrap();
-    let stored = reader.read(&shards, 10).await.unwrap().events;
+    let first_read = reader.read(&shards, 10).await.unwrap();
+    reader.commit(first_read.advance).await.unwrap();
+    let stored = first_read.events;
     let (fails_again, gets_delivered) = (&stored[0], &stored[1]);
     assert_eq!(stored.len(), written.len());
 
@@ -65,7 +70,10 @@ async fn a_resolve_made_while_a_retry_is_in_flight_sticks() {
         .record_attempt(CONSUMER, fails_again, "broker down", Some(Utc::now()))
         .await
         .unwrap();
-    assert!(recorded.is_none(), "a failure after the resolve was recorded: {recorded:?}");
+    assert!(
+        recorded.is_none(),
+        "a failure after the resolve was recorded: {recorded:?}"
+    );
     failed
         .mark_delivered(CONSUMER, gets_delivered.event.event_id)
         .await

@@ -57,16 +57,20 @@ async fn three_service_replicas_handle_each_event_once_in_aggregate_order() {
                 .await
         }));
     }
-    eventually(Duration::from_secs(15), "the replicas to split the shards", async || {
-        let owners: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT owner, count(*) FROM outbox.relay_cursors WHERE consumer = 'handlers' AND owner IS NOT NULL \
+    eventually(
+        Duration::from_secs(15),
+        "the replicas to split the shards",
+        async || {
+            let owners: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT owner, count(*) FROM outbox.relay_cursors WHERE consumer = 'handlers' AND owner IS NOT NULL \
              GROUP BY owner",
-        )
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-        owners.len() == REPLICAS && owners.iter().map(|(_, n)| n).sum::<i64>() == 64
-    })
+            )
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            owners.len() == REPLICAS && owners.iter().map(|(_, n)| n).sum::<i64>() == 64
+        },
+    )
     .await;
 
     // 30 aggregates, each with a run of events, written in many small transactions.
@@ -102,7 +106,12 @@ async fn three_service_replicas_handle_each_event_once_in_aggregate_order() {
     }
     let twice = per_event.values().filter(|&&n| n > 1).count();
     assert_eq!(per_event.len(), expected, "every event handled");
-    assert_eq!(twice, 0, "{twice} events handled more than once ({} calls)", calls.len());
+    assert_eq!(
+        twice,
+        0,
+        "{twice} events handled more than once ({} calls)",
+        calls.len()
+    );
     let mut per_aggregate: HashMap<&str, Vec<i64>> = HashMap::new();
     let mut per_replica = [0usize; REPLICAS];
     for (replica, _, aggregate, sequence) in calls.iter() {
@@ -113,12 +122,16 @@ async fn three_service_replicas_handle_each_event_once_in_aggregate_order() {
         let in_order: Vec<i64> = (1..=sequence.len() as i64).collect();
         assert_eq!(sequence, in_order, "aggregate {aggregate} out of commit order");
     }
-    assert!(per_replica.iter().all(|&n| n > 0), "a replica handled nothing: {per_replica:?}");
-    let owned: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox.relay_cursors WHERE consumer = 'handlers' AND owner IS NOT NULL")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    assert!(
+        per_replica.iter().all(|&n| n > 0),
+        "a replica handled nothing: {per_replica:?}"
+    );
+    let owned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox.relay_cursors WHERE consumer = 'handlers' AND owner IS NOT NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(owned, 0, "stopped dispatchers gave their shards back");
     db.drop().await;
 }

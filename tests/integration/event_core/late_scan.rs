@@ -9,8 +9,11 @@ use uuid::Uuid;
 
 use super::{publisher, stock_changed};
 
-/// One run of the scenario; returns whether T1's id really was at or above the reader's
-/// xmax (other tests commit transactions cluster-wide and can push xmax past it).
+/// One run of the scenario; returns whether T1's id was at or above the reader's xmax by
+/// itself. Transaction ids are cluster-wide: any later transaction of another session that
+/// commits between T0's commit and the read puts T1 into the snapshot's xip list instead.
+/// Then the cursor is set to what that read would have left (T1 covered by `watch_from`,
+/// not listed), so the case under test is exercised either way.
 async fn late_transaction_is_read_once(late_events: i64, read_limit: usize) -> bool {
     let (db, publisher) = publisher("latescan").await;
     let pool = db.pool.clone();
@@ -31,7 +34,10 @@ async fn late_transaction_is_read_once(late_events: i64, read_limit: usize) -> b
         .unwrap();
     let late_item = Uuid::now_v7();
     let late = publisher
-        .publish_events(&mut t1, (1..=late_events).map(|s| stock_changed(late_item, s)).collect())
+        .publish_events(
+            &mut t1,
+            (1..=late_events).map(|s| stock_changed(late_item, s)).collect(),
+        )
         .await
         .unwrap();
     // T0 writes one event above T1's and commits; the reader reads it.
@@ -61,6 +67,16 @@ async fn late_transaction_is_read_once(late_events: i64, read_limit: usize) -> b
     .unwrap();
     let t1_id: u64 = t1_xid.parse().unwrap();
     let above_xmax = !watched.contains(&t1_xid) && t1_id >= watch_from.parse::<u64>().unwrap();
+    if !above_xmax {
+        sqlx::query(
+            "UPDATE outbox.relay_cursors SET watched_txids = array_remove(watched_txids, $1::text::xid8), \
+                 watch_from = $1::text::xid8 WHERE consumer = 'late-scan'",
+        )
+        .bind(&t1_xid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(5)).await;
     t1.commit().await.unwrap();
 
@@ -109,7 +125,11 @@ async fn late_transaction_is_read_once(late_events: i64, read_limit: usize) -> b
     }
     let repeated: Vec<_> = copies.iter().filter(|(_, c)| **c > 1).collect();
     assert!(repeated.is_empty(), "read more than once: {repeated:?}");
-    assert_eq!(copies.len(), late.len() + 2, "T0's, T1's and the later event, once each");
+    assert_eq!(
+        copies.len(),
+        late.len() + 2,
+        "T0's, T1's and the later event, once each"
+    );
     db.drop().await;
     above_xmax
 }
@@ -118,14 +138,7 @@ async fn late_transaction_is_read_once(late_events: i64, read_limit: usize) -> b
 async fn a_paged_late_transaction_above_xmax_is_read_once_and_the_reader_moves_on() {
     // Small pages, and the default batch size with a T1 larger than one batch (as reported).
     for (late_events, limit) in [(250, 100), (1200, 1000), (40, 7)] {
-        let mut hit = false;
-        // Retry a few times when cluster-wide commits of other tests hid T1 in xip.
-        for _ in 0..5 {
-            if late_transaction_is_read_once(late_events, limit).await {
-                hit = true;
-                break;
-            }
-        }
-        assert!(hit, "T1 was never at or above the reader's xmax (limit {limit})");
+        let natural = late_transaction_is_read_once(late_events, limit).await;
+        eprintln!("limit {limit}: T1 above the reader's xmax by itself: {natural}");
     }
 }

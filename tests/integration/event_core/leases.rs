@@ -27,7 +27,11 @@ async fn lease_renewals_and_cursor_commits_of_one_worker_never_deadlock() {
     let reader = OutboxReader::new(store.clone(), CONSUMER).with_owner("w1");
     reader.ensure_cursors(&shards).await.unwrap();
     let leases = Arc::new(LeaseManager::new(store.clone(), CONSUMER, "w1", Duration::from_secs(6)));
-    assert_eq!(leases.tick(&report()).await.unwrap(), shards, "one worker leases every shard");
+    assert_eq!(
+        leases.tick(&report()).await.unwrap(),
+        shards,
+        "one worker leases every shard"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -59,8 +63,13 @@ async fn lease_renewals_and_cursor_commits_of_one_worker_never_deadlock() {
         }));
     }
     {
-        let (reader, shards, stop, errors, commits) =
-            (reader.clone(), shards.clone(), stop.clone(), errors.clone(), commits.clone());
+        let (reader, shards, stop, errors, commits) = (
+            reader.clone(),
+            shards.clone(),
+            stop.clone(),
+            errors.clone(),
+            commits.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 // Small batches split the shards into groups with different states, so one
@@ -95,8 +104,16 @@ async fn lease_renewals_and_cursor_commits_of_one_worker_never_deadlock() {
         commits.load(Ordering::Relaxed),
         started.elapsed()
     );
-    assert!(errors.is_empty(), "{} failures, first: {:?}", errors.len(), errors.first());
-    assert!(commits.load(Ordering::Relaxed) > 50, "too few commits to prove anything");
+    assert!(
+        errors.is_empty(),
+        "{} failures, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(
+        commits.load(Ordering::Relaxed) > 50,
+        "too few commits to prove anything"
+    );
     db.drop().await;
 }
 
@@ -138,7 +155,10 @@ async fn a_cursor_move_read_under_a_lost_lease_is_refused_even_after_the_lease_i
     w1.release_all().await.unwrap();
     assert_eq!(w2.tick(&report()).await.unwrap().len(), 64);
     let batch = reader.read(&shards, 100).await.unwrap();
-    assert!(batch.events.is_empty() && batch.advance.is_empty(), "w1 read w2's shards");
+    assert!(
+        batch.events.is_empty() && batch.advance.is_empty(),
+        "w1 read w2's shards"
+    );
 
     // Read under the current lease: the move lands.
     w2.release_all().await.unwrap();

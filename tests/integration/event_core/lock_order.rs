@@ -55,19 +55,21 @@ async fn batches_whose_aggregates_share_lock_keys_do_not_deadlock() {
         let batch = vec![on_aggregate(big1), on_aggregate(m2)];
         tokio::spawn(async move {
             let mut tx = pool.begin().await.unwrap();
-            publisher.publish_events(&mut tx, batch).await.map_err(|e| e.to_string())?;
+            publisher
+                .publish_events(&mut tx, batch)
+                .await
+                .map_err(|e| e.to_string())?;
             tx.commit().await.map_err(|e| e.to_string())
         })
     };
     eventually(Duration::from_secs(10), "batch 2 to wait for a lock", async || {
-        let waiting: i64 =
-            sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            )
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
         waiting > 0
     })
     .await;

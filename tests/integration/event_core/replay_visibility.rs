@@ -55,16 +55,20 @@ async fn a_replay_waits_for_a_transaction_in_flight_below_its_end_and_replays_it
         })
     };
     // The replay must still be running (waiting for the slow writer), not done without it.
-    eventually(Duration::from_secs(10), "the replay to wait for the open writer", async || {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+    eventually(
+        Duration::from_secs(10),
+        "the replay to wait for the open writer",
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        waiting > 0 || replay.is_finished()
-    })
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            waiting > 0 || replay.is_finished()
+        },
+    )
     .await;
     assert!(
         !replay.is_finished(),
@@ -78,8 +82,13 @@ async fn a_replay_waits_for_a_transaction_in_flight_below_its_end_and_replays_it
         .unwrap()
         .unwrap();
     let seen = seen.lock().await.clone();
-    let mut expected: Vec<Uuid> = vec![in_flight.event_id];
-    expected.extend(committed.iter().map(|e| e.event_id));
+    // Position order: the in-flight event first, then the batch (ordered by lock key).
+    let expected: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM outbox.events ORDER BY position")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(expected.len(), 1 + committed.len());
+    assert_eq!(expected[0], in_flight.event_id);
     assert_eq!(seen, expected, "every committed event once, in position order");
     assert_eq!(result.replayed, 6);
     db.drop().await;

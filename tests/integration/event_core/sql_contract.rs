@@ -149,7 +149,9 @@ async fn a_raw_sql_insert_that_breaks_the_contract_is_refused_with_the_reason_an
         .unwrap();
     assert!(!drawn, "a refused insert drew a position");
 
-    insert(&db.pool, &valid()).await.expect("a row that keeps the contract is stored");
+    insert(&db.pool, &valid())
+        .await
+        .expect("a row that keeps the contract is stored");
     // 256 bytes is still allowed, as in the library.
     insert(
         &db.pool,

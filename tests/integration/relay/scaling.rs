@@ -32,20 +32,33 @@ async fn scaling_from_one_relay_to_three_and_back_under_load_sends_no_duplicates
     .await;
 
     let (sent, ()) = tokio::join!(write_events(&publisher, &db, 4, 700, 120), async {
-        eventually(Duration::from_secs(30), "the first events to flow", async || collector.len() >= 300).await;
+        eventually(Duration::from_secs(30), "the first events to flow", async || {
+            collector.len() >= 300
+        })
+        .await;
         let r2 = start_relay(&db, config.clone(), "r2").await;
         let r3 = start_relay(&db, config.clone(), "r3").await;
         let started = Instant::now();
-        eventually(Duration::from_secs(20), "r1, r2 and r3 to split the shards", async || {
-            let owners = owners(&db, PUBLISHER).await;
-            owners.len() == 3 && owners.values().sum::<i64>() == 64
-        })
+        eventually(
+            Duration::from_secs(20),
+            "r1, r2 and r3 to split the shards",
+            async || {
+                let owners = owners(&db, PUBLISHER).await;
+                owners.len() == 3 && owners.values().sum::<i64>() == 64
+            },
+        )
         .await;
-        eprintln!("scaled 1 -> 3 in {:?}: {:?}", started.elapsed(), owners(&db, PUBLISHER).await);
+        eprintln!(
+            "scaled 1 -> 3 in {:?}: {:?}",
+            started.elapsed(),
+            owners(&db, PUBLISHER).await
+        );
         let at_three = collector.len();
-        eventually(Duration::from_secs(30), "events to flow with three relays", async || {
-            collector.len() >= at_three + 300
-        })
+        eventually(
+            Duration::from_secs(30),
+            "events to flow with three relays",
+            async || collector.len() >= at_three + 300,
+        )
         .await;
         r2.stop().await;
         r3.stop().await;
