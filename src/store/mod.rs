@@ -96,7 +96,7 @@ pub(crate) fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
 /// Session settings of the store's own connections (see [`Store::connect`]).
 pub const SESSION_SETTINGS: [(&str, &str); 5] = [
     ("statement_timeout", "30s"),
-    ("idle_in_transaction_session_timeout", "60s"),
+    ("idle_in_transaction_session_timeout", "1min"),
     ("tcp_keepalives_idle", "15"),
     ("tcp_keepalives_interval", "5"),
     ("tcp_keepalives_count", "3"),

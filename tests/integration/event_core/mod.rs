@@ -11,6 +11,7 @@ mod publishing;
 mod registry;
 mod replay_visibility;
 mod sql_contract;
+mod store_sessions;
 
 use inventory_outbox::event::NewEvent;
 use inventory_outbox::event::inventory::{StockChangeReason, StockLevelChanged};
