@@ -214,12 +214,22 @@ pub async fn settled_end(pool: &PgPool, schema: &SchemaName, to_position: Option
     .await
     .map_err(StoreError::query("list writers in flight"))?;
     for key in keys {
+        // A writer may legitimately stay open longer than the store's statement timeout.
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(StoreError::query("begin wait for writers"))?;
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("lift the statement timeout"))?;
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
             .bind(AGGREGATE_LOCK_CLASS)
             .bind(key)
-            .execute(pool)
+            .execute(&mut *tx)
             .await
             .map_err(StoreError::query("wait for a writer in flight"))?;
+        tx.commit().await.map_err(StoreError::query("end wait for writers"))?;
     }
     Ok(end)
 }
