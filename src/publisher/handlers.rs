@@ -2,17 +2,25 @@
 //! in per-aggregate order; failures are recorded in `failed_events` and retried with the
 //! shared [`RetryPolicy`](crate::relay::retry::RetryPolicy), later events of the same
 //! aggregate waiting behind them.
+//!
+//! Every service replica may run a dispatcher: they share the consumer's 64 shards under the
+//! store's leases (the relay's mechanism), so an event is handled by one replica and an
+//! aggregate's events never run concurrently. Leases are renewed between rounds; a round
+//! slower than the lease can lose its shards, and then its cursor move is refused (the new
+//! owner handles those events again: at least once).
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use uuid::Uuid;
 
 use super::{InventoryEventPublisher, PublishError};
 use crate::event::DomainEvent;
 use crate::store::events::StoredEvent;
+use crate::store::leases::{HeartbeatReport, LeaseManager};
 use crate::store::outbox::{OutboxReader, SHARDS};
 
 /// Why a handler failed; the message is stored as the failed event's last error.
@@ -42,21 +50,51 @@ where
 }
 
 impl InventoryEventPublisher {
-    /// Delivers stored events to the registered handlers until `shutdown` resolves.
+    /// Delivers stored events to the registered handlers until `shutdown` resolves, on the
+    /// shards this dispatcher leases; gives its shards back when it stops.
     pub async fn run_handlers(&self, shutdown: impl Future<Output = ()>) -> Result<(), PublishError> {
-        let reader = OutboxReader::new(self.store.clone(), self.config.handler_consumer.clone());
-        let shards: Vec<i16> = (0..SHARDS).collect();
-        reader.ensure_cursors(&shards).await?;
+        let consumer = self.config.handler_consumer.clone();
+        let worker_id = format!("handlers-{}", Uuid::now_v7());
+        let reader = OutboxReader::new(self.store.clone(), consumer.clone()).with_owner(&worker_id);
+        let leases = LeaseManager::new(self.store.clone(), consumer, worker_id, self.config.handler_lease);
+        let all: Vec<i16> = (0..SHARDS).collect();
+        reader.ensure_cursors(&all).await?;
+        let report = HeartbeatReport {
+            circuit_state: "closed",
+            ..HeartbeatReport::default()
+        };
+        let mut shards = leases.tick(&report).await?;
+        let mut last_tick = Instant::now();
+        let idle = Duration::from_millis(100).min(self.config.handler_heartbeat);
         tokio::pin!(shutdown);
-        loop {
-            let handled = self.dispatch_round(&reader, &shards).await?;
+        let result = loop {
+            // Between rounds: nothing is in flight, so shards may be given back here.
+            if last_tick.elapsed() >= self.config.handler_heartbeat {
+                match leases.tick(&report).await {
+                    Ok(owned) => shards = owned,
+                    Err(e) => break Err(e.into()),
+                }
+                last_tick = Instant::now();
+            }
+            let handled = if shards.is_empty() {
+                0
+            } else {
+                match self.dispatch_round(&reader, &shards).await {
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                }
+            };
             if handled == 0 {
                 tokio::select! {
-                    () = &mut shutdown => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = &mut shutdown => break Ok(()),
+                    () = tokio::time::sleep(idle) => {}
                 }
             }
+        };
+        if let Err(e) = leases.release_all().await {
+            tracing::warn!(error = %e, "handler dispatcher could not release its shards; they expire");
         }
+        result
     }
 
     /// One round: due retries first, then new events. Returns how many events were handled.
@@ -123,7 +161,9 @@ impl InventoryEventPublisher {
             .next_delay(attempt)
             .and_then(|d| chrono::Duration::from_std(d).ok())
             .map(|d| Utc::now() + d);
-        let row = self.failed.record_attempt(consumer, event, &error.0, next).await?;
+        let Some(row) = self.failed.record_attempt(consumer, event, &error.0, next).await? else {
+            return Ok(());
+        };
         tracing::warn!(
             event_id = %event.event.event_id,
             aggregate_id = %event.event.aggregate_id,

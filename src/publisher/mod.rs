@@ -60,6 +60,12 @@ pub struct PublisherConfig {
     pub handler_consumer: String,
     /// Backoff for failed handler deliveries (the relay's policy type).
     pub handler_retry: crate::relay::retry::RetryPolicy,
+    /// How long a handler dispatcher's shard lease lasts without renewal. Replicas of the
+    /// service split the shards under these leases, so each event is handled by one of them;
+    /// a dead replica's shards move to the others after this.
+    pub handler_lease: std::time::Duration,
+    /// How often a handler dispatcher renews its leases (between rounds).
+    pub handler_heartbeat: std::time::Duration,
 }
 
 impl Default for PublisherConfig {
@@ -69,6 +75,8 @@ impl Default for PublisherConfig {
             limits: Limits::default(),
             handler_consumer: "handlers".to_owned(),
             handler_retry: crate::relay::retry::RetryPolicy::default(),
+            handler_lease: std::time::Duration::from_secs(6),
+            handler_heartbeat: std::time::Duration::from_secs(1),
         }
     }
 }

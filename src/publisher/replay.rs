@@ -1,5 +1,9 @@
 //! `replay_events`: re-delivers a selected range of the event store to the registered
 //! handlers (or only counts it, in a dry run), checkpointed so an interrupted replay resumes.
+//!
+//! A replay reads by position, so it first fixes its end and waits for the writers that may
+//! still commit below it ([`events::settled_end`]): a checkpoint never passes a position whose
+//! transaction was still in flight, which would skip that event for good.
 
 use chrono::{DateTime, Utc};
 
@@ -56,6 +60,7 @@ impl InventoryEventPublisher {
         };
         let mut range = options.range.clone();
         range.after_position = Some(range.after_position.unwrap_or(0).max(resume_at));
+        range.to_position = Some(events::settled_end(pool, schema, range.to_position).await?);
         let batch_size = options.batch_size.clamp(1, 10_000);
         loop {
             let mut conn = pool.acquire().await.map_err(StoreError::Connect)?;

@@ -27,7 +27,7 @@ use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message, SendError};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
-use crate::store::outbox::{OutboxReader, SHARDS};
+use crate::store::outbox::{CursorAdvance, OutboxReader, SHARDS};
 use crate::store::{Store, StoreError, sql};
 
 /// Errors that stop a relay worker.
@@ -211,9 +211,16 @@ impl Relay {
             ticks += 1;
             let report = self.report();
             let outcome = match self.owned.try_write() {
-                Ok(mut owned) => self.leases.tick(&report).await.map(|shards| *owned = shards),
-                // A round is running on the current shards: renew and claim now, apply later.
-                Err(_) => self.leases.tick(&report).await.map(|shards| {
+                Ok(mut owned) => self.leases.tick(&report).await.map(|shards| {
+                    // Anything computed during an earlier round is older than this.
+                    if let Ok(mut next) = self.next_owned.lock() {
+                        *next = None;
+                    }
+                    *owned = shards;
+                }),
+                // A round is running on the current shards: renew and claim now, apply later;
+                // shards above the fair share are released only between rounds.
+                Err(_) => self.leases.tick_during_round(&report).await.map(|shards| {
                     if let Ok(mut next) = self.next_owned.lock() {
                         *next = Some(shards);
                     }
@@ -292,6 +299,11 @@ impl Relay {
         if let Some(next) = next {
             *self.owned.write().await = next;
         }
+        // No batch is in flight here: the only safe moment to give shards back.
+        let released = self.leases.release_pending().await?;
+        if !released.is_empty() {
+            self.owned.write().await.retain(|s| !released.contains(s));
+        }
         let owned = self.owned.read().await;
         if owned.is_empty() {
             return Ok(RoundOutcome::default());
@@ -302,7 +314,7 @@ impl Relay {
         let read = batch.events.len();
         let full = read == self.config.outbox.batch_size;
         if read == 0 {
-            self.reader.commit(batch.advance).await?;
+            self.commit_round(batch.advance, &owned).await?;
             return Ok(RoundOutcome {
                 read: retried,
                 ..Default::default()
@@ -363,12 +375,26 @@ impl Relay {
                 }
             }
         }
-        self.reader.commit(batch.advance).await?;
+        self.commit_round(batch.advance, &owned).await?;
         Ok(RoundOutcome {
             read: read + retried,
             full,
             blocked_by_circuit: None,
         })
+    }
+
+    /// Moves the cursors; shards whose move was refused were lost to another worker since
+    /// the read (its lease epoch changed): they are dropped, and their events count once.
+    async fn commit_round(&self, advance: CursorAdvance, owned: &[i16]) -> Result<(), StoreError> {
+        let refused = self.reader.commit(advance).await?.refused;
+        if !refused.is_empty() {
+            tracing::warn!(worker = self.leases.worker_id(), lost = ?refused, "shards lost during the round; dropping them");
+            if let Ok(mut next) = self.next_owned.lock() {
+                next.get_or_insert_with(|| owned.to_vec())
+                    .retain(|s| !refused.contains(s));
+            }
+        }
+        Ok(())
     }
 
     fn message(&self, event: &StoredEvent) -> Message {

@@ -1,7 +1,7 @@
 //! Appending to and reading from the event store.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{SchemaName, StoreError, sql};
@@ -50,8 +50,11 @@ pub(crate) fn row_to_stored(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, 
 /// Inserts validated events on the caller's connection (normally inside the caller's
 /// transaction) with one statement, and returns their positions in input order.
 ///
-/// Rows are inserted sorted by aggregate so that concurrent batches take the per-aggregate
-/// locks of the store's trigger in one global order and cannot deadlock each other.
+/// Rows are inserted sorted by the key of the trigger's per-aggregate lock (a hash of the
+/// aggregate, so different aggregates can share one), keeping each aggregate's events in
+/// input order: concurrent batches take those locks in one global order and cannot deadlock
+/// each other. Sorting by the aggregate itself did not: two aggregates whose hashes collide
+/// are one lock, and the aggregate order and the lock order disagree.
 pub async fn append(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -60,12 +63,6 @@ pub async fn append(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut order: Vec<usize> = (0..events.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (&events[a], &events[b]);
-        (&a.aggregate_type, &a.aggregate_id).cmp(&(&b.aggregate_type, &b.aggregate_id))
-    });
-
     let n = events.len();
     let mut ids = Vec::with_capacity(n);
     let mut types = Vec::with_capacity(n);
@@ -79,8 +76,7 @@ pub async fn append(
     let mut sources = Vec::with_capacity(n);
     let mut traceparents = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
-    for &i in &order {
-        let e = &events[i];
+    for e in events {
         ids.push(e.event_id);
         types.push(e.event_type.as_str());
         versions.push(i32::try_from(e.version).unwrap_or(i32::MAX));
@@ -95,7 +91,8 @@ pub async fn append(
         payloads.push(&e.payload);
     }
 
-    // WITH ORDINALITY keeps the insert order (and so the lock and position order) explicit.
+    // The lock key is computed exactly as the trigger does; WITH ORDINALITY keeps each
+    // aggregate's events in input order (and so in position order).
     let statement = format!(
         "INSERT INTO {schema}.events (event_id, event_type, event_version, aggregate_type, aggregate_id, \
          occurred_at, correlation_id, causation_id, user_id, source, traceparent, payload) \
@@ -105,7 +102,7 @@ pub async fn append(
                      $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[]) \
               WITH ORDINALITY AS t(event_id, event_type, event_version, aggregate_type, aggregate_id, \
                    occurred_at, correlation_id, causation_id, user_id, source, traceparent, payload, n) \
-         ORDER BY n \
+         ORDER BY hashtext(aggregate_type || '/' || aggregate_id), n \
          RETURNING event_id, position"
     );
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(sql(statement))
@@ -181,4 +178,58 @@ pub async fn read_range(
         .map(row_to_stored)
         .collect::<Result<_, _>>()
         .map_err(StoreError::query("decode event"))
+}
+
+/// The class of the trigger's per-aggregate advisory locks ('outr'; see the migrations).
+const AGGREGATE_LOCK_CLASS: i32 = 1_869_574_770;
+
+/// The last position a replay starting now reads (at most `to_position`), once every writer
+/// that could still commit a row at or below it has finished: after this returns, a plain
+/// position-ordered read up to it sees every committed event, with no gap left by a
+/// transaction still in flight.
+///
+/// Positions are drawn from a sequence after the trigger takes the writer's aggregate lock,
+/// which it holds until its transaction ends. So a writer that drew a position at or below
+/// the sequence value read first, and is still running, holds such a lock; waiting for each
+/// of those locks (shared, one statement at a time, so the replay never holds one while it
+/// waits for another) waits for exactly those writers, and not for unrelated long
+/// transactions elsewhere in the database.
+pub async fn settled_end(pool: &PgPool, schema: &SchemaName, to_position: Option<i64>) -> Result<i64, StoreError> {
+    let statement = format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {schema}.event_position_seq");
+    let handed_out: i64 = sqlx::query_scalar(sql(statement))
+        .fetch_one(pool)
+        .await
+        .map_err(StoreError::query("read the last position handed out"))?;
+    let end = to_position.map_or(handed_out, |to| to.min(handed_out));
+    let keys: Vec<i32> = sqlx::query_scalar(
+        "SELECT DISTINCT (CASE WHEN objid::int8 > 2147483647 THEN objid::int8 - 4294967296 \
+                               ELSE objid::int8 END)::int4 \
+         FROM pg_locks \
+         WHERE locktype = 'advisory' AND classid = $1::int8::oid AND objsubid = 2 AND granted \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND pid <> pg_backend_pid()",
+    )
+    .bind(i64::from(AGGREGATE_LOCK_CLASS))
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::query("list writers in flight"))?;
+    for key in keys {
+        // A writer may legitimately stay open longer than the store's statement timeout.
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(StoreError::query("begin wait for writers"))?;
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("lift the statement timeout"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
+            .bind(AGGREGATE_LOCK_CLASS)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("wait for a writer in flight"))?;
+        tx.commit().await.map_err(StoreError::query("end wait for writers"))?;
+    }
+    Ok(end)
 }

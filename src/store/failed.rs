@@ -130,13 +130,17 @@ impl FailedEvents {
     }
 
     /// Records a failed attempt: `retrying` until `next_retry_at`, or `dead_lettered` when it is None.
+    ///
+    /// Only a row still waiting for delivery (`retrying`, `held`) takes the attempt. A row an
+    /// operator resolved, or that was delivered, while this attempt was in flight keeps its
+    /// status; so does a dead letter (a late failure must not revive it). Returns None then.
     pub async fn record_attempt(
         &self,
         consumer: &str,
         event: &StoredEvent,
         error: &str,
         next_retry_at: Option<DateTime<Utc>>,
-    ) -> Result<FailedEvent, StoreError> {
+    ) -> Result<Option<FailedEvent>, StoreError> {
         let status = if next_retry_at.is_some() {
             FailedStatus::Retrying
         } else {
@@ -149,10 +153,11 @@ impl FailedEvents {
              ON CONFLICT (consumer, event_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = failed_events.attempts + 1, last_error = EXCLUDED.last_error, \
                  last_attempt_at = now(), next_retry_at = EXCLUDED.next_retry_at, updated_at = now() \
+             WHERE failed_events.status IN ('retrying', 'held') \
              RETURNING {COLUMNS}",
             schema = self.store.schema()
         );
-        let row: Row = sqlx::query_as(sql(statement))
+        let row: Option<Row> = sqlx::query_as(sql(statement))
             .bind(consumer)
             .bind(event.event.event_id)
             .bind(event.position)
@@ -162,10 +167,13 @@ impl FailedEvents {
             .bind(status.as_str())
             .bind(error)
             .bind(next_retry_at)
-            .fetch_one(self.store.pool())
+            .fetch_optional(self.store.pool())
             .await
             .map_err(StoreError::query("record failed event"))?;
-        Ok(from_row(row))
+        if row.is_none() {
+            tracing::info!(consumer, event_id = %event.event.event_id, "failed attempt not recorded: the event was settled meanwhile");
+        }
+        Ok(row.map(from_row))
     }
 
     /// Parks an event behind an earlier failed event of its aggregate.
@@ -249,11 +257,12 @@ impl FailedEvents {
         Ok(attempts.unwrap_or(0))
     }
 
-    /// Marks a previously failed or held event as delivered.
+    /// Marks a previously failed or held event as delivered, unless an operator settled it
+    /// meanwhile (a resolve sticks).
     pub async fn mark_delivered(&self, consumer: &str, event_id: Uuid) -> Result<(), StoreError> {
         let statement = format!(
             "UPDATE {}.failed_events SET status = 'delivered', next_retry_at = NULL, resolved_at = now(), \
-             updated_at = now() WHERE consumer = $1 AND event_id = $2",
+             updated_at = now() WHERE consumer = $1 AND event_id = $2 AND status IN ('retrying', 'held')",
             self.store.schema()
         );
         sqlx::query(sql(statement))

@@ -7,12 +7,13 @@
 
 pub mod events;
 pub mod failed;
+pub mod leases;
 pub mod outbox;
 pub mod registry;
 
 use std::fmt;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Executor, PgConnection};
 
 /// Migrations shipped with the binary (`migrations/`).
@@ -33,6 +34,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error("read a transaction id from PostgreSQL: {0:?} is not an xid8")]
+    InvalidTxid(String),
     #[error("{action}: {source}")]
     Query {
         action: &'static str,
@@ -91,6 +94,15 @@ pub(crate) fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(text)
 }
 
+/// Session settings of the store's own connections (see [`Store::connect`]).
+pub const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("statement_timeout", "30s"),
+    ("idle_in_transaction_session_timeout", "1min"),
+    ("tcp_keepalives_idle", "15"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+];
+
 /// A connection pool bound to one outbox schema.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -100,10 +112,21 @@ pub struct Store {
 
 impl Store {
     /// Connects with a pool of `max_connections`.
+    ///
+    /// Every connection gets a `statement_timeout` (a statement stuck behind a lock or a
+    /// broken plan fails instead of stalling the relay for good), an
+    /// `idle_in_transaction_session_timeout`, and TCP keepalives on the server's side of the
+    /// socket, so PostgreSQL drops the session (and any lock it holds) of a relay that
+    /// vanished from the network. sqlx offers no client-side keepalive; the pool tests a
+    /// connection before handing it out and times acquisition out instead.
     pub async fn connect(url: &str, schema: SchemaName, max_connections: u32) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse().map_err(StoreError::Connect)?;
+        let options = options.options(SESSION_SETTINGS);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .connect(url)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .test_before_acquire(true)
+            .connect_with(options)
             .await
             .map_err(StoreError::Connect)?;
         Ok(Self { pool, schema })
@@ -127,7 +150,7 @@ impl Store {
         let mut conn = self.pool.acquire().await.map_err(StoreError::Connect)?;
         migrate_connection(&mut conn, &self.schema).await?;
         // Leave the pooled connection as we found it.
-        conn.execute("RESET search_path")
+        conn.execute("RESET search_path; RESET statement_timeout")
             .await
             .map_err(StoreError::query("reset search_path"))?;
         Ok(())
@@ -135,7 +158,9 @@ impl Store {
 }
 
 async fn migrate_connection(conn: &mut PgConnection, schema: &SchemaName) -> Result<(), StoreError> {
-    let ddl = format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}");
+    // Migrations may rewrite or index large tables: no statement timeout for them (`migrate`
+    // resets both settings afterwards).
+    let ddl = format!("SET statement_timeout = 0; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}");
     conn.execute(sql(ddl))
         .await
         .map_err(StoreError::query("create schema"))?;

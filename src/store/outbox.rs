@@ -40,10 +40,18 @@ struct CursorState {
     late_after: i64,
 }
 
-/// What committing a batch writes back: the new state of each shard read.
+/// What committing a batch writes back: the new state of each shard read, with the lease
+/// epoch the shard was read under.
 #[derive(Clone, Debug, Default)]
 pub struct CursorAdvance {
-    updates: Vec<(i16, CursorState)>,
+    updates: Vec<(i16, CursorState, i64)>,
+}
+
+/// What a commit did. A refused shard was lost to another worker (or released) after it was
+/// read: its cursor stays where the new owner has it, and this worker must stop reading it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitOutcome {
+    pub refused: Vec<i16>,
 }
 
 impl CursorAdvance {
@@ -129,15 +137,15 @@ impl OutboxReader {
         .await
         .map_err(StoreError::query("read snapshot"))?;
         let snapshot = Snapshot {
-            xmax: xmax.parse().unwrap_or(u64::MAX),
-            in_progress: in_progress.iter().filter_map(|t| t.parse().ok()).collect(),
+            xmax: parse_txid(&xmax)?,
+            in_progress: parse_txids(&in_progress)?,
         };
 
-        let states = load_states(&mut tx, schema, &self.consumer, shards).await?;
+        let states = load_states(&mut tx, schema, &self.consumer, shards, self.owner.as_deref()).await?;
         // Shards with identical state are read together (in steady state: all of them).
-        let mut groups: BTreeMap<CursorState, Vec<i16>> = BTreeMap::new();
-        for (shard, state) in states {
-            groups.entry(state).or_default().push(shard);
+        let mut groups: BTreeMap<CursorState, Vec<(i16, i64)>> = BTreeMap::new();
+        for (shard, state, epoch) in states {
+            groups.entry(state).or_default().push((shard, epoch));
         }
 
         let mut batch = ReadBatch::default();
@@ -146,9 +154,13 @@ impl OutboxReader {
             if remaining == 0 {
                 break;
             }
-            let (events, next) = read_group(&mut tx, schema, &state, &group, &snapshot, remaining).await?;
+            let group_shards: Vec<i16> = group.iter().map(|&(s, _)| s).collect();
+            let (events, next) = read_group(&mut tx, schema, &state, &group_shards, &snapshot, remaining).await?;
             if next != state {
-                batch.advance.updates.extend(group.iter().map(|&s| (s, next.clone())));
+                batch
+                    .advance
+                    .updates
+                    .extend(group.iter().map(|&(s, epoch)| (s, next.clone(), epoch)));
             }
             batch.events.extend(events);
         }
@@ -158,9 +170,11 @@ impl OutboxReader {
     }
 
     /// Persists a batch's cursor move; call only after every event of the batch is handled.
-    pub async fn commit(&self, advance: CursorAdvance) -> Result<(), StoreError> {
+    /// With an owner, a shard's move is refused unless this worker still holds the lease it
+    /// read the shard under (same owner, same epoch).
+    pub async fn commit(&self, advance: CursorAdvance) -> Result<CommitOutcome, StoreError> {
         if advance.is_empty() {
-            return Ok(());
+            return Ok(CommitOutcome::default());
         }
         let mut shards = Vec::new();
         let mut positions = Vec::new();
@@ -168,7 +182,9 @@ impl OutboxReader {
         let mut watch_from = Vec::new();
         let mut late = Vec::new();
         let mut late_after = Vec::new();
-        for (shard, state) in advance.updates {
+        let mut epochs = Vec::new();
+        for (shard, state, epoch) in advance.updates {
+            epochs.push(epoch);
             shards.push(shard);
             positions.push(state.position);
             watched.push(txid_literal(&state.watched));
@@ -176,16 +192,25 @@ impl OutboxReader {
             late.push(txid_literal(&state.late));
             late_after.push(state.late_after);
         }
+        // Rows are locked in shard order first, as lease renewal does (`store::leases`): two
+        // statements locking the same cursor rows in different orders deadlock.
         let statement = format!(
-            "UPDATE {schema}.relay_cursors c SET position = u.position, \
+            "WITH u AS MATERIALIZED ( \
+                 SELECT * FROM UNNEST($2::int2[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[], \
+                                      $9::int8[]) AS u(shard, position, watched, watch_from, late, late_after, epoch)), \
+             locked AS MATERIALIZED ( \
+                 SELECT c.shard FROM {schema}.relay_cursors c JOIN u ON u.shard = c.shard \
+                 WHERE c.consumer = $1 AND ($8::text IS NULL OR c.owner = $8) AND c.lease_epoch = u.epoch \
+                 ORDER BY c.shard FOR UPDATE OF c) \
+             UPDATE {schema}.relay_cursors c SET position = u.position, \
                  watched_txids = u.watched::xid8[], watch_from = u.watch_from::xid8, \
                  late_txids = u.late::xid8[], late_after = u.late_after, updated_at = now() \
-             FROM UNNEST($2::int2[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
-                  AS u(shard, position, watched, watch_from, late, late_after) \
-             WHERE c.consumer = $1 AND c.shard = u.shard AND ($8::text IS NULL OR c.owner = $8)",
+             FROM u JOIN locked USING (shard) \
+             WHERE c.consumer = $1 AND c.shard = u.shard \
+             RETURNING c.shard",
             schema = self.store.schema()
         );
-        sqlx::query(sql(statement))
+        let moved: Vec<i16> = sqlx::query_scalar(sql(statement))
             .bind(&self.consumer)
             .bind(&shards)
             .bind(&positions)
@@ -194,10 +219,15 @@ impl OutboxReader {
             .bind(&late)
             .bind(&late_after)
             .bind(&self.owner)
-            .execute(self.store.pool())
+            .bind(&epochs)
+            .fetch_all(self.store.pool())
             .await
             .map_err(StoreError::query("advance relay cursors"))?;
-        Ok(())
+        let refused: Vec<i16> = shards.into_iter().filter(|s| !moved.contains(s)).collect();
+        if !refused.is_empty() {
+            tracing::warn!(consumer = %self.consumer, ?refused, "cursor move refused: shards no longer leased by this worker");
+        }
+        Ok(CommitOutcome { refused })
     }
 }
 
@@ -206,8 +236,9 @@ fn txid_literal(set: &BTreeSet<u64>) -> String {
     format!("{{{}}}", items.join(","))
 }
 
-/// A `relay_cursors` row: shard, position, watched, watch_from, late, late_after (txids as text).
-type CursorRow = (i16, i64, Vec<String>, String, Vec<String>, i64);
+/// A `relay_cursors` row: shard, position, watched, watch_from, late, late_after (txids as
+/// text), lease epoch.
+type CursorRow = (i16, i64, Vec<String>, String, Vec<String>, i64, i64);
 
 /// What the reading transaction's snapshot says about other transactions.
 struct Snapshot {
@@ -222,31 +253,43 @@ async fn load_states(
     schema: &SchemaName,
     consumer: &str,
     shards: &[i16],
-) -> Result<Vec<(i16, CursorState)>, StoreError> {
+    owner: Option<&str>,
+) -> Result<Vec<(i16, CursorState, i64)>, StoreError> {
+    // With an owner, only shards this worker leases now: a shard lost since the caller last
+    // looked is not read at all.
     let statement = format!(
-        "SELECT shard, position, watched_txids::text[], watch_from::text, late_txids::text[], late_after \
-         FROM {schema}.relay_cursors WHERE consumer = $1 AND shard = ANY($2)"
+        "SELECT shard, position, watched_txids::text[], watch_from::text, late_txids::text[], late_after, lease_epoch \
+         FROM {schema}.relay_cursors WHERE consumer = $1 AND shard = ANY($2) AND ($3::text IS NULL OR owner = $3)"
     );
     let rows: Vec<CursorRow> = sqlx::query_as(sql(statement))
         .bind(consumer)
         .bind(shards)
+        .bind(owner)
         .fetch_all(&mut *conn)
         .await
         .map_err(StoreError::query("load relay cursors"))?;
-    let parse = |v: &[String]| v.iter().filter_map(|t| t.parse().ok()).collect();
-    Ok(rows
-        .into_iter()
-        .map(|(shard, position, watched, watch_from, late, late_after)| {
+    rows.into_iter()
+        .map(|(shard, position, watched, watch_from, late, late_after, epoch)| {
             let state = CursorState {
                 position,
-                watched: parse(&watched),
-                watch_from: watch_from.parse().unwrap_or(0),
-                late: parse(&late),
+                watched: parse_txids(&watched)?,
+                watch_from: parse_txid(&watch_from)?,
+                late: parse_txids(&late)?,
                 late_after,
             };
-            (shard, state)
+            Ok((shard, state, epoch))
         })
-        .collect())
+        .collect()
+}
+
+/// A transaction id as PostgreSQL prints an `xid8`. Anything else means we misread the
+/// snapshot or a cursor: guessing a value there could skip or repeat events, so it is an error.
+fn parse_txid(text: &str) -> Result<u64, StoreError> {
+    text.parse().map_err(|_| StoreError::InvalidTxid(text.to_owned()))
+}
+
+fn parse_txids(texts: &[String]) -> Result<BTreeSet<u64>, StoreError> {
+    texts.iter().map(|t| parse_txid(t)).collect()
 }
 
 async fn read_group(
@@ -307,11 +350,24 @@ async fn read_group(
     let last = events.last().map(|e| e.position);
     let next = match last {
         // Stopped inside the late rows: continue them next round before anything newer.
-        Some(last) if full && last <= state.position => CursorState {
-            late,
-            late_after: last,
-            ..state.clone()
-        },
+        // Entering the scan settles what this snapshot knows, exactly as finishing the late
+        // rows at once would: the late transactions leave the watch list and `watch_from`
+        // moves to xmax. Keeping the old `watch_from` here found the same finished
+        // transactions again after the scan and restarted it forever.
+        Some(last) if full && last <= state.position => {
+            let (watched, watch_from) = if mid_scan {
+                (state.watched.clone(), state.watch_from)
+            } else {
+                still_watched(state, &late, snapshot)
+            };
+            CursorState {
+                position: state.position,
+                watched,
+                watch_from,
+                late,
+                late_after: last,
+            }
+        }
         // New rows up to `last` read: whatever was running at this snapshot is watched now.
         Some(last) if !mid_scan && last > state.position => CursorState {
             position: last,
@@ -320,17 +376,13 @@ async fn read_group(
             late: BTreeSet::new(),
             late_after: 0,
         },
-        // Late rows done, cursor unchanged: keep watching only what still runs.
+        // Late rows done, cursor unchanged: keep watching only what still runs. A mid-scan
+        // settled its watch list when it started.
         _ => {
-            let mut watched: BTreeSet<u64> = state.watched.difference(&late).copied().collect();
-            if !mid_scan {
-                watched.retain(|t| snapshot.in_progress.contains(t));
-                watched.extend(snapshot.in_progress.iter().filter(|&&t| t >= state.watch_from));
-            }
-            let watch_from = if mid_scan {
-                state.watch_from
+            let (watched, watch_from) = if mid_scan {
+                (state.watched.difference(&late).copied().collect(), state.watch_from)
             } else {
-                snapshot.xmax.max(state.watch_from)
+                still_watched(state, &late, snapshot)
             };
             CursorState {
                 position: state.position,
@@ -342,6 +394,19 @@ async fn read_group(
         }
     };
     Ok((events, next))
+}
+
+/// What stays watched once `late` is being read: the watched transactions `snapshot` still
+/// sees running, and every transaction from the new xmax up.
+fn still_watched(state: &CursorState, late: &BTreeSet<u64>, snapshot: &Snapshot) -> (BTreeSet<u64>, u64) {
+    let mut watched: BTreeSet<u64> = state
+        .watched
+        .iter()
+        .filter(|t| !late.contains(t) && snapshot.in_progress.contains(t))
+        .copied()
+        .collect();
+    watched.extend(snapshot.in_progress.iter().filter(|&&t| t >= state.watch_from));
+    (watched, snapshot.xmax.max(state.watch_from))
 }
 
 /// Watched transactions that have finished by `snapshot` and may own rows at or below the cursor.
@@ -372,7 +437,41 @@ async fn finished_watched(
             .fetch_all(&mut *conn)
             .await
             .map_err(StoreError::query("find late transactions"))?;
-        finished.extend(txids.iter().filter_map(|t| t.parse::<u64>().ok()));
+        finished.extend(parse_txids(&txids)?);
     }
     Ok(finished)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_id_that_does_not_parse_is_an_error_not_a_guess() {
+        assert_eq!(parse_txid("742").unwrap(), 742);
+        for bad in ["", "-1", "7x", "18446744073709551616"] {
+            let err = parse_txid(bad).unwrap_err().to_string();
+            assert!(err.contains("is not an xid8"), "{bad}: {err}");
+        }
+        assert!(parse_txids(&["1".into(), "oops".into()]).is_err());
+    }
+
+    #[test]
+    fn starting_a_late_scan_settles_the_watch_list_at_the_snapshots_xmax() {
+        let state = CursorState {
+            position: 100,
+            watched: [10, 11, 12].into(),
+            watch_from: 20,
+            ..CursorState::default()
+        };
+        // 11 finished (late), 12 and 25 still run, xmax moved on to 30; 22 finished.
+        let snapshot = Snapshot {
+            xmax: 30,
+            in_progress: [12, 25].into(),
+        };
+        let late: BTreeSet<u64> = [11, 22].into();
+        let (watched, watch_from) = still_watched(&state, &late, &snapshot);
+        assert_eq!(watched, [12, 25].into(), "10 is gone (not running), 25 newly watched");
+        assert_eq!(watch_from, 30, "finished ids below xmax are never looked up again");
+    }
 }

@@ -1,9 +1,17 @@
 //! The event core against the real PostgreSQL: transactional publishing, gap-free reading,
 //! validation, the schema registry, handlers and replay.
 
+mod failed_decisions;
 mod gap_free_reading;
+mod handler_ownership;
+mod late_scan;
+mod leases;
+mod lock_order;
 mod publishing;
 mod registry;
+mod replay_visibility;
+mod sql_contract;
+mod store_sessions;
 
 use inventory_outbox::event::NewEvent;
 use inventory_outbox::event::inventory::{StockChangeReason, StockLevelChanged};

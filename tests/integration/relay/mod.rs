@@ -5,6 +5,7 @@ mod crash;
 mod outage;
 mod poison;
 mod replicas;
+mod scaling;
 mod steady_state;
 
 use std::sync::Arc;
