@@ -25,8 +25,8 @@ pub enum Command {
     Relay(RelayArgs),
     /// Run one replay of historical events (started by the operator as a Job).
     Replay,
-    /// Print the CustomResourceDefinitions as YAML.
-    Crd,
+    /// Print the CustomResourceDefinitions as YAML (or write one file per CRD).
+    Crd(CrdArgs),
     /// Administer failed and dead-lettered events through a relay's admin API.
     Admin(crate::admin::client::AdminArgs),
     /// Apply the database migrations (event store, outbox state, schema registry) and
@@ -61,6 +61,15 @@ pub struct MigrateArgs {
     pub compatibility: crate::schema::compatibility::CompatibilityMode,
 }
 
+/// Where the CRDs go.
+#[derive(Debug, clap::Args)]
+pub struct CrdArgs {
+    /// Directory to write `<crd name>.yaml` files into (the repository's `crds/`); prints all
+    /// CRDs as one multi-document YAML stream when absent.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
 /// Where to write the schema files.
 #[derive(Debug, clap::Args)]
 pub struct SchemasArgs {
@@ -76,7 +85,7 @@ impl Cli {
             Command::Operator => not_implemented("operator"),
             Command::Relay(args) => relay(args).await,
             Command::Replay => not_implemented("replay"),
-            Command::Crd => not_implemented("crd"),
+            Command::Crd(args) => write_crds(args),
             Command::Admin(args) => crate::admin::client::run_cli(args).await,
             Command::Migrate(args) => migrate(args).await,
             Command::Schemas(args) => write_schemas(args),
@@ -125,6 +134,19 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .register_builtin(args.compatibility)
         .await?;
     tracing::info!(schema = %schema, "migrations applied and built-in schemas registered");
+    Ok(())
+}
+
+fn write_crds(args: CrdArgs) -> anyhow::Result<()> {
+    match args.out {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            for (file, text) in crate::crd::files()? {
+                std::fs::write(dir.join(file), text)?;
+            }
+        }
+        None => print!("{}", crate::crd::render_yaml()?),
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod broker;
 pub mod cli;
+pub mod crd;
 pub mod event;
 pub mod publisher;
 pub mod relay;

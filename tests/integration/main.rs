@@ -4,6 +4,7 @@
 mod admin_api;
 mod broker;
 mod event_core;
+mod operator;
 mod relay;
 mod smoke;
 mod support;
