@@ -34,6 +34,56 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Write the JSON Schema of every event type (the contract for producers in any language).
     Schemas(SchemasArgs),
+    /// Migrate the outbox schema and create or correct the broker topology (topics, exchanges,
+    /// queues, dead-letter destinations) of one publisher; run before its relays start.
+    Provision(ProvisionArgs),
+    /// Remove broker resources a provision run created (EventPublisher deletionPolicy Delete).
+    Cleanup(CleanupArgs),
+}
+
+/// Secret values mounted as files, each read into an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecretFileArgs {
+    /// `NAME=PATH`: set environment variable NAME to the content of PATH (a mounted Secret
+    /// key) before starting. Repeatable, or comma-separated in the variable.
+    #[arg(long = "secret-env", env = "SECRET_ENV_FILES", value_delimiter = ',')]
+    pub secret_files: Vec<crate::relay::secret_watch::SecretFile>,
+}
+
+/// How to provision one publisher.
+#[derive(Debug, clap::Args)]
+pub struct ProvisionArgs {
+    /// The publisher's relay configuration document (YAML or JSON).
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// Destinations to create besides the dead-letter destination. Repeatable.
+    #[arg(long = "destination", env = "PROVISION_DESTINATIONS", value_delimiter = ',')]
+    pub destinations: Vec<String>,
+    /// Compatibility mode given to built-in event schema subjects that do not exist yet.
+    #[arg(long, default_value = "BACKWARD")]
+    pub compatibility: crate::schema::compatibility::CompatibilityMode,
+    /// File to write the JSON report to (the container's termination message, which the
+    /// operator reads: it has no access to the broker itself).
+    #[arg(long, env = "PROVISION_REPORT_FILE")]
+    pub report_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub secrets: SecretFileArgs,
+}
+
+/// What to remove.
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
+    /// The publisher's relay configuration document (YAML or JSON).
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// JSON list of `{kind, name}` resources to delete, as provision reported them created.
+    #[arg(long, env = "CLEANUP_RESOURCES")]
+    pub resources: String,
+    /// File to write the JSON report to (the container's termination message).
+    #[arg(long, env = "CLEANUP_REPORT_FILE")]
+    pub report_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub secrets: SecretFileArgs,
 }
 
 /// How to run a relay worker.
@@ -45,6 +95,12 @@ pub struct RelayArgs {
     /// Worker id, unique among the publisher's replicas (defaults to POD_NAME, then the host name).
     #[arg(long, env = "POD_NAME")]
     pub worker_id: Option<String>,
+    /// How often the secret files are compared with their content at start; a change stops
+    /// the relay so the container restarts with the new value, in milliseconds.
+    #[arg(long, env = "SECRET_CHECK_INTERVAL_MS", default_value_t = 2000)]
+    pub secret_check_interval_ms: u64,
+    #[command(flatten)]
+    pub secrets: SecretFileArgs,
 }
 
 /// Where the outbox lives.
@@ -89,23 +145,102 @@ impl Cli {
             Command::Admin(args) => crate::admin::client::run_cli(args).await,
             Command::Migrate(args) => migrate(args).await,
             Command::Schemas(args) => write_schemas(args),
+            Command::Provision(args) => provision(args).await,
+            Command::Cleanup(args) => cleanup(args).await,
         }
     }
 }
 
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let secrets = crate::relay::secret_watch::load(&args.secrets.secret_files)?;
     let config = crate::relay::config::RelayConfig::load(&args.config)?;
     let worker_id = args
         .worker_id
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("worker-{}", uuid::Uuid::new_v4().simple()));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let every = std::time::Duration::from_millis(args.secret_check_interval_ms.max(100));
+    let watch_secrets = !args.secrets.secret_files.is_empty();
     tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested");
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("shutdown requested"),
+            variable = crate::relay::secret_watch::changed(secrets, every), if watch_secrets => {
+                tracing::info!(variable, "a mounted secret changed; stopping so the container restarts with it");
+            }
+        }
         let _ = stop.send(true);
     });
     crate::relay::run(config, &worker_id, shutdown).await
+}
+
+async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
+    crate::relay::secret_watch::load(&args.secrets.secret_files)?;
+    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let url_env = &config.outbox.database_url_env;
+    let url = std::env::var(url_env)
+        .map_err(|_| anyhow::anyhow!("environment variable {url_env} (outbox.databaseUrlEnv) is not set"))?;
+    let store = crate::store::Store::connect(&url, config.schema_name(), 2).await?;
+    store.migrate().await?;
+    crate::schema::registry::SchemaRegistry::new(store)
+        .register_builtin(args.compatibility)
+        .await?;
+    let mut destinations = args.destinations.clone();
+    if let crate::broker::routing::Routing::Single { destination } = &config.routing {
+        destinations.push(destination.clone());
+    }
+    destinations.sort();
+    destinations.dedup();
+    let result = crate::broker::topology::provision(&config.broker, &destinations).await;
+    let document = match &result {
+        Ok(report) => serde_json::json!({"outcome": "provisioned", "report": report}),
+        Err(e) => serde_json::json!({"outcome": "failed", "reason": e.reason(), "message": e.to_string()}),
+    };
+    write_report(args.report_file.as_deref(), &document)?;
+    let report = result?;
+    tracing::info!(
+        publisher = %config.publisher,
+        created = report.created.len(),
+        corrected = report.corrected.len(),
+        existing = report.existing.len(),
+        "outbox migrated and broker topology provisioned"
+    );
+    Ok(())
+}
+
+async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    crate::relay::secret_watch::load(&args.secrets.secret_files)?;
+    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let resources: Vec<crate::broker::topology::Resource> = serde_json::from_str(&args.resources)
+        .map_err(|e| anyhow::anyhow!("--resources is not a JSON list of {{kind, name}}: {e}"))?;
+    let result = crate::broker::topology::cleanup(&config.broker, &resources).await;
+    let document = match &result {
+        Ok(report) => serde_json::json!({"outcome": "cleaned", "report": report}),
+        Err(e) => serde_json::json!({"outcome": "failed", "reason": e.reason(), "message": e.to_string()}),
+    };
+    write_report(args.report_file.as_deref(), &document)?;
+    let report = result?;
+    tracing::info!(
+        publisher = %config.publisher,
+        deleted = report.deleted.len(),
+        missing = report.missing.len(),
+        "broker resources removed"
+    );
+    Ok(())
+}
+
+/// Writes the step's outcome where Kubernetes takes the termination message from; kubelet
+/// caps the message at 4 KiB, so a long report is cut rather than lost.
+fn write_report(path: Option<&std::path::Path>, document: &serde_json::Value) -> anyhow::Result<()> {
+    let text = document.to_string();
+    println!("{text}");
+    if let Some(path) = path {
+        let mut end = text.len().min(4096);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        std::fs::write(path, &text[..end])?;
+    }
+    Ok(())
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.

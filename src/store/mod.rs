@@ -8,6 +8,7 @@
 pub mod events;
 pub mod failed;
 pub mod outbox;
+pub mod status;
 
 use std::fmt;
 
