@@ -95,6 +95,10 @@ pub struct RelayArgs {
     /// Worker id, unique among the publisher's replicas (defaults to POD_NAME, then the host name).
     #[arg(long, env = "POD_NAME")]
     pub worker_id: Option<String>,
+    /// Listen address of the HTTP server, overriding `http.listen` (the operator passes the
+    /// Pod IP here, so the relay is reachable on its Pod IP only).
+    #[arg(long, env = "RELAY_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// How often the secret files are compared with their content at start; a change stops
     /// the relay so the container restarts with the new value, in milliseconds.
     #[arg(long, env = "SECRET_CHECK_INTERVAL_MS", default_value_t = 2000)]
@@ -153,7 +157,10 @@ impl Cli {
 
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let secrets = crate::relay::secret_watch::load(&args.secrets.secret_files)?;
-    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let mut config = crate::relay::config::RelayConfig::load(&args.config)?;
+    if let Some(listen) = args.http_listen {
+        config.http.listen = listen;
+    }
     let worker_id = args
         .worker_id
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -19,6 +19,7 @@ pub mod broker;
 pub mod cli;
 pub mod crd;
 pub mod event;
+pub mod operator;
 pub mod publisher;
 pub mod relay;
 pub mod schema;
