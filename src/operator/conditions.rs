@@ -39,7 +39,8 @@ pub mod reasons {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
     pub type_: &'static str,
-    pub status: bool,
+    /// `None` is `Unknown`: nothing answered that could say.
+    pub status: Option<bool>,
     pub reason: &'static str,
     pub message: String,
 }
@@ -48,10 +49,24 @@ impl Observed {
     pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
         Self {
             type_,
-            status,
+            status: Some(status),
             reason,
             message: message.into(),
         }
+    }
+
+    /// A condition nothing could confirm or deny.
+    pub fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            status: None,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_true(&self) -> bool {
+        self.status == Some(true)
     }
 }
 
@@ -61,7 +76,12 @@ pub fn settle(previous: &[Condition], observed: Vec<Observed>, generation: Optio
     observed
         .into_iter()
         .map(|o| {
-            let status = if o.status { "True" } else { "False" }.to_owned();
+            let status = match o.status {
+                Some(true) => "True",
+                Some(false) => "False",
+                None => "Unknown",
+            }
+            .to_owned();
             let since = previous
                 .iter()
                 .find(|c| c.type_ == o.type_ && c.status == status)

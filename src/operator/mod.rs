@@ -13,4 +13,5 @@
 
 pub mod build;
 pub mod conditions;
+pub mod status;
 pub mod validate;
