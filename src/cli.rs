@@ -19,8 +19,8 @@ pub struct Cli {
 /// The roles this binary can play.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the Kubernetes operator (reconciles EventPublisher and ReplayJob resources).
-    Operator,
+    /// Run the Kubernetes operator (reconciles EventPublisher resources).
+    Operator(OperatorArgs),
     /// Run an outbox relay worker that publishes stored events to the broker.
     Relay(RelayArgs),
     /// Run one replay of historical events (started by the operator as a Job).
@@ -86,6 +86,20 @@ pub struct CleanupArgs {
     pub secrets: SecretFileArgs,
 }
 
+/// How to run the operator.
+#[derive(Debug, clap::Args)]
+pub struct OperatorArgs {
+    /// Image of the relay, provision and cleanup containers; defaults to this release's image.
+    #[arg(long, env = "RELAY_IMAGE")]
+    pub relay_image: Option<String>,
+    /// Watch only this namespace (with Roles in it) instead of the whole cluster.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Seconds between reconciles of an unchanged EventPublisher (keeps the status fresh).
+    #[arg(long, env = "REQUEUE_SECONDS", default_value_t = 15)]
+    pub requeue_seconds: u64,
+}
+
 /// How to run a relay worker.
 #[derive(Debug, clap::Args)]
 pub struct RelayArgs {
@@ -142,7 +156,7 @@ impl Cli {
     /// Runs the selected subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Operator => not_implemented("operator"),
+            Command::Operator(args) => operator(args).await,
             Command::Relay(args) => relay(args).await,
             Command::Replay => not_implemented("replay"),
             Command::Crd(args) => write_crds(args),
@@ -178,6 +192,23 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
     crate::relay::run(config, &worker_id, shutdown).await
+}
+
+async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
+    // In-cluster configuration inside a Pod, the kubeconfig elsewhere.
+    let client = kube::Client::try_default().await?;
+    let mut settings = crate::operator::reconcile::Settings {
+        requeue_after: std::time::Duration::from_secs(args.requeue_seconds.max(1)),
+        instance: std::env::var("POD_NAME").ok(),
+        ..Default::default()
+    };
+    if let Some(image) = args.relay_image {
+        settings.build.image = image;
+    }
+    tracing::info!(image = %settings.build.image, namespace = ?args.namespace, "operator starting");
+    crate::operator::reconcile::run(client, args.namespace, settings, shutdown_signal()).await?;
+    tracing::info!("operator stopped");
+    Ok(())
 }
 
 async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {

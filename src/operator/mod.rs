@@ -13,5 +13,6 @@
 
 pub mod build;
 pub mod conditions;
+pub mod reconcile;
 pub mod status;
 pub mod validate;

@@ -40,12 +40,7 @@ fn circuit_word(state: &str) -> &'static str {
 }
 
 /// Computes the status to write.
-pub fn compute(
-    p: &ValidatedPublisher,
-    seen: &Observations,
-    previous: &[Condition],
-    now: Time,
-) -> EventPublisherStatus {
+pub fn compute(p: &ValidatedPublisher, seen: &Observations, previous: &[Condition], now: Time) -> EventPublisherStatus {
     let desired = p.replicas;
     let mut observed = Vec::new();
     let latest = seen.reports.iter().max_by_key(|r| r.published_total);
@@ -74,9 +69,12 @@ pub fn compute(
             reasons::PROVISIONED,
             format!("broker topology in place ({created} created, {corrected} corrected by the last rollout)"),
         ),
-        Some(ProvisionOutcome::Failed { reason: _, message }) => {
-            Observed::new(types::TOPOLOGY_PROVISIONED, false, reasons::PROVISION_FAILED, message.clone())
-        }
+        Some(ProvisionOutcome::Failed { reason: _, message }) => Observed::new(
+            types::TOPOLOGY_PROVISIONED,
+            false,
+            reasons::PROVISION_FAILED,
+            message.clone(),
+        ),
         None => Observed::unknown(
             types::TOPOLOGY_PROVISIONED,
             reasons::NO_RELAY_ANSWERED,
@@ -85,7 +83,12 @@ pub fn compute(
     };
 
     let workers = if p.paused {
-        Observed::new(types::WORKERS_AVAILABLE, false, reasons::PAUSED, "paused: no relay runs")
+        Observed::new(
+            types::WORKERS_AVAILABLE,
+            false,
+            reasons::PAUSED,
+            "paused: no relay runs",
+        )
     } else if seen.ready_replicas >= desired {
         Observed::new(
             types::WORKERS_AVAILABLE,
@@ -142,7 +145,12 @@ pub fn compute(
                     format!("sends are failing: circuits {}", open.join(", ")),
                 )
             } else {
-                Observed::new(types::BROKER_READY, true, reasons::AS_EXPECTED, "the broker acknowledges sends")
+                Observed::new(
+                    types::BROKER_READY,
+                    true,
+                    reasons::AS_EXPECTED,
+                    "the broker acknowledges sends",
+                )
             };
             let circuit = match worst {
                 "open" => Observed::new(
@@ -157,7 +165,12 @@ pub fn compute(
                     reasons::CIRCUIT_HALF_OPEN,
                     format!("probing: {}", open.join(", ")),
                 ),
-                _ => Observed::new(types::CIRCUIT_CLOSED, true, reasons::AS_EXPECTED, "every circuit is closed"),
+                _ => Observed::new(
+                    types::CIRCUIT_CLOSED,
+                    true,
+                    reasons::AS_EXPECTED,
+                    "every circuit is closed",
+                ),
             };
             let outbox = Observed::new(
                 types::OUTBOX_READY,
@@ -171,9 +184,19 @@ pub fn compute(
 
     let parts = [&outbox, &broker, &circuit, &workers, &provision];
     let ready = if p.paused {
-        Observed::new(types::READY, false, reasons::PAUSED, "paused: relays are stopped; nothing is lost")
+        Observed::new(
+            types::READY,
+            false,
+            reasons::PAUSED,
+            "paused: relays are stopped; nothing is lost",
+        )
     } else if let Some(failing) = parts.iter().find(|o| !o.is_true()) {
-        Observed::new(types::READY, false, failing.reason, format!("{}: {}", failing.type_, failing.message))
+        Observed::new(
+            types::READY,
+            false,
+            failing.reason,
+            format!("{}: {}", failing.type_, failing.message),
+        )
     } else {
         Observed::new(types::READY, true, reasons::AS_EXPECTED, "events flow to the broker")
     };
@@ -257,7 +280,10 @@ mod tests {
             reports: vec![report("a", "closed"), report("b", "closed")],
             unanswered: vec![],
             ready_replicas: 2,
-            provision: Some(ProvisionOutcome::Provisioned { created: 2, corrected: 0 }),
+            provision: Some(ProvisionOutcome::Provisioned {
+                created: 2,
+                corrected: 0,
+            }),
         };
         let s = compute(&p, &seen, &[], now(10));
         assert_eq!(condition(&s, types::READY).status, "True", "{:?}", s.conditions);
@@ -275,12 +301,18 @@ mod tests {
         let seen = Observations {
             reports: vec![report("a", "open"), report("b", "closed")],
             ready_replicas: 2,
-            provision: Some(ProvisionOutcome::Provisioned { created: 0, corrected: 0 }),
+            provision: Some(ProvisionOutcome::Provisioned {
+                created: 0,
+                corrected: 0,
+            }),
             ..Observations::default()
         };
         let s = compute(&p, &seen, &[], now(10));
         let broker = condition(&s, types::BROKER_READY);
-        assert_eq!((broker.status.as_str(), broker.reason.as_str()), ("False", "CircuitOpen"));
+        assert_eq!(
+            (broker.status.as_str(), broker.reason.as_str()),
+            ("False", "CircuitOpen")
+        );
         assert!(broker.message.contains("inventory.events Open"), "{}", broker.message);
         assert_eq!(s.circuit_state.as_deref(), Some("Open"));
         assert_eq!(condition(&s, types::READY).status, "False");
