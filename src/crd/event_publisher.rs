@@ -681,6 +681,20 @@ pub struct EventPublisherStatus {
     /// `ready/desired`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<String>,
+    /// Broker resources the provision step created for this publisher (not those that existed
+    /// before it): what `deletionPolicy: Delete` removes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provisioned_resources: Vec<ProvisionedResource>,
+}
+
+/// A topic, exchange or queue this publisher created.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisionedResource {
+    /// `kafkaTopic`, `rabbitmqExchange`, `rabbitmqQueue`, `snsTopic` or `sqsQueue`.
+    pub kind: String,
+    /// Name of the resource on the broker.
+    pub name: String,
 }
 
 /// The circuit of one destination.

@@ -83,7 +83,7 @@ fn labels(publisher: &str) -> BTreeMap<String, String> {
     labels
 }
 
-fn metadata(p: &ValidatedPublisher) -> ObjectMeta {
+pub(crate) fn metadata(p: &ValidatedPublisher) -> ObjectMeta {
     ObjectMeta {
         name: Some(child_name(&p.name)),
         namespace: Some(p.namespace.clone()),
@@ -150,7 +150,11 @@ pub fn build(p: &ValidatedPublisher, ctx: &BuildContext) -> Result<Children, Bui
     })
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(kind: &'static str, name: &str, value: Value) -> Result<T, BuildError> {
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    name: &str,
+    value: Value,
+) -> Result<T, BuildError> {
     serde_json::from_value(value).map_err(|e| BuildError::Object {
         kind,
         name: name.to_owned(),
@@ -159,7 +163,7 @@ fn from_json<T: serde::de::DeserializeOwned>(kind: &'static str, name: &str, val
 }
 
 /// Secret volumes: one per (role, Secret), holding only the referenced keys.
-fn secret_volumes(p: &ValidatedPublisher) -> (Vec<Value>, Vec<Value>) {
+pub(crate) fn secret_volumes(p: &ValidatedPublisher) -> (Vec<Value>, Vec<Value>) {
     let mut by_role: BTreeMap<(&str, &str), Vec<&SecretFile>> = BTreeMap::new();
     for f in p.secret_files.iter().chain(p.admin_token.iter()) {
         by_role.entry((f.role, f.secret.as_str())).or_default().push(f);
@@ -181,7 +185,7 @@ fn secret_volumes(p: &ValidatedPublisher) -> (Vec<Value>, Vec<Value>) {
     (volumes, mounts)
 }
 
-fn container_security() -> Value {
+pub(crate) fn container_security() -> Value {
     json!({
         "runAsNonRoot": true,
         "runAsUser": RUN_AS,
@@ -426,5 +430,112 @@ mod tests {
             );
             assert_eq!(m.namespace.as_deref(), Some("shop"));
         }
+    }
+}
+
+/// Name of the cleanup Job of `publisher`.
+pub fn cleanup_job_name(publisher: &str) -> String {
+    format!("{publisher}-cleanup")
+}
+
+/// The Job that removes the broker resources this publisher created (`deletionPolicy:
+/// Delete`). It mounts the publisher's Secrets like the relay; retries are bounded by
+/// `backoffLimit` and `activeDeadlineSeconds`, so an unreachable broker ends the deletion in
+/// bounded time instead of holding it forever.
+pub fn cleanup_job(
+    p: &ValidatedPublisher,
+    ctx: &BuildContext,
+    resources: &[crate::crd::event_publisher::ProvisionedResource],
+    deadline_seconds: i64,
+) -> Result<k8s_openapi::api::batch::v1::Job, BuildError> {
+    let name = cleanup_job_name(&p.name);
+    let (mut volumes, mut mounts) = secret_volumes(p);
+    volumes.push(json!({"name": "config", "configMap": {"name": child_name(&p.name)}}));
+    mounts.push(json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}));
+    let secret_env = p
+        .secret_files
+        .iter()
+        .map(|f| format!("{}={}", f.env, f.path()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = serde_json::to_string(resources).map_err(|e| BuildError::Object {
+        kind: "Job",
+        name: name.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut meta = metadata(p);
+    meta.name = Some(name.clone());
+    from_json(
+        "Job",
+        &name,
+        json!({
+            "metadata": meta,
+            "spec": {
+                "backoffLimit": 3,
+                "activeDeadlineSeconds": deadline_seconds,
+                "ttlSecondsAfterFinished": 600,
+                "template": {
+                    "metadata": {"labels": labels(&p.name)},
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "automountServiceAccountToken": false,
+                        "enableServiceLinks": false,
+                        "securityContext": {
+                            "runAsNonRoot": true,
+                            "runAsUser": RUN_AS,
+                            "runAsGroup": RUN_AS,
+                            "fsGroup": RUN_AS,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [{
+                            "name": "cleanup",
+                            "image": ctx.image,
+                            "args": ["cleanup"],
+                            "env": [
+                                {"name": "LOG_FORMAT", "value": "json"},
+                                {"name": "RELAY_CONFIG", "value": format!("{CONFIG_DIR}/{CONFIG_FILE}")},
+                                {"name": "SECRET_ENV_FILES", "value": secret_env},
+                                {"name": "CLEANUP_RESOURCES", "value": list},
+                                {"name": "CLEANUP_REPORT_FILE", "value": "/dev/termination-log"},
+                            ],
+                            "volumeMounts": mounts,
+                            "securityContext": container_security(),
+                            "terminationMessagePath": "/dev/termination-log",
+                        }],
+                        "volumes": volumes,
+                    }
+                }
+            }
+        }),
+    )
+}
+
+#[cfg(test)]
+mod cleanup_tests {
+    use super::*;
+    use crate::crd::event_publisher::ProvisionedResource;
+    use crate::operator::validate::{tests::kafka_publisher, validate};
+
+    #[test]
+    fn the_cleanup_job_lists_only_created_resources_and_is_bounded() {
+        let p = validate(&kafka_publisher()).expect("valid");
+        let created = vec![ProvisionedResource {
+            kind: "kafkaTopic".into(),
+            name: "inventory.events".into(),
+        }];
+        let job = cleanup_job(&p, &BuildContext { image: default_image() }, &created, 120).expect("job");
+        let j = serde_json::to_value(&job).expect("json");
+        assert_eq!(j["spec"]["backoffLimit"], 3);
+        assert_eq!(j["spec"]["activeDeadlineSeconds"], 120);
+        let c = &j["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["args"][0], "cleanup");
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        let env = c["env"].to_string();
+        assert!(
+            env.contains(r#"[{\"kind\":\"kafkaTopic\",\"name\":\"inventory.events\"}]"#),
+            "{env}"
+        );
+        assert!(!env.contains("secretKeyRef"), "{env}");
+        assert_eq!(j["metadata"]["ownerReferences"][0]["kind"], "EventPublisher");
     }
 }

@@ -9,26 +9,34 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use super::build::{BuildContext, BuildError, Children, build, child_name};
+use super::build::{BuildContext, BuildError, Children, build, child_name, cleanup_job, cleanup_job_name};
 use super::conditions::{self, types};
 use super::status::{Observations, ProvisionOutcome, compute};
 use super::validate::{HTTP_PORT, InvalidSpec, ValidatedPublisher, validate};
+use crate::crd::event_publisher::DeletionPolicy;
 use crate::crd::{EventPublisher, EventPublisherStatus};
 use crate::relay::status::{PATH as STATUS_PATH, RelayStatus};
 
 /// The one field manager of every object and status this operator writes.
 pub const FIELD_MANAGER: &str = "inventory-outbox-operator";
+/// Finalizer that runs `deletionPolicy` before an EventPublisher goes.
+pub const FINALIZER: &str = "outbox.inventory.io/cleanup";
+/// Set to `"true"` on an EventPublisher to let its deletion go without (more) cleanup: the
+/// documented way out when the broker is gone for good.
+pub const SKIP_CLEANUP_ANNOTATION: &str = "outbox.inventory.io/skip-cleanup";
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -42,6 +50,8 @@ pub struct Settings {
     pub status_timeout: Duration,
     /// Name this instance reports in Events.
     pub instance: Option<String>,
+    /// How long the cleanup Job may run before deletion gives up and leaves the rest behind.
+    pub cleanup_deadline: Duration,
 }
 
 impl Default for Settings {
@@ -54,6 +64,7 @@ impl Default for Settings {
             status_concurrency: 16,
             status_timeout: Duration::from_secs(2),
             instance: None,
+            cleanup_deadline: Duration::from_secs(300),
         }
     }
 }
@@ -126,6 +137,16 @@ pub enum Error {
     },
     #[error("create the HTTP client for status polls: {0}")]
     HttpClient(String),
+    #[error("cleanup Job {job} is still running")]
+    CleanupPending { job: String },
+    #[error("read cleanup Job {job}: {source}")]
+    ReadJob {
+        job: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
 }
 
 impl Error {
@@ -140,6 +161,9 @@ impl Error {
             Error::ListPods { .. } => "list_pods",
             Error::WriteStatus { .. } => "write_status",
             Error::HttpClient(_) => "http_client",
+            Error::CleanupPending { .. } => "cleanup_pending",
+            Error::ReadJob { .. } => "read_job",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 
@@ -151,6 +175,10 @@ impl Error {
 
 /// An invalid object waits for its next change; anything else is retried soon.
 pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if let Error::CleanupPending { job } = error {
+        tracing::debug!(job, "waiting for the cleanup Job");
+        return Action::requeue(Duration::from_secs(3));
+    }
     if error.is_transient() {
         tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
         Action::requeue(Duration::from_secs(5))
@@ -175,10 +203,143 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Cont
         namespace = publisher.namespace().unwrap_or_default(),
         name = publisher.name_any()
     );
-    reconcile_publisher(publisher, &ctx)
-        .instrument(span)
-        .await
-        .map(|()| Action::requeue(ctx.settings.requeue_after))
+    let namespace = publisher.namespace().unwrap_or_default();
+    let api: Api<EventPublisher> = Api::namespaced(ctx.client.clone(), &namespace);
+    let requeue = ctx.settings.requeue_after;
+    finalizer(&api, FINALIZER, Arc::new(publisher.clone()), |event| async {
+        match event {
+            FinalizerEvent::Apply(p) => reconcile_publisher(&p, &ctx).await.map(|()| Action::requeue(requeue)),
+            FinalizerEvent::Cleanup(p) => cleanup(&p, &ctx).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// Applies `deletionPolicy`. Returning `Ok` releases the finalizer; `CleanupPending` keeps it
+/// while the cleanup Job runs.
+async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Error> {
+    let resources = publisher
+        .status
+        .as_ref()
+        .map(|s| s.provisioned_resources.clone())
+        .unwrap_or_default();
+    let listed = resources
+        .iter()
+        .map(|r| format!("{} {}", r.kind, r.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let skip = publisher
+        .annotations()
+        .get(SKIP_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    if publisher.spec.deletion_policy == DeletionPolicy::Retain || resources.is_empty() {
+        if !resources.is_empty() {
+            event(
+                ctx,
+                publisher,
+                EventType::Normal,
+                "ResourcesRetained",
+                format!("deletionPolicy Retain: left in place: {listed}"),
+            )
+            .await;
+        }
+        return Ok(Action::await_change());
+    }
+    if skip {
+        event(
+            ctx,
+            publisher,
+            EventType::Warning,
+            "CleanupSkipped",
+            format!("{SKIP_CLEANUP_ANNOTATION} is set; left behind: {listed}"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let validated = match validate(publisher) {
+        Ok(v) => v,
+        Err(invalid) => {
+            event(
+                ctx,
+                publisher,
+                EventType::Warning,
+                "CleanupFailed",
+                format!("cannot build the cleanup Job ({invalid}); left behind: {listed}"),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &validated.namespace);
+    let name = cleanup_job_name(&validated.name);
+    let job = match jobs.get_opt(&name).await.map_err(|source| Error::ReadJob {
+        job: name.clone(),
+        source,
+    })? {
+        Some(job) => job,
+        None => {
+            let deadline = i64::try_from(ctx.settings.cleanup_deadline.as_secs()).unwrap_or(300);
+            let job = cleanup_job(&validated, &ctx.settings.build, &resources, deadline)?;
+            ssa(&jobs, "Job", &name, &job).await?;
+            event(
+                ctx,
+                publisher,
+                EventType::Normal,
+                "CleanupStarted",
+                format!("deletionPolicy Delete: removing {listed}"),
+            )
+            .await;
+            return Err(Error::CleanupPending { job: name });
+        }
+    };
+    let status = job.status.unwrap_or_default();
+    if status.succeeded.unwrap_or_default() > 0 {
+        event(
+            ctx,
+            publisher,
+            EventType::Normal,
+            "CleanupSucceeded",
+            format!("removed {listed}"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let failed = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Failed" && c.status == "True");
+    if let Some(failed) = failed {
+        let why = failed.message.unwrap_or_else(|| failed.reason.unwrap_or_default());
+        event(
+            ctx,
+            publisher,
+            EventType::Warning,
+            "CleanupFailed",
+            format!("cleanup Job {name} failed ({why}); deletion goes on and leaves behind: {listed}"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    Err(Error::CleanupPending { job: name })
+}
+
+async fn event(ctx: &Context, publisher: &EventPublisher, type_: EventType, reason: &str, note: String) {
+    let e = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&e, &publisher.object_ref(&())).await {
+        tracing::warn!(%error, "publish Event");
+    }
 }
 
 async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Result<(), Error> {
@@ -192,13 +353,9 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
     let children = build(&validated, &ctx.settings.build)?;
     let ready_replicas = apply(&validated, &children, ctx).await?;
     let observations = dereference(&validated, ready_replicas, ctx).await?;
-    let previous = publisher
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let previous = publisher.status.clone().unwrap_or_default();
     let status = compute(&validated, &observations, &previous, now());
-    publish_transitions(publisher, &previous, &status, ctx).await;
+    publish_transitions(publisher, &previous.conditions, &status, ctx).await;
     write_status(&validated.name, &validated.namespace, &status, ctx).await
 }
 
@@ -350,10 +507,22 @@ fn provision_outcome(pod: &Pod) -> Option<(i64, ProvisionOutcome)> {
     let document: serde_json::Value = serde_json::from_str(terminated.message.as_deref()?).ok()?;
     let outcome = match document["outcome"].as_str()? {
         "provisioned" => {
-            let count = |k: &str| document["report"][k].as_array().map_or(0, Vec::len);
+            let created = document["report"]["created"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| {
+                            Some(crate::crd::event_publisher::ProvisionedResource {
+                                kind: r["kind"].as_str()?.to_owned(),
+                                name: r["name"].as_str()?.to_owned(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             ProvisionOutcome::Provisioned {
-                created: count("created"),
-                corrected: count("corrected"),
+                created,
+                corrected: document["report"]["corrected"].as_array().map_or(0, Vec::len),
             }
         }
         _ => ProvisionOutcome::Failed {

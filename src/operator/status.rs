@@ -3,19 +3,22 @@
 //! relay answers, the figures are cleared and the conditions say so: stale numbers would look
 //! healthy.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::conditions::{Observed, reasons, settle, types};
 use super::validate::ValidatedPublisher;
 use crate::crd::EventPublisherStatus;
-use crate::crd::event_publisher::DestinationCircuit;
+use crate::crd::event_publisher::{DestinationCircuit, ProvisionedResource};
 use crate::relay::status::{RelayStatus, circuit_rank};
 
 /// What the provision init container last reported (its termination message).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProvisionOutcome {
     /// Topology in place; how many resources it created and corrected.
-    Provisioned { created: usize, corrected: usize },
+    Provisioned {
+        created: Vec<ProvisionedResource>,
+        corrected: usize,
+    },
     /// The step failed; `reason` is the step's stable label, `message` says what to change.
     Failed { reason: String, message: String },
 }
@@ -40,7 +43,20 @@ fn circuit_word(state: &str) -> &'static str {
 }
 
 /// Computes the status to write.
-pub fn compute(p: &ValidatedPublisher, seen: &Observations, previous: &[Condition], now: Time) -> EventPublisherStatus {
+pub fn compute(
+    p: &ValidatedPublisher,
+    seen: &Observations,
+    previous: &EventPublisherStatus,
+    now: Time,
+) -> EventPublisherStatus {
+    // Created resources accumulate: a later rollout finds them existing and reports none.
+    let mut provisioned_resources = previous.provisioned_resources.clone();
+    if let Some(ProvisionOutcome::Provisioned { created, .. }) = &seen.provision {
+        provisioned_resources.extend(created.iter().cloned());
+    }
+    provisioned_resources.sort();
+    provisioned_resources.dedup();
+    let previous = previous.conditions.as_slice();
     let desired = p.replicas;
     let mut observed = Vec::new();
     let latest = seen.reports.iter().max_by_key(|r| r.published_total);
@@ -67,7 +83,10 @@ pub fn compute(p: &ValidatedPublisher, seen: &Observations, previous: &[Conditio
             types::TOPOLOGY_PROVISIONED,
             true,
             reasons::PROVISIONED,
-            format!("broker topology in place ({created} created, {corrected} corrected by the last rollout)"),
+            format!(
+                "broker topology in place ({} created, {corrected} corrected by the last rollout)",
+                created.len()
+            ),
         ),
         Some(ProvisionOutcome::Failed { reason: _, message }) => Observed::new(
             types::TOPOLOGY_PROVISIONED,
@@ -231,6 +250,7 @@ pub fn compute(p: &ValidatedPublisher, seen: &Observations, previous: &[Conditio
         ready_workers: seen.ready_replicas,
         desired_workers: desired,
         workers: Some(format!("{}/{desired}", seen.ready_replicas)),
+        provisioned_resources,
     }
 }
 
@@ -239,6 +259,7 @@ mod tests {
     use super::*;
     use crate::operator::validate::{tests::kafka_publisher, validate};
     use crate::relay::status::CircuitReport;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     fn now(secs: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("time"))
@@ -281,11 +302,14 @@ mod tests {
             unanswered: vec![],
             ready_replicas: 2,
             provision: Some(ProvisionOutcome::Provisioned {
-                created: 2,
+                created: vec![ProvisionedResource {
+                    kind: "kafkaTopic".into(),
+                    name: "inventory.events".into(),
+                }],
                 corrected: 0,
             }),
         };
-        let s = compute(&p, &seen, &[], now(10));
+        let s = compute(&p, &seen, &EventPublisherStatus::default(), now(10));
         assert_eq!(condition(&s, types::READY).status, "True", "{:?}", s.conditions);
         assert_eq!(s.failed_event_count, Some(6));
         assert_eq!(s.dead_lettered_count, Some(4));
@@ -293,6 +317,16 @@ mod tests {
         assert_eq!(s.workers.as_deref(), Some("2/2"));
         assert_eq!(s.circuit_state.as_deref(), Some("Closed"));
         assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.provisioned_resources.len(), 1);
+        // The next rollout creates nothing new; what was created stays recorded.
+        let next = Observations {
+            provision: Some(ProvisionOutcome::Provisioned {
+                created: vec![],
+                corrected: 0,
+            }),
+            ..seen
+        };
+        assert_eq!(compute(&p, &next, &s, now(20)).provisioned_resources.len(), 1);
     }
 
     #[test]
@@ -302,12 +336,12 @@ mod tests {
             reports: vec![report("a", "open"), report("b", "closed")],
             ready_replicas: 2,
             provision: Some(ProvisionOutcome::Provisioned {
-                created: 0,
+                created: vec![],
                 corrected: 0,
             }),
             ..Observations::default()
         };
-        let s = compute(&p, &seen, &[], now(10));
+        let s = compute(&p, &seen, &EventPublisherStatus::default(), now(10));
         let broker = condition(&s, types::BROKER_READY);
         assert_eq!(
             (broker.status.as_str(), broker.reason.as_str()),
@@ -325,7 +359,7 @@ mod tests {
             unanswered: vec!["orders-relay-1 (10.0.0.7): connection refused".into()],
             ..Observations::default()
         };
-        let s = compute(&p, &seen, &[], now(10));
+        let s = compute(&p, &seen, &EventPublisherStatus::default(), now(10));
         assert_eq!(s.pending_events, None);
         assert_eq!(s.failed_event_count, None);
         assert_eq!(s.circuit_state.as_deref(), Some("Unknown"));
@@ -348,7 +382,7 @@ mod tests {
             }),
             ..Observations::default()
         };
-        let s = compute(&p, &seen, &[], now(10));
+        let s = compute(&p, &seen, &EventPublisherStatus::default(), now(10));
         let topology = condition(&s, types::TOPOLOGY_PROVISIONED);
         assert_eq!(topology.status, "False");
         assert!(topology.message.contains("12 partitions"), "{}", topology.message);
@@ -356,7 +390,12 @@ mod tests {
 
         raw.spec.paused = true;
         let paused = validate(&raw).expect("valid");
-        let s = compute(&paused, &Observations::default(), &[], now(10));
+        let s = compute(
+            &paused,
+            &Observations::default(),
+            &EventPublisherStatus::default(),
+            now(10),
+        );
         assert_eq!(condition(&s, types::PAUSED).status, "True");
         assert_eq!(condition(&s, types::READY).reason, "Paused");
         assert_eq!(s.workers.as_deref(), Some("0/0"));

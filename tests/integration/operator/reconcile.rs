@@ -259,3 +259,156 @@ async fn the_controller_applies_owned_children_writes_status_rolls_on_change_and
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
+
+fn kafka_publisher(name: &str, policy: &str) -> EventPublisher {
+    serde_json::from_value(json!({
+        "apiVersion": "outbox.inventory.io/v1alpha1",
+        "kind": "EventPublisher",
+        "metadata": {"name": name},
+        "spec": {
+            "outbox": {"databaseUrlSecretRef": {"name": "orders-db", "key": "url"}},
+            "broker": {"kafka": {"bootstrapServers": kafka_bootstrap()}},
+            "routing": {"strategy": "single", "destination": format!("{name}.events")},
+            "deletionPolicy": policy,
+            "paused": true
+        }
+    }))
+    .expect("EventPublisher")
+}
+
+/// Pretends a provision run reported `topic` as created (no relay Pod runs in this test).
+async fn record_provisioned(api: &Api<EventPublisher>, name: &str, topic: &str) {
+    until(
+        Duration::from_secs(30),
+        "finalizer added and status written",
+        || async {
+            let p = api.get(name).await.map_err(|e| e.to_string())?;
+            let has_finalizer = p
+                .metadata
+                .finalizers
+                .unwrap_or_default()
+                .iter()
+                .any(|f| f == "outbox.inventory.io/cleanup");
+            if has_finalizer && p.status.is_some() {
+                Ok(())
+            } else {
+                Err(format!("finalizer {has_finalizer}, status {:?}", p.status))
+            }
+        },
+    )
+    .await;
+    let patch = json!({"status": {"provisionedResources": [{"kind": "kafkaTopic", "name": topic}]}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect("record provisioned resources");
+}
+
+async fn events_of(client: &kube::Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    api.list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_policy_retain_releases_at_once_and_delete_runs_a_bounded_cleanup_job() {
+    let client = admin_client().await;
+    install_crds(&client).await;
+    let ns = create_namespace(&client, "op-finalizer").await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = Settings {
+        requeue_after: Duration::from_secs(2),
+        // The cleanup Pod cannot reach a broker here: deletion must still end, in bounded time.
+        cleanup_deadline: Duration::from_secs(15),
+        ..Settings::default()
+    };
+    let controller = tokio::spawn(run(client.clone(), Some(ns.clone()), settings, async move {
+        let _ = stopped.await;
+    }));
+    let api: Api<EventPublisher> = Api::namespaced(client.clone(), &ns);
+
+    // Retain: the finalizer lets go at once and says what stays.
+    api.create(&PostParams::default(), &kafka_publisher("keep", "Retain"))
+        .await
+        .expect("create keep");
+    record_provisioned(&api, "keep", "keep.events").await;
+    api.delete("keep", &DeleteParams::default()).await.expect("delete keep");
+    until(Duration::from_secs(30), "Retain publisher gone", || async {
+        match api.get_opt("keep").await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{:?}", other.map(|p| p.map(|p| p.metadata.finalizers)))),
+        }
+    })
+    .await;
+    let retained = events_of(&client, &ns, "keep").await;
+    assert!(
+        retained
+            .iter()
+            .any(|(r, n)| r == "ResourcesRetained" && n.contains("keep.events")),
+        "{retained:?}"
+    );
+
+    // Delete: a cleanup Job with the created resources; when it cannot finish, deletion still
+    // ends after the Job's deadline, with an Event naming what was left behind.
+    api.create(&PostParams::default(), &kafka_publisher("drop", "Delete"))
+        .await
+        .expect("create drop");
+    record_provisioned(&api, "drop", "drop.events").await;
+    api.delete("drop", &DeleteParams::default()).await.expect("delete drop");
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+    let job = until(Duration::from_secs(30), "cleanup Job created", || async {
+        jobs.get_opt("drop-cleanup")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no Job yet".to_owned())
+    })
+    .await;
+    let container = &job
+        .spec
+        .as_ref()
+        .expect("job spec")
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec")
+        .containers[0];
+    let env = serde_json::to_string(&container.env).expect("env json");
+    assert!(
+        env.contains("drop.events"),
+        "the Job removes exactly the created topic: {env}"
+    );
+    assert_eq!(job.spec.as_ref().and_then(|s| s.active_deadline_seconds), Some(15));
+    until(
+        Duration::from_secs(120),
+        "Delete publisher gone after the bounded cleanup",
+        || async {
+            match api.get_opt("drop").await {
+                Ok(None) => Ok(()),
+                other => Err(format!(
+                    "still there: {:?}; events {:?}",
+                    other.map(|p| p.map(|p| p.metadata.finalizers)),
+                    events_of(&client, &ns, "drop").await
+                )),
+            }
+        },
+    )
+    .await;
+    let dropped = events_of(&client, &ns, "drop").await;
+    assert!(dropped.iter().any(|(r, _)| r == "CleanupStarted"), "{dropped:?}");
+    assert!(
+        dropped.iter().any(
+            |(r, n)| (r == "CleanupFailed" && n.contains("leaves behind: kafkaTopic drop.events"))
+                || r == "CleanupSucceeded"
+        ),
+        "{dropped:?}"
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}
