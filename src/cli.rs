@@ -98,6 +98,21 @@ pub struct OperatorArgs {
     /// Seconds between reconciles of an unchanged EventPublisher (keeps the status fresh).
     #[arg(long, env = "REQUEUE_SECONDS", default_value_t = 15)]
     pub requeue_seconds: u64,
+    /// Listen address of /metrics, /livez and /readyz (the chart passes the Pod IP).
+    #[arg(long, env = "OPERATOR_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: std::net::SocketAddr,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "inventory-outbox-operator")]
+    pub lease_name: String,
+    /// Seconds after which a holder that stopped renewing loses the lease.
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// This replica's identity in the Lease (defaults to POD_NAME, then a random id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 /// How to run a relay worker.
@@ -197,16 +212,30 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     // In-cluster configuration inside a Pod, the kubeconfig elsewhere.
     let client = kube::Client::try_default().await?;
+    let identity = args
+        .identity
+        .unwrap_or_else(|| format!("operator-{}", uuid::Uuid::new_v4().simple()));
     let mut settings = crate::operator::reconcile::Settings {
         requeue_after: std::time::Duration::from_secs(args.requeue_seconds.max(1)),
-        instance: std::env::var("POD_NAME").ok(),
+        instance: Some(identity.clone()),
         ..Default::default()
     };
     if let Some(image) = args.relay_image {
         settings.build.image = image;
     }
-    tracing::info!(image = %settings.build.image, namespace = ?args.namespace, "operator starting");
-    crate::operator::reconcile::run(client, args.namespace, settings, shutdown_signal()).await?;
+    tracing::info!(image = %settings.build.image, namespace = ?args.namespace, identity, "operator starting");
+    let lease_duration = std::time::Duration::from_secs(args.lease_duration_seconds.max(2));
+    let process = crate::operator::process::ProcessSettings {
+        controller: settings,
+        namespace: args.namespace,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
+        lease_duration,
+        lease_grace: (lease_duration / 3).max(std::time::Duration::from_secs(1)),
+        listen: args.listen,
+    };
+    crate::operator::process::run(client, process, shutdown_signal()).await?;
     tracing::info!("operator stopped");
     Ok(())
 }

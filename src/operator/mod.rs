@@ -13,6 +13,8 @@
 
 pub mod build;
 pub mod conditions;
+pub mod metrics;
+pub mod process;
 pub mod reconcile;
 pub mod status;
 pub mod validate;

@@ -73,12 +73,17 @@ impl Default for Settings {
 pub struct Context {
     pub client: kube::Client,
     pub settings: Settings,
+    pub metrics: Arc<super::metrics::OperatorMetrics>,
     http: reqwest::Client,
     recorder: Recorder,
 }
 
 impl Context {
-    pub fn new(client: kube::Client, settings: Settings) -> Result<Self, Error> {
+    pub fn new(
+        client: kube::Client,
+        settings: Settings,
+        metrics: Arc<super::metrics::OperatorMetrics>,
+    ) -> Result<Self, Error> {
         crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(settings.status_timeout)
@@ -94,6 +99,7 @@ impl Context {
         Ok(Self {
             client,
             settings,
+            metrics,
             http,
             recorder,
         })
@@ -174,11 +180,12 @@ impl Error {
 }
 
 /// An invalid object waits for its next change; anything else is retried soon.
-pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, ctx: Arc<Context>) -> Action {
     if let Error::CleanupPending { job } = error {
         tracing::debug!(job, "waiting for the cleanup Job");
         return Action::requeue(Duration::from_secs(3));
     }
+    ctx.metrics.failed(error.metric_label());
     if error.is_transient() {
         tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
         Action::requeue(Duration::from_secs(5))
@@ -190,6 +197,7 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, 
 
 /// One reconcile of one EventPublisher.
 pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
     let publisher = match &obj.0 {
         Ok(p) => p,
         Err(invalid) => {
@@ -625,6 +633,17 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
+    run_with_metrics(client, namespace, settings, Arc::default(), shutdown).await
+}
+
+/// [`run`], recording into `metrics`.
+pub async fn run_with_metrics(
+    client: kube::Client,
+    namespace: Option<String>,
+    settings: Settings,
+    metrics: Arc<super::metrics::OperatorMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
     fn api<K>(client: &kube::Client, namespace: &Option<String>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -635,7 +654,7 @@ pub async fn run(
             None => Api::all(client.clone()),
         }
     }
-    let ctx = Arc::new(Context::new(client.clone(), settings)?);
+    let ctx = Arc::new(Context::new(client.clone(), settings, metrics)?);
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=inventory-outbox-operator");
     Controller::new(
         api::<DeserializeGuard<EventPublisher>>(&client, &namespace),

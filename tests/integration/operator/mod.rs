@@ -2,6 +2,7 @@
 //! agent) the reconciler end to end.
 
 mod crd_validation;
+mod leader;
 mod rbac;
 mod reconcile;
 mod relay_process;
