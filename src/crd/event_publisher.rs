@@ -15,6 +15,8 @@ use crate::broker::sns_sqs::SnsSqsTarget;
 use crate::schema::compatibility::CompatibilityMode;
 
 /// An outbox in PostgreSQL relayed to exactly one broker by relay workers the operator runs.
+// clippy reads the repeated `type_` keys of separate printcolumn(...) entries as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "outbox.inventory.io",

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::common::LocalObjectRef;
 
 /// A one-off replay of events through an EventPublisher's database and broker.
+// clippy reads the repeated `type_` keys of separate printcolumn(...) entries as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "outbox.inventory.io",
