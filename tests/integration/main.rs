@@ -5,6 +5,7 @@ mod admin_api;
 mod broker;
 mod event_core;
 mod registry;
+mod operator;
 mod relay;
 mod smoke;
 mod support;
