@@ -4,8 +4,8 @@
 mod admin_api;
 mod broker;
 mod event_core;
-mod registry;
 mod operator;
+mod registry;
 mod relay;
 mod smoke;
 mod support;
