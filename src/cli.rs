@@ -23,8 +23,9 @@ pub enum Command {
     Operator(OperatorArgs),
     /// Run an outbox relay worker that publishes stored events to the broker.
     Relay(RelayArgs),
-    /// Run one replay of historical events (started by the operator as a Job).
-    Replay,
+    /// Run one ReplayJob's replay of stored events or dead letters, or its consumer-group
+    /// rewind (started by the operator as a Job).
+    Replay(ReplayArgs),
     /// Print the CustomResourceDefinitions as YAML (or write one file per CRD).
     Crd(CrdArgs),
     /// Administer failed and dead-lettered events through a relay's admin API.
@@ -84,6 +85,33 @@ pub struct CleanupArgs {
     pub resources: String,
     /// File to write the JSON report to (the container's termination message).
     #[arg(long, env = "CLEANUP_REPORT_FILE")]
+    pub report_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub secrets: SecretFileArgs,
+}
+
+/// One replay.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The publisher's relay configuration document (YAML or JSON): database, broker, routing
+    /// and retry policy.
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// The ReplayJob spec as JSON.
+    #[arg(long, env = "REPLAY_SPEC")]
+    pub spec: String,
+    /// Checkpoint key; the operator passes the ReplayJob's uid.
+    #[arg(long, env = "REPLAY_ID")]
+    pub replay_id: String,
+    /// `namespace/name` of the ReplayJob, sent with every replayed message (CloudEvents
+    /// extension `replayjob`).
+    #[arg(long, env = "REPLAY_JOB")]
+    pub job: String,
+    /// Listen address of the status endpoint (the operator passes the Pod IP).
+    #[arg(long, env = "REPLAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// File to write the final report to (the container's terminationMessagePath).
+    #[arg(long, env = "REPLAY_REPORT_FILE")]
     pub report_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub secrets: SecretFileArgs,
@@ -176,7 +204,7 @@ impl Cli {
         match self.command {
             Command::Operator(args) => operator(args).await,
             Command::Relay(args) => relay(args).await,
-            Command::Replay => not_implemented("replay"),
+            Command::Replay(args) => replay(args).await,
             Command::Crd(args) => write_crds(args),
             Command::Admin(args) => crate::admin::client::run_cli(args).await,
             Command::Migrate(args) => migrate(args).await,
@@ -211,6 +239,27 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
     crate::relay::run(config, &worker_id, shutdown).await
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    crate::relay::secret_watch::load(&args.secrets.secret_files)?;
+    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; stopping at the next checkpoint");
+        let _ = stop.send(true);
+    });
+    let settings = crate::replay::ReplaySettings {
+        config,
+        spec: args.spec,
+        replay_id: args.replay_id,
+        job: args.job,
+        listen: args.listen,
+        report_file: args.report_file,
+    };
+    crate::replay::run(settings, shutdown).await?;
+    Ok(())
 }
 
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
@@ -377,9 +426,4 @@ fn write_schemas(args: SchemasArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Subcommands whose issue has not landed say so plainly and fail, instead of pretending.
-fn not_implemented(name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("the `{name}` subcommand is not implemented yet")
 }

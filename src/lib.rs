@@ -22,6 +22,7 @@ pub mod event;
 pub mod operator;
 pub mod publisher;
 pub mod relay;
+pub mod replay;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

@@ -14,6 +14,7 @@
 //! | extensions `aggregatetype`, `eventversion` | `aggregateType`, `version` |
 //! | extensions `correlationid`, `causationid`, `userid` | the seed's metadata |
 //! | extension `traceparent` | W3C trace context (distributed tracing extension) |
+//! | extension `replayjob` | the ReplayJob re-sending the event (absent on live traffic) |
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
@@ -65,6 +66,7 @@ pub fn attributes(event: &DomainEvent) -> Vec<(&'static str, String)> {
         ("causationid", &m.causation_id),
         ("userid", &m.user_id),
         ("traceparent", &m.traceparent),
+        ("replayjob", &m.replay_job),
     ];
     attrs.extend(optional.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k, v))));
     attrs
@@ -141,6 +143,7 @@ fn from_parts(attr: impl Fn(&'static str) -> Option<String>, data: Value) -> Res
             user_id: attr("userid"),
             source: attr("source").filter(|s| s != DEFAULT_SOURCE),
             traceparent: attr("traceparent"),
+            replay_job: attr("replayjob"),
         },
         payload: data,
     })

@@ -27,6 +27,12 @@ pub struct EventMetadata {
     /// W3C trace context (`traceparent`), carried to the broker as a message header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The ReplayJob (`namespace/name`) re-sending this event; never stored, only carried to
+    /// the broker (CloudEvents extension `replayjob`) so consumers can tell a replay from live
+    /// traffic.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub replay_job: Option<String>,
 }
 
 impl EventMetadata {
