@@ -134,6 +134,12 @@ impl Engine {
             return self.finish(cp, report).await;
         }
 
+        if let Some(target) = &self.plan.target {
+            // An override destination is not part of the publisher's provisioned topology.
+            if let Err(e) = self.broker.ensure_destinations(std::slice::from_ref(target)).await {
+                tracing::warn!(job = %self.job, target, error = %e, "could not create the override destination; sending anyway");
+            }
+        }
         let batch_size = self.plan.batch_size(self.batch_size);
         let mut pacer = Pacer {
             rate: self.plan.rate_limit,
@@ -155,7 +161,9 @@ impl Engine {
             };
             let mut delivered: Vec<Uuid> = Vec::new();
             let mut failed = 0_i64;
-            for wave in waves(&batch, |e| (e.event.aggregate_type.as_str(), e.event.aggregate_id.as_str())) {
+            for wave in waves(&batch, |e| {
+                (e.event.aggregate_type.as_str(), e.event.aggregate_id.as_str())
+            }) {
                 let mut messages = Vec::with_capacity(wave.len());
                 for i in wave {
                     let stored = &batch[i];
@@ -236,9 +244,9 @@ impl Engine {
         pacer: &mut Pacer,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<Vec<bool>> {
-        let chunk = pacer
-            .rate
-            .map_or(messages.len().max(1), |r| usize::try_from(r).unwrap_or(usize::MAX).max(1));
+        let chunk = pacer.rate.map_or(messages.len().max(1), |r| {
+            usize::try_from(r).unwrap_or(usize::MAX).max(1)
+        });
         let mut outcomes = Vec::with_capacity(messages.len());
         for part in messages.chunks(chunk) {
             let wait = pacer.delay_before(Instant::now());

@@ -127,7 +127,10 @@ async fn execute(
                 .await
                 .map_err(|e| ("DatabaseUnreachable", anyhow::Error::new(e)))?;
             // The replay's own table change (0004) may be newer than the relay's last start.
-            store.migrate().await.map_err(|e| ("MigrationFailed", anyhow::Error::new(e)))?;
+            store
+                .migrate()
+                .await
+                .map_err(|e| ("MigrationFailed", anyhow::Error::new(e)))?;
             let broker = crate::relay::connect_broker_with_registry(&config.broker, &store)
                 .await
                 .map_err(|e| ("BrokerUnreachable", e))?;

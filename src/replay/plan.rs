@@ -12,7 +12,10 @@ pub enum Mode {
     /// Re-send the selected events through the broker adapter.
     Publish(PublishPlan),
     /// Move a Kafka consumer group's committed offsets back to `from` instead.
-    RewindGroup { group: String, from: chrono::DateTime<chrono::Utc> },
+    RewindGroup {
+        group: String,
+        from: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 /// A re-publishing replay.
@@ -167,27 +170,37 @@ mod tests {
             "rateLimit": 50
         }))
         .unwrap();
-        let Mode::Publish(p) = p.mode else { panic!("publish mode") };
+        let Mode::Publish(p) = p.mode else {
+            panic!("publish mode")
+        };
         assert_eq!(p.selection.from_time.unwrap().to_rfc3339(), "2026-01-01T00:00:00+00:00");
         assert_eq!(p.selection.to_position, Some(900));
         assert_eq!(p.selection.event_types, ["Stockout"]);
         assert_eq!(p.selection.dead_lettered_by, None);
         assert_eq!(p.target.as_deref(), Some("replayed"));
         assert_eq!(p.rate_limit, Some(50));
-        assert_eq!(p.batch_size(1000), 100, "two seconds of a rate-limited replay per checkpoint");
+        assert_eq!(
+            p.batch_size(1000),
+            100,
+            "two seconds of a rate-limited replay per checkpoint"
+        );
     }
 
     #[test]
     fn dead_letter_source_selects_the_publishers_dead_letters() {
         let p = plan(json!({"publisherRef": {"name": "orders"}, "source": "deadLetters"})).unwrap();
-        let Mode::Publish(p) = p.mode else { panic!("publish mode") };
+        let Mode::Publish(p) = p.mode else {
+            panic!("publish mode")
+        };
         assert_eq!(p.selection.dead_lettered_by.as_deref(), Some("orders"));
     }
 
     #[test]
     fn rewind_needs_a_time_and_publishes_nothing() {
-        let p = plan(json!({"publisherRef": {"name": "o"}, "from": {"time": "2026-01-01T00:00:00Z"},
-            "consumerGroupRewind": {"group": "billing"}, "dryRun": true}))
+        let p = plan(
+            json!({"publisherRef": {"name": "o"}, "from": {"time": "2026-01-01T00:00:00Z"},
+            "consumerGroupRewind": {"group": "billing"}, "dryRun": true}),
+        )
         .unwrap();
         assert!(matches!(p.mode, Mode::RewindGroup { ref group, .. } if group == "billing"));
         assert!(p.dry_run);
@@ -196,8 +209,10 @@ mod tests {
             PlanError::RewindWithoutTime
         );
         assert_eq!(
-            plan(json!({"publisherRef": {"name": "o"}, "from": {"time": "2026-01-01T00:00:00Z"},
-                "rateLimit": 5, "consumerGroupRewind": {"group": "g"}}))
+            plan(
+                json!({"publisherRef": {"name": "o"}, "from": {"time": "2026-01-01T00:00:00Z"},
+                "rateLimit": 5, "consumerGroupRewind": {"group": "g"}})
+            )
             .unwrap_err(),
             PlanError::RewindCombined
         );

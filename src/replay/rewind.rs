@@ -30,7 +30,11 @@ pub enum RewindError {
     #[error("none of the publisher's topics exists ({0})")]
     NoTopics(String),
     #[error("look up offsets for {time} on {topic}: {message}")]
-    OffsetsForTimes { topic: String, time: DateTime<Utc>, message: String },
+    OffsetsForTimes {
+        topic: String,
+        time: DateTime<Utc>,
+        message: String,
+    },
     #[error("read the committed offsets of consumer group {group}: {message}")]
     Committed { group: String, message: String },
     #[error("commit the rewound offsets of consumer group {group}: {message}")]
@@ -141,7 +145,11 @@ fn rewind_blocking(
         .map_err(|e| RewindError::Metadata(e.to_string()))?;
     let mut wanted = TopicPartitionList::new();
     let mut plain = TopicPartitionList::new();
-    for topic in metadata.topics().iter().filter(|t| candidates.iter().any(|c| c == t.name())) {
+    for topic in metadata
+        .topics()
+        .iter()
+        .filter(|t| candidates.iter().any(|c| c == t.name()))
+    {
         for partition in topic.partitions() {
             wanted
                 .add_partition_offset(topic.name(), partition.id(), Offset::Offset(from.timestamp_millis()))
@@ -184,12 +192,10 @@ fn rewind_blocking(
                     .1
             }
         };
-        let before = before
-            .find_partition(&topic, partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
+        let before = before.find_partition(&topic, partition).and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
         target
             .add_partition_offset(&topic, partition, Offset::Offset(after))
             .map_err(|e| RewindError::Metadata(e.to_string()))?;
@@ -227,6 +233,9 @@ mod tests {
         };
         let topics = candidate_topics(&per_aggregate);
         assert!(topics.contains(&"inv.InventoryItem".to_owned()), "{topics:?}");
-        assert!(topics.len() < EventType::ALL.len(), "one per aggregate type: {topics:?}");
+        assert!(
+            topics.len() < EventType::ALL.len(),
+            "one per aggregate type: {topics:?}"
+        );
     }
 }

@@ -7,5 +7,6 @@ mod event_core;
 mod operator;
 mod registry;
 mod relay;
+mod replay;
 mod smoke;
 mod support;
