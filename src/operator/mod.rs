@@ -16,5 +16,6 @@ pub mod conditions;
 pub mod metrics;
 pub mod process;
 pub mod reconcile;
+pub mod replayjob;
 pub mod status;
 pub mod validate;

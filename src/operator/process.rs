@@ -146,12 +146,22 @@ pub async fn run(
                 _ = stopped => {}
             }
         };
-        let mut controller = tokio::spawn(reconcile::run_with_metrics(
-            client.clone(),
-            settings.namespace.clone(),
-            settings.controller.clone(),
-            metrics.clone(),
-            stop_when,
+        // Both kinds' controllers stop together when the lease is lost or on shutdown.
+        let stop_when = futures::FutureExt::shared(stop_when);
+        let mut controller = tokio::spawn(futures::future::join(
+            reconcile::run_with_metrics(
+                client.clone(),
+                settings.namespace.clone(),
+                settings.controller.clone(),
+                metrics.clone(),
+                stop_when.clone(),
+            ),
+            super::replayjob::run(
+                client.clone(),
+                settings.namespace.clone(),
+                settings.controller.clone(),
+                stop_when,
+            ),
         ));
         let stopping = tokio::select! {
             _ = &mut shutdown => true,

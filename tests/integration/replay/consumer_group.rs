@@ -135,8 +135,8 @@ async fn a_rewound_group_receives_exactly_the_events_from_that_time_and_an_activ
     assert!(status.success(), "{}", files.logs("rewind"));
     assert_eq!(report.phase, ReportPhase::Completed);
     assert!(
-        report.offsets.iter().all(|o| o.before.is_some()),
-        "before offsets reported: {report:?}"
+        report.offsets.iter().all(|o| o.before.is_some() || o.after == 0),
+        "before offsets reported for every partition the group had read: {report:?}"
     );
 
     // A fresh consumer in the group gets exactly the late events.
