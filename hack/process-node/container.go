@@ -216,10 +216,12 @@ func (c *containerRun) runOnce() (code int32, ran bool) {
 	if code != 0 {
 		reason = "Error"
 	}
+	// read before taking c.mu: the log fallback looks up the current log under c.mu
+	message := c.terminationMessage(code)
 	c.mu.Lock()
 	c.state = corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{
 		ExitCode: code, Reason: reason, StartedAt: startedAt, FinishedAt: metav1.Now(),
-		Message:     c.terminationMessage(code),
+		Message:     message,
 		ContainerID: fmt.Sprintf("process://%d", pid),
 	}}
 	c.ready, c.started = false, false

@@ -113,4 +113,3 @@ func tailLines(path string, n, maxBytes int) string {
 	}
 	return out
 }
-

@@ -149,7 +149,7 @@ func (c *containerRun) probeOnce(ctx context.Context, p *corev1.Probe, spec *shi
 			req.Header.Set(h.Name, h.Value)
 		}
 		client := &http.Client{
-			Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, DisableKeepAlives: true},
+			Transport:     &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, DisableKeepAlives: true},
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		}
 		resp, err := client.Do(req)
@@ -223,4 +223,3 @@ func (c *containerRun) execProbe(ctx context.Context, command []string, base *sh
 		return fmt.Errorf("command %v timed out", spec.Argv)
 	}
 }
-

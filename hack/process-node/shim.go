@@ -109,11 +109,6 @@ func runShim(args []string) {
 			fail("create working directory %s: %v", spec.WorkingDir, err)
 		}
 	}
-	if spec.ReadOnlyRoot {
-		if err := syscall.Mount("", "/", "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY, ""); err != nil {
-			fail("make the root filesystem read-only: %v", err)
-		}
-	}
 	for _, m := range spec.Mounts {
 		if err := syscall.Mount(m.Source, m.Target, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
 			fail("mount %s at %s: %v", m.Source, m.Target, err)
@@ -122,6 +117,13 @@ func runShim(args []string) {
 			if err := syscall.Mount("", m.Target, "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY, ""); err != nil {
 				fail("make %s read-only: %v", m.Target, err)
 			}
+		}
+	}
+	// the root goes read-only last: a bind mount copies its source mount's flags, so volumes
+	// (which live on the root filesystem) mounted after this would be read-only too
+	if spec.ReadOnlyRoot {
+		if err := syscall.Mount("", "/", "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY, ""); err != nil {
+			fail("make the root filesystem read-only: %v", err)
 		}
 	}
 	path := spec.Argv[0]
