@@ -32,9 +32,10 @@ fn ready_pods(list: &[Pod]) -> Vec<&Pod> {
     list.iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
-            p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-            })
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         })
         .collect()
 }
@@ -48,12 +49,26 @@ async fn relay_deployment_becomes_available_rolls_and_replaces_pods() {
     let client = admin_client().await;
     let ns = create_namespace(&client, "cluster-deploy").await;
     let db = TestDatabase::create("cluster_deploy").await;
-    let url = format!("{}/{}", database_url().rsplit_once('/').expect("database url").0, db.name);
+    let url = format!(
+        "{}/{}",
+        database_url().rsplit_once('/').expect("database url").0,
+        db.name
+    );
     let image = cluster::register_test_image();
     let topic = unique_name("cluster-relay");
 
-    create::<ConfigMap>(&client, &ns, json!({"metadata": {"name": "relay"}, "data": {"relay.yaml": relay_config(&topic)}})).await;
-    create::<Secret>(&client, &ns, json!({"metadata": {"name": "db"}, "stringData": {"url": url}})).await;
+    create::<ConfigMap>(
+        &client,
+        &ns,
+        json!({"metadata": {"name": "relay"}, "data": {"relay.yaml": relay_config(&topic)}}),
+    )
+    .await;
+    create::<Secret>(
+        &client,
+        &ns,
+        json!({"metadata": {"name": "db"}, "stringData": {"url": url}}),
+    )
+    .await;
     let deployment = json!({
         "metadata": {"name": "relay"},
         "spec": {
@@ -101,56 +116,100 @@ async fn relay_deployment_becomes_available_rolls_and_replaces_pods() {
     let available = async |want_gen: Option<i64>| {
         let d = deployments.get("relay").await.ok()?;
         let s = d.status?;
-        let available = s.conditions.unwrap_or_default().iter().any(|c| c.type_.as_deref() == Some("Available") && c.status.as_deref() == Some("True"));
+        let available = s
+            .conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_.as_deref() == Some("Available") && c.status.as_deref() == Some("True"));
         let current = want_gen.is_none_or(|g| s.observed_generation >= Some(g));
-        (available && current && s.ready_replicas == Some(2) && s.available_replicas == Some(2)
-            && s.updated_replicas == Some(2) && s.replicas == Some(2))
+        (available
+            && current
+            && s.ready_replicas == Some(2)
+            && s.available_replicas == Some(2)
+            && s.updated_replicas == Some(2)
+            && s.replicas == Some(2))
         .then_some(())
     };
-    wait_for(&client, &ns, Duration::from_secs(120), "Deployment relay Available with readyReplicas 2", async || available(None).await).await;
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(120),
+        "Deployment relay Available with readyReplicas 2",
+        async || available(None).await,
+    )
+    .await;
 
     let first = pods(&client, &ns, "app=relay").await;
     let first_ready = ready_pods(&first);
     assert_eq!(first_ready.len(), 2, "{}", cluster::describe(&client, &ns).await);
-    let nodes: BTreeSet<_> = first_ready.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+    let nodes: BTreeSet<_> = first_ready
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
     assert_eq!(nodes.len(), 2, "anti-affinity puts one replica on each Node: {nodes:?}");
     // each replica answers on its own Pod IP
     let http = reqwest::Client::new();
     for p in &first_ready {
         let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod ip");
-        let resp = http.get(format!("http://{ip}:8080/readyz")).send().await.expect("GET /readyz on the Pod IP");
+        let resp = http
+            .get(format!("http://{ip}:8080/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz on the Pod IP");
         assert!(resp.status().is_success(), "readyz of {ip}: {}", resp.status());
     }
     let first_names = names(&first_ready);
 
     // a template change rolls both Pods
     let patched = deployments
-        .patch("relay", &PatchParams::default(), &Patch::Merge(json!({"spec": {"template": {"metadata": {"annotations": {"rollout": "2"}}}}})))
+        .patch(
+            "relay",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"metadata": {"annotations": {"rollout": "2"}}}}})),
+        )
         .await
         .expect("patch template");
     let generation = patched.metadata.generation;
-    let rolled = wait_for(&client, &ns, Duration::from_secs(180), "rollout of both Pods", async || {
-        available(generation).await?;
-        let list = pods(&client, &ns, "app=relay").await;
-        let ready = names(&ready_pods(&list));
-        (list.len() == 2 && ready.len() == 2 && ready.is_disjoint(&first_names)).then_some(ready)
-    })
+    let rolled = wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(180),
+        "rollout of both Pods",
+        async || {
+            available(generation).await?;
+            let list = pods(&client, &ns, "app=relay").await;
+            let ready = names(&ready_pods(&list));
+            (list.len() == 2 && ready.len() == 2 && ready.is_disjoint(&first_names)).then_some(ready)
+        },
+    )
     .await;
 
     // a deleted Pod is replaced
     let victim = rolled.iter().next().expect("a pod").clone();
-    Api::<Pod>::namespaced(client.clone(), &ns).delete(&victim, &DeleteParams::default()).await.expect("delete pod");
-    wait_for(&client, &ns, Duration::from_secs(120), "replacement of the deleted Pod", async || {
-        available(generation).await?;
-        let list = pods(&client, &ns, "app=relay").await;
-        let ready = names(&ready_pods(&list));
-        (list.len() == 2 && ready.len() == 2 && !ready.contains(&victim)).then_some(())
-    })
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete(&victim, &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(120),
+        "replacement of the deleted Pod",
+        async || {
+            available(generation).await?;
+            let list = pods(&client, &ns, "app=relay").await;
+            let ready = names(&ready_pods(&list));
+            (list.len() == 2 && ready.len() == 2 && !ready.contains(&victim)).then_some(())
+        },
+    )
     .await;
 
     cluster::delete_namespace(&client, &ns).await;
     // the relays hold connections to the database: wait for their Pods to go first
-    wait_for(&client, &ns, Duration::from_secs(60), "relay Pods gone", async || pods(&client, &ns, "app=relay").await.is_empty().then_some(())).await;
+    wait_for(&client, &ns, Duration::from_secs(60), "relay Pods gone", async || {
+        pods(&client, &ns, "app=relay").await.is_empty().then_some(())
+    })
+    .await;
     db.drop().await;
 }
 
@@ -171,14 +230,20 @@ async fn crashing_container_restarts_into_crash_loop_back_off() {
         },
     }))
     .await;
-    wait_for(&client, &ns, Duration::from_secs(90), "restarts and CrashLoopBackOff", async || {
-        let list = pods(&client, &ns, "app=crasher").await;
-        let p = list.first()?;
-        let cs = cluster::container_status(p, "main")?;
-        let waiting = cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref()? == "CrashLoopBackOff";
-        let last_exit = cs.last_state.as_ref()?.terminated.as_ref()?.exit_code;
-        (waiting && cs.restart_count >= 1 && last_exit == 3).then_some(())
-    })
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(90),
+        "restarts and CrashLoopBackOff",
+        async || {
+            let list = pods(&client, &ns, "app=crasher").await;
+            let p = list.first()?;
+            let cs = cluster::container_status(p, "main")?;
+            let waiting = cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref()? == "CrashLoopBackOff";
+            let last_exit = cs.last_state.as_ref()?.terminated.as_ref()?.exit_code;
+            (waiting && cs.restart_count >= 1 && last_exit == 3).then_some(())
+        },
+    )
     .await;
     cluster::delete_namespace(&client, &ns).await;
 }

@@ -42,7 +42,11 @@ pub fn register_image(image: &str, executable: &str) {
     doc["images"][image] = Value::String(executable.to_owned());
     let dir = path.parent().expect("images.json has a parent directory");
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    let tmp = dir.join(format!("images.json.{}.{}.tmp", std::process::id(), super::unique_name("w")));
+    let tmp = dir.join(format!(
+        "images.json.{}.{}.tmp",
+        std::process::id(),
+        super::unique_name("w")
+    ));
     let body = serde_json::to_vec_pretty(&doc).expect("mapping serialises");
     std::fs::write(&tmp, body).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
     std::fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("rename onto {}: {e}", path.display()));
@@ -70,7 +74,11 @@ pub fn register_shell_image() -> String {
 /// Creates a namespaced object from a JSON document.
 pub async fn create<K>(client: &kube::Client, ns: &str, doc: Value) -> K
 where
-    K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
 {
     let obj: K = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("object document {doc}: {e}"));
     Api::<K>::namespaced(client.clone(), ns)
@@ -81,7 +89,13 @@ where
 
 /// Polls `check` every 500 ms until it yields a value; on timeout panics with `what` and the
 /// namespace's Pods, Deployments and Jobs (status and log tails).
-pub async fn wait_for<T>(client: &kube::Client, ns: &str, timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn wait_for<T>(
+    client: &kube::Client,
+    ns: &str,
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
@@ -103,9 +117,16 @@ pub async fn describe(client: &kube::Client, ns: &str) -> String {
             for p in list {
                 let name = p.metadata.name.clone().unwrap_or_default();
                 let status = serde_json::to_string(&p.status).unwrap_or_default();
-                out.push_str(&format!("pod {name} on {:?}: {status}\n", p.spec.as_ref().and_then(|s| s.node_name.clone())));
+                out.push_str(&format!(
+                    "pod {name} on {:?}: {status}\n",
+                    p.spec.as_ref().and_then(|s| s.node_name.clone())
+                ));
                 for c in p.spec.map(|s| s.containers).unwrap_or_default() {
-                    let lp = LogParams { container: Some(c.name.clone()), tail_lines: Some(15), ..Default::default() };
+                    let lp = LogParams {
+                        container: Some(c.name.clone()),
+                        tail_lines: Some(15),
+                        ..Default::default()
+                    };
                     match tokio::time::timeout(Duration::from_secs(5), pods.logs(&name, &lp)).await {
                         Ok(Ok(l)) => out.push_str(&format!("  log of {}:\n{}\n", c.name, l)),
                         Ok(Err(e)) => out.push_str(&format!("  no log of {}: {e}\n", c.name)),
@@ -116,14 +137,28 @@ pub async fn describe(client: &kube::Client, ns: &str) -> String {
         }
         Err(e) => out.push_str(&format!("cannot list pods: {e}\n")),
     }
-    if let Ok(list) = Api::<Deployment>::namespaced(client.clone(), ns).list(&ListParams::default()).await {
+    if let Ok(list) = Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+    {
         for d in list {
-            out.push_str(&format!("deployment {:?}: {}\n", d.metadata.name, serde_json::to_string(&d.status).unwrap_or_default()));
+            out.push_str(&format!(
+                "deployment {:?}: {}\n",
+                d.metadata.name,
+                serde_json::to_string(&d.status).unwrap_or_default()
+            ));
         }
     }
-    if let Ok(list) = Api::<Job>::namespaced(client.clone(), ns).list(&ListParams::default()).await {
+    if let Ok(list) = Api::<Job>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+    {
         for j in list {
-            out.push_str(&format!("job {:?}: {}\n", j.metadata.name, serde_json::to_string(&j.status).unwrap_or_default()));
+            out.push_str(&format!(
+                "job {:?}: {}\n",
+                j.metadata.name,
+                serde_json::to_string(&j.status).unwrap_or_default()
+            ));
         }
     }
     out
@@ -155,11 +190,18 @@ pub fn container_pid(pod: &Pod, container: &str) -> Option<i32> {
 
 /// The container's status, if reported.
 pub fn container_status<'a>(pod: &'a Pod, container: &str) -> Option<&'a k8s_openapi::api::core::v1::ContainerStatus> {
-    pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|c| c.name == container)
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == container)
 }
 
 /// Deletes the namespace (its Pods' processes end with it).
 pub async fn delete_namespace(client: &kube::Client, ns: &str) {
     use k8s_openapi::api::core::v1::Namespace;
-    let _ = Api::<Namespace>::all(client.clone()).delete(ns, &Default::default()).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(ns, &Default::default())
+        .await;
 }
