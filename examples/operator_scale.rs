@@ -36,13 +36,20 @@ async fn main() -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in inventory_outbox::crd::definitions() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(&name, &PatchParams::apply("operator-scale").force(), &Patch::Apply(&crd))
-            .await?;
+        crds.patch(
+            &name,
+            &PatchParams::apply("operator-scale").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
     }
     let ns = format!("scale-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
         .await?;
 
     let exe = std::env::current_exe()?;
@@ -53,13 +60,23 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("cannot locate the inventory-outbox binary next to {}", exe.display()))?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut operator = tokio::process::Command::new(&bin)
-        .args(["operator", "--namespace", &ns, "--lease-namespace", &ns, "--requeue-seconds", "300"])
+        .args([
+            "operator",
+            "--namespace",
+            &ns,
+            "--lease-namespace",
+            &ns,
+            "--requeue-seconds",
+            "300",
+        ])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()?;
-    let pid = operator.id().ok_or_else(|| anyhow::anyhow!("operator exited at once"))?;
+    let pid = operator
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("operator exited at once"))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let api: Api<EventPublisher> = Api::namespaced(client.clone(), &ns);
