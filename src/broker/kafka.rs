@@ -401,7 +401,7 @@ impl KafkaConfig {
     }
 
     /// Connection settings shared by the producer and the admin client, credentials included.
-    fn client_config(&self) -> Result<ClientConfig, KafkaConnectError> {
+    pub(crate) fn client_config(&self) -> Result<ClientConfig, KafkaConnectError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", self.bootstrap_servers.trim())

@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod rabbitmq;
 pub mod routing;
 pub mod sns_sqs;
+pub mod topology;
 
 use std::future::Future;
 use std::pin::Pin;

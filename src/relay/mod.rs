@@ -8,6 +8,8 @@ pub mod health;
 pub mod leases;
 pub mod metrics;
 pub mod retry;
+pub mod secret_watch;
+pub mod status;
 pub mod worker;
 
 use std::sync::Arc;
@@ -77,6 +79,7 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         anyhow::bail!("the admin token in http.adminTokenFile must be at least 16 characters");
     }
 
+    let status_store = store.clone();
     let relay = Arc::new(worker::Relay::new(config.clone(), store, broker, worker_id));
     let router = crate::admin::api::router(crate::admin::api::AdminState {
         failed: relay.failed_events(),
@@ -84,7 +87,15 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         token,
         health: relay.health(),
         metrics: relay.metrics(),
-    });
+    })
+    .merge(status::router(status::StatusState {
+        store: status_store,
+        publisher: config.publisher.clone(),
+        worker_id: worker_id.to_owned(),
+        health: relay.health(),
+        metrics: relay.metrics(),
+        alive_within: std::time::Duration::from_millis(config.workers.lease_duration_ms),
+    }));
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("listen on http.listen {}", config.http.listen))?;

@@ -5,6 +5,7 @@ mod admin_api;
 mod broker;
 mod cluster;
 mod event_core;
+mod operator;
 mod registry;
 mod relay;
 mod smoke;
