@@ -52,10 +52,6 @@ fn default_partitions() -> i32 {
     6
 }
 
-fn default_replication_factor() -> i32 {
-    1
-}
-
 fn default_message_timeout_ms() -> u32 {
     30_000
 }
@@ -86,9 +82,14 @@ pub struct KafkaConfig {
     /// Partition count of topics the publisher creates. Existing topics are left as they are.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
-    /// Replication factor of topics the publisher creates.
-    #[serde(default = "default_replication_factor")]
-    pub replication_factor: i32,
+    /// Replication factor of topics the publisher creates; unset uses the broker's
+    /// `default.replication.factor` (a production cluster's choice, not 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of topics the publisher creates (with acks=all, how many replicas
+    /// must have a record before it counts as published); unset uses the broker's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_insync_replicas: Option<i32>,
     /// Topic-level configuration of topics the publisher creates, e.g. `retention.ms`,
     /// `min.insync.replicas`, `max.message.bytes`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -135,7 +136,8 @@ impl Default for KafkaConfig {
             mode: CloudEventsMode::default(),
             dead_letter_topic: String::new(),
             partitions: default_partitions(),
-            replication_factor: default_replication_factor(),
+            replication_factor: None,
+            min_insync_replicas: None,
             topic_config: BTreeMap::new(),
             message_timeout_ms: default_message_timeout_ms(),
             linger_ms: default_linger_ms(),
@@ -341,7 +343,12 @@ impl KafkaConfig {
             }
         })?;
         at_least("partitions", self.partitions.into(), 1)?;
-        at_least("replicationFactor", self.replication_factor.into(), 1)?;
+        if let Some(factor) = self.replication_factor {
+            at_least("replicationFactor", factor.into(), 1)?;
+        }
+        if let Some(replicas) = self.min_insync_replicas {
+            at_least("minInsyncReplicas", replicas.into(), 1)?;
+        }
         at_least("messageTimeoutMs", self.message_timeout_ms.into(), 1)?;
         if self.linger_ms >= self.message_timeout_ms {
             return Err(KafkaConfigError::LingerNotBelowTimeout {
@@ -424,7 +431,8 @@ fn at_least(field: &'static str, value: i64, min: i64) -> Result<(), KafkaConfig
 }
 
 /// Kafka's topic name rule; the error completes "topic name ... it".
-fn check_topic_name(name: &str) -> Result<(), &'static str> {
+/// Kafka's topic name rules (length, characters, not `.` or `..`); the error completes "it ...".
+pub(crate) fn check_topic_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("is empty");
     }
@@ -514,14 +522,21 @@ fn describe_client_error(error: &KafkaError) -> String {
     }
 }
 
-/// Broker-side refusals that will repeat on every retry.
-fn is_permanent(code: RDKafkaErrorCode) -> bool {
+/// Refusals of this one record that will repeat on every retry.
+fn is_message_level(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
-        RDKafkaErrorCode::MessageSizeTooLarge
-            | RDKafkaErrorCode::InvalidRecord
-            | RDKafkaErrorCode::MessageBatchTooLarge
-            | RDKafkaErrorCode::TopicAuthorizationFailed
+        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::MessageBatchTooLarge
+    )
+}
+
+/// Refusals of the whole topic: no record can go there until the topic is created or access
+/// granted, and the events are not at fault.
+fn is_destination_level(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
             | RDKafkaErrorCode::InvalidTopic
             // librdkafka reports these only once metadata shows the topic missing after
             // `topic.metadata.propagation.max.ms`, i.e. the broker did not auto-create it.
@@ -533,9 +548,12 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
 /// Classifies a produce error; the message names the librdkafka error code and the topic.
 fn classify(error: &KafkaError, topic: &str) -> SendError {
     match error.rdkafka_error_code() {
-        Some(code) if is_permanent(code) => SendError::Permanent(format!("Kafka {code:?} on topic {topic}: {code}")),
-        Some(code) => SendError::Retriable(format!("Kafka {code:?} on topic {topic}: {code}")),
-        None => SendError::Retriable(format!(
+        Some(code) if is_message_level(code) => SendError::Message(format!("Kafka {code:?} on topic {topic}: {code}")),
+        Some(code) if is_destination_level(code) => {
+            SendError::Destination(format!("Kafka {code:?} on topic {topic}: {code}"))
+        }
+        Some(code) => SendError::Transient(format!("Kafka {code:?} on topic {topic}: {code}")),
+        None => SendError::Transient(format!(
             "Kafka error on topic {topic}: {}",
             describe_client_error(error)
         )),
@@ -656,7 +674,7 @@ impl KafkaBroker {
     fn encode(&self, message: &Message, topic: &str, extra: &[(&str, &str)]) -> Result<Outgoing, SendError> {
         let event = &message.event;
         let encoding_failed =
-            |e: serde_json::Error| SendError::Permanent(format!("cannot encode event {} as JSON: {e}", event.event_id));
+            |e: serde_json::Error| SendError::Message(format!("cannot encode event {} as JSON: {e}", event.event_id));
         let (mut headers, body) = match self.config.mode {
             CloudEventsMode::Binary => (
                 cloudevents::binary_headers(event, KAFKA_PREFIX),
@@ -729,10 +747,10 @@ impl KafkaBroker {
             match tokio::time::timeout_at(report_deadline, delivery).await {
                 Ok(Ok(Ok(_))) => Ok(()),
                 Ok(Ok(Err((error, _)))) => Err(classify(&error, &topic)),
-                Ok(Err(_canceled)) => Err(SendError::Retriable(format!(
+                Ok(Err(_canceled)) => Err(SendError::Transient(format!(
                     "delivery report for topic {topic} was canceled (producer shut down)"
                 ))),
-                Err(_elapsed) => Err(SendError::Retriable(format!(
+                Err(_elapsed) => Err(SendError::Transient(format!(
                     "no delivery report for topic {topic} within {} ms",
                     timeout.as_millis() + DELIVERY_REPORT_GRACE.as_millis()
                 ))),
@@ -749,26 +767,33 @@ impl KafkaBroker {
             .collect();
         for name in &names {
             check_topic_name(name)
-                .map_err(|reason| SendError::Permanent(format!("topic name {name:?} is invalid: it {reason}")))?;
+                .map_err(|reason| SendError::Message(format!("topic name {name:?} is invalid: it {reason}")))?;
         }
+        let min_insync = self.config.min_insync_replicas.map(|r| r.to_string());
         let topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|name| {
-                self.config.topic_config.iter().fold(
-                    NewTopic::new(
-                        name,
-                        self.config.partitions,
-                        TopicReplication::Fixed(self.config.replication_factor),
-                    ),
-                    |topic, (key, value)| topic.set(key.trim(), value),
-                )
+                // -1 asks the broker for its default replication factor (KIP-464).
+                let topic = NewTopic::new(
+                    name,
+                    self.config.partitions,
+                    TopicReplication::Fixed(self.config.replication_factor.unwrap_or(-1)),
+                );
+                let topic = match &min_insync {
+                    Some(replicas) => topic.set("min.insync.replicas", replicas),
+                    None => topic,
+                };
+                self.config
+                    .topic_config
+                    .iter()
+                    .fold(topic, |topic, (key, value)| topic.set(key.trim(), value))
             })
             .collect();
         let options = AdminOptions::new()
             .operation_timeout(Some(ADMIN_OPERATION_TIMEOUT))
             .request_timeout(Some(ADMIN_REQUEST_TIMEOUT));
         let results = self.admin.create_topics(&topics, &options).await.map_err(|e| {
-            SendError::Retriable(format!(
+            SendError::Transient(format!(
                 "creating Kafka topics {names:?} failed: {}",
                 describe_client_error(&e)
             ))
@@ -780,9 +805,9 @@ impl KafkaBroker {
                 Err((name, code)) => {
                     let message = format!("creating Kafka topic {name} failed with {code:?}: {code}");
                     return Err(if is_permanent_admin(code) {
-                        SendError::Permanent(message)
+                        SendError::Message(message)
                     } else {
-                        SendError::Retriable(message)
+                        SendError::Transient(message)
                     });
                 }
             }
@@ -799,11 +824,11 @@ impl KafkaBroker {
                 .map(|metadata| metadata.brokers().len())
         })
         .await
-        .map_err(|e| SendError::Retriable(format!("Kafka metadata request did not complete: {e}")))?;
+        .map_err(|e| SendError::Transient(format!("Kafka metadata request did not complete: {e}")))?;
         match fetched {
-            Ok(0) => Err(SendError::Retriable("Kafka metadata lists no brokers".to_owned())),
+            Ok(0) => Err(SendError::Transient("Kafka metadata lists no brokers".to_owned())),
             Ok(_) => Ok(()),
-            Err(error) => Err(SendError::Retriable(format!(
+            Err(error) => Err(SendError::Transient(format!(
                 "Kafka cluster metadata unavailable from {}: {}",
                 self.config.bootstrap_servers,
                 describe_client_error(&error)
@@ -832,7 +857,7 @@ impl Broker for KafkaBroker {
             ];
             let record = self.encode(message, &self.config.dead_letter_topic, &extra);
             self.deliver(vec![record]).await.pop().unwrap_or_else(|| {
-                Err(SendError::Retriable(
+                Err(SendError::Transient(
                     "no delivery result for the dead letter".to_owned(),
                 ))
             })
@@ -845,6 +870,12 @@ impl Broker for KafkaBroker {
 
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.fetch_cluster_metadata())
+    }
+
+    fn send_budget(&self) -> Duration {
+        // Every record of a call is bounded by messageTimeoutMs; the margin covers the wait
+        // for the delivery reports after it.
+        self.config.message_timeout() + Duration::from_secs(10)
     }
 }
 
@@ -873,7 +904,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.client_id, "inventory-outbox");
         assert_eq!(config.mode, CloudEventsMode::Binary);
-        assert_eq!((config.partitions, config.replication_factor), (6, 1));
+        assert_eq!((config.partitions, config.replication_factor), (6, None));
         assert_eq!((config.message_timeout_ms, config.linger_ms), (30_000, 1));
         assert_eq!(config.compression, KafkaCompression::Lz4);
         assert_eq!(config.security_protocol, KafkaSecurityProtocol::Plaintext);
@@ -938,7 +969,7 @@ mod tests {
         config.partitions = 0;
         assert_eq!(error_of(config), "kafka.partitions is 0; it must be at least 1");
         let mut config = valid();
-        config.replication_factor = -1;
+        config.replication_factor = Some(-1);
         assert_eq!(error_of(config), "kafka.replicationFactor is -1; it must be at least 1");
         let mut config = valid();
         config.message_timeout_ms = 0;
@@ -1047,16 +1078,22 @@ mod tests {
             &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
             "t",
         );
-        assert!(matches!(&permanent, SendError::Permanent(m) if m.contains("MessageSizeTooLarge")));
+        assert!(matches!(&permanent, SendError::Message(m) if m.contains("MessageSizeTooLarge")));
+        for code in [RDKafkaErrorCode::InvalidRecord, RDKafkaErrorCode::MessageBatchTooLarge] {
+            assert!(
+                !classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                "{code:?}"
+            );
+        }
+        // A missing or forbidden topic is the destination's fault: never dead-letter for it.
         for code in [
-            RDKafkaErrorCode::InvalidRecord,
-            RDKafkaErrorCode::MessageBatchTooLarge,
             RDKafkaErrorCode::TopicAuthorizationFailed,
             RDKafkaErrorCode::InvalidTopic,
             RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::UnknownTopic,
         ] {
             assert!(
-                !classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                classify(&KafkaError::MessageProduction(code), "t").is_destination(),
                 "{code:?}"
             );
         }

@@ -59,13 +59,14 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         health: relay.health(),
         metrics: relay.metrics(),
     });
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
+    let listen = config.http.listen_address()?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listen on http.listen {}", config.http.listen))?;
+        .with_context(|| format!("listen on {listen} (http.listen, or POD_IP:8080 when unset)"))?;
     tracing::info!(
         publisher = %config.publisher,
         worker = worker_id,
-        listen = %config.http.listen,
+        listen = %listen,
         broker = relay_kind(&config.broker),
         "relay starting"
     );

@@ -8,6 +8,7 @@
 pub mod events;
 pub mod failed;
 pub mod outbox;
+pub mod relay_queries;
 
 use std::fmt;
 
