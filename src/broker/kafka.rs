@@ -609,7 +609,10 @@ enum Enqueued {
 
 /// The Kafka adapter: one idempotent producer and one admin client.
 pub struct KafkaBroker {
-    producer: FutureProducer,
+    /// Replaced after a fatal error (an idempotent producer that lost its sequence state
+    /// refuses every further record); in-flight records of the old one fail, never "publish".
+    producer: std::sync::RwLock<FutureProducer>,
+    producer_config: ClientConfig,
     admin: AdminClient<DefaultClientContext>,
     config: KafkaConfig,
 }
@@ -659,7 +662,8 @@ impl KafkaBroker {
             "kafka producer created"
         );
         Ok(KafkaBroker {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            producer_config,
             admin,
             config: config.clone(),
         })
@@ -668,6 +672,37 @@ impl KafkaBroker {
     /// The configuration the broker was created with.
     pub fn config(&self) -> &KafkaConfig {
         &self.config
+    }
+
+    /// The current producer (cheap to clone: a handle).
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Recreates the producer when librdkafka reports a fatal error (e.g. an idempotence
+    /// sequence gap), so the next retry goes through a working one.
+    fn recover_from_fatal_error(&self) {
+        let Some((code, reason)) = self.producer().client().fatal_error() else {
+            return;
+        };
+        match self.producer_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::error!(?code, reason, "kafka producer hit a fatal error; recreated it");
+                *self
+                    .producer
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            }
+            Err(e) => tracing::error!(
+                ?code,
+                reason,
+                error = %describe_client_error(&e),
+                "kafka producer hit a fatal error and could not be recreated"
+            ),
+        }
     }
 
     /// Headers and body of one event in the configured CloudEvents mode.
@@ -705,8 +740,9 @@ impl KafkaBroker {
     /// `deadline`).
     async fn enqueue(&self, outgoing: &Outgoing, deadline: Instant) -> Enqueued {
         let mut record = outgoing.record();
+        let producer = self.producer();
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     return Enqueued::Pending {
                         topic: outgoing.topic.clone(),
@@ -739,7 +775,7 @@ impl KafkaBroker {
         // librdkafka reports every record within message.timeout.ms of its enqueue; the grace
         // only guards against a report that never comes.
         let report_deadline = Instant::now() + timeout + DELIVERY_REPORT_GRACE;
-        join_all(enqueued.into_iter().map(|state| async move {
+        let results = join_all(enqueued.into_iter().map(|state| async move {
             let (topic, delivery) = match state {
                 Enqueued::Failed(error) => return Err(error),
                 Enqueued::Pending { topic, delivery } => (topic, delivery),
@@ -756,7 +792,11 @@ impl KafkaBroker {
                 ))),
             }
         }))
-        .await
+        .await;
+        if results.iter().any(Result::is_err) {
+            self.recover_from_fatal_error();
+        }
+        results
     }
 
     async fn create_topics(&self, destinations: &[String]) -> Result<(), SendError> {
@@ -816,7 +856,7 @@ impl KafkaBroker {
     }
 
     async fn fetch_cluster_metadata(&self) -> Result<(), SendError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let fetched = tokio::task::spawn_blocking(move || {
             producer
                 .client()

@@ -462,6 +462,32 @@ fn is_destination_refusal(error: &lapin::Error) -> bool {
     )
 }
 
+/// Closes a session the adapter no longer uses with a proper AMQP close (channel, then
+/// connection), in the background and bounded, so the broker frees it at once instead of
+/// waiting for a heartbeat timeout. Already closed ones are skipped.
+fn close_session(session: Session) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let bound = Duration::from_secs(2);
+        if session.channel.status().connected() {
+            let _ = timeout(bound, session.channel.close(200, "replaced".into())).await;
+        }
+        if session.connection.status().connected() {
+            let _ = timeout(bound, session.connection.close(200, "replaced".into())).await;
+        }
+    });
+}
+
+impl Drop for RabbitMqBroker {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.get_mut().take() {
+            close_session(session);
+        }
+    }
+}
+
 /// The connection and its publishing channel (confirm mode).
 #[derive(Clone)]
 struct Session {
@@ -622,8 +648,9 @@ impl RabbitMqBroker {
                 tracing::warn!(connection = %self.connection_name, "RabbitMQ connection lost; reconnecting");
             }
         }
-        // Dropping the old session closes its connection if it is still open.
-        *current = None;
+        if let Some(old) = current.take() {
+            close_session(old);
+        }
         let session = self.open_session().await?;
         *current = Some(session.clone());
         Ok(session)
@@ -635,8 +662,9 @@ impl RabbitMqBroker {
         if current
             .as_ref()
             .is_some_and(|s| Arc::ptr_eq(&s.connection, &session.connection))
+            && let Some(old) = current.take()
         {
-            *current = None;
+            close_session(old);
         }
     }
 

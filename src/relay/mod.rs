@@ -35,6 +35,12 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
     let store = crate::store::Store::connect(&url, config.schema_name(), config.outbox.max_connections).await?;
     if config.outbox.migrate {
         store.migrate().await?;
+        // The relay validates every payload against its registered schema before sending, so a
+        // relay that owns its schema also registers the built-in ones (idempotent; the mode
+        // applies only to subjects that do not exist yet).
+        crate::schema::registry::SchemaRegistry::new(store.clone())
+            .register_builtin(crate::schema::compatibility::CompatibilityMode::Backward)
+            .await?;
     }
     let broker = connect_broker(&config.broker).await?;
     let token: Arc<str> = match &config.http.admin_token_file {

@@ -34,6 +34,7 @@ use crate::broker::{Broker, Message, SendError};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
 use crate::store::outbox::{OutboxReader, SHARDS};
+use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::relay_queries::RelayQueries;
 use crate::store::{Store, StoreError, sql};
 
@@ -62,6 +63,8 @@ pub struct Relay {
     reader: OutboxReader,
     failed: FailedEvents,
     queries: RelayQueries,
+    /// Registered schemas: a payload that fails its (type, version) schema is never published.
+    registry: SchemaRegistry,
     broker: Arc<dyn Broker>,
     /// Destinations already created (or found) on the broker by `ensure_destinations`.
     ensured: Mutex<HashSet<String>>,
@@ -100,6 +103,7 @@ impl Relay {
             reader,
             failed: FailedEvents::new(store.clone()),
             queries: RelayQueries::new(store.clone()),
+            registry: SchemaRegistry::new(store.clone()),
             ensured: Mutex::new(HashSet::new()),
             broker,
             leases,
@@ -430,12 +434,17 @@ impl Relay {
             let mut park: Vec<(&StoredEvent, Duration, &str)> = Vec::new();
             let mut sending: Vec<(&Pending, Gate)> = Vec::with_capacity(wave.len());
             let mut gates: HashMap<&str, Gate> = HashMap::new();
+            let mut invalid: Vec<(&Pending, SendError)> = Vec::new();
             for i in wave {
                 let item = &events[i];
                 if stopped.contains(&aggregate_key(item.stored)) {
                     if item.attempts.is_none() {
                         hold.push(item.stored);
                     }
+                    continue;
+                }
+                if let Err(error) = self.check_schema(item.stored).await? {
+                    invalid.push((item, error));
                     continue;
                 }
                 let destination = item.message.destination.as_str();
@@ -458,6 +467,12 @@ impl Relay {
                         }
                     }
                     Gate::Allowed | Gate::Probe => sending.push((item, gate)),
+                }
+            }
+            for (item, error) in invalid {
+                let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
+                if self.on_failed(item.stored, &item.message, &error, attempts, true).await? {
+                    stopped.insert(aggregate_key(item.stored));
                 }
             }
             self.queries.park(consumer, &hold, None).await?;
@@ -577,6 +592,20 @@ impl Relay {
             results[i] = result;
         }
         results
+    }
+
+    /// Checks the payload against the schema registered for its (type, version): Ok(Err) is a
+    /// message-level failure (dead-letter with the validation error), Err a store failure.
+    async fn check_schema(&self, event: &StoredEvent) -> Result<Result<(), SendError>, StoreError> {
+        let e = &event.event;
+        match self.registry.validator(&e.event_type, e.version).await {
+            Ok(validator) => Ok(crate::event::validate::check_payload(e, &validator)
+                .map_err(|v| SendError::Message(format!("payload fails its registered schema: {v}")))),
+            Err(RegistryError::Store(error)) => Err(error),
+            Err(error) => Ok(Err(SendError::Message(format!(
+                "payload cannot be checked against a registered schema: {error}"
+            )))),
+        }
     }
 
     fn message(&self, event: &StoredEvent) -> Message {
