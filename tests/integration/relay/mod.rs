@@ -2,6 +2,7 @@
 
 mod config;
 mod crash;
+mod destinations;
 mod isolation;
 mod outage;
 mod poison;
