@@ -526,7 +526,9 @@ fn describe_client_error(error: &KafkaError) -> String {
 fn is_message_level(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
-        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::MessageBatchTooLarge
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::MessageBatchTooLarge
     )
 }
 
@@ -691,10 +693,7 @@ impl KafkaBroker {
         match self.producer_config.create::<FutureProducer>() {
             Ok(fresh) => {
                 tracing::error!(?code, reason, "kafka producer hit a fatal error; recreated it");
-                *self
-                    .producer
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                *self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
             }
             Err(e) => tracing::error!(
                 ?code,

@@ -144,7 +144,7 @@ pub struct HealthConfig {
 }
 
 /// The HTTP server.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpConfig {
     /// Listen address for probes, metrics and the admin API. When unset, the relay listens on
@@ -202,7 +202,12 @@ impl HttpConfig {
                 .trim()
                 .parse::<std::net::IpAddr>()
                 .map(|ip| SocketAddr::new(ip, DEFAULT_HTTP_PORT))
-                .map_err(|e| invalid("http.listen", format!("unset, and POD_IP {ip:?} is not an IP address: {e}"))),
+                .map_err(|e| {
+                    invalid(
+                        "http.listen",
+                        format!("unset, and POD_IP {ip:?} is not an IP address: {e}"),
+                    )
+                }),
             _ => Ok(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))),
         }
     }
@@ -221,15 +226,6 @@ impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             failed_event_threshold: default_failed_threshold(),
-        }
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: None,
-            admin_token_file: None,
         }
     }
 }

@@ -31,10 +31,10 @@ use super::metrics::RelayMetrics;
 use super::retry::RetryDecision;
 use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message, SendError};
+use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
 use crate::store::outbox::{OutboxReader, SHARDS};
-use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::relay_queries::RelayQueries;
 use crate::store::{Store, StoreError, sql};
 
@@ -411,7 +411,10 @@ impl Relay {
         Ok(RoundOutcome {
             read: read + retried.delivered,
             full: full || retried.delivered > 0 || chain_rows as i64 == limit,
-            blocked_by_circuit: None.or(retried.rejected_for).or(fresh.rejected_for).filter(|_| delivered == 0),
+            blocked_by_circuit: None
+                .or(retried.rejected_for)
+                .or(fresh.rejected_for)
+                .filter(|_| delivered == 0),
         })
     }
 
@@ -471,14 +474,21 @@ impl Relay {
             }
             for (item, error) in invalid {
                 let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
-                if self.on_failed(item.stored, &item.message, &error, attempts, true).await? {
+                if self
+                    .on_failed(item.stored, &item.message, &error, attempts, true)
+                    .await?
+                {
                     stopped.insert(aggregate_key(item.stored));
                 }
             }
             self.queries.park(consumer, &hold, None).await?;
             let mut parked: HashMap<&str, (Duration, Vec<&StoredEvent>)> = HashMap::new();
             for (event, retry_in, destination) in park {
-                parked.entry(destination).or_insert((retry_in, Vec::new())).1.push(event);
+                parked
+                    .entry(destination)
+                    .or_insert((retry_in, Vec::new()))
+                    .1
+                    .push(event);
             }
             for (destination, (retry_in, events)) in parked {
                 let at = Utc::now() + chrono::Duration::from_std(retry_in).unwrap_or_default();
@@ -507,7 +517,10 @@ impl Relay {
                     Err(error) => {
                         let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
                         let counted = matches!(gate, Gate::Allowed);
-                        if self.on_failed(item.stored, &item.message, error, attempts, counted).await? {
+                        if self
+                            .on_failed(item.stored, &item.message, error, attempts, counted)
+                            .await?
+                        {
                             stopped.insert(aggregate_key(item.stored));
                         }
                     }

@@ -142,7 +142,12 @@ impl RelayQueries {
             .bind(events.iter().map(|e| e.event.event_id).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.position).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.event.event_type.clone()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.event.aggregate_type.clone()).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.event.aggregate_type.clone())
+                    .collect::<Vec<_>>(),
+            )
             .bind(events.iter().map(|e| e.event.aggregate_id.clone()).collect::<Vec<_>>())
             .bind(status)
             .bind(reason)

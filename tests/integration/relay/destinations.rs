@@ -28,7 +28,10 @@ async fn per_event_type_routing_creates_every_destination_at_start_with_min_insy
     let expected = config.routing.known_destinations();
     assert!(expected.len() >= 15, "{expected:?}");
     let relay = start_relay(&db, config, "d1").await;
-    eventually(Duration::from_secs(30), "relay ready", async || relay.relay.health().ready().is_ok()).await;
+    eventually(Duration::from_secs(30), "relay ready", async || {
+        relay.relay.health().ready().is_ok()
+    })
+    .await;
 
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
@@ -36,7 +39,10 @@ async fn per_event_type_routing_creates_every_destination_at_start_with_min_insy
         .expect("admin client");
     let specifiers: Vec<ResourceSpecifier> = expected.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let described = admin
-        .describe_configs(&specifiers, &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))))
+        .describe_configs(
+            &specifiers,
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .expect("describe topic configs");
     for (topic, result) in expected.iter().zip(described) {
@@ -72,7 +78,10 @@ async fn a_payload_that_fails_its_registered_schema_is_dead_lettered_and_never_p
         "s1",
     )
     .await;
-    eventually(Duration::from_secs(15), "relay ready", async || relay.relay.health().ready().is_ok()).await;
+    eventually(Duration::from_secs(15), "relay ready", async || {
+        relay.relay.health().ready().is_ok()
+    })
+    .await;
 
     // A raw SQL writer: the right type and version, but the payload misses required fields.
     let bad_id = Uuid::now_v7();
@@ -110,14 +119,13 @@ async fn a_payload_that_fails_its_registered_schema_is_dead_lettered_and_never_p
         received.iter().any(|e| e.event_id == good.event_id)
     })
     .await;
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT status, last_error FROM outbox.failed_events WHERE consumer = $1 AND event_id = $2",
-    )
-    .bind(CONSUMER)
-    .bind(bad_id)
-    .fetch_optional(&db.pool)
-    .await
-    .expect("failed row");
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, last_error FROM outbox.failed_events WHERE consumer = $1 AND event_id = $2")
+            .bind(CONSUMER)
+            .bind(bad_id)
+            .fetch_optional(&db.pool)
+            .await
+            .expect("failed row");
     assert!(
         received.iter().all(|e| e.event_id != bad_id),
         "the invalid payload was published"
@@ -128,7 +136,9 @@ async fn a_payload_that_fails_its_registered_schema_is_dead_lettered_and_never_p
     assert!(error.contains("registered schema"), "{error}");
 
     relay.stop().await;
-    let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
     let _ = channel
         .queue_delete(format!("{exchange}.dlq").as_str().into(), QueueDeleteOptions::default())
         .await;

@@ -52,9 +52,12 @@ fn stockout(item: Uuid) -> NewEvent {
     .expect("serialize payload")
 }
 
+/// Everything a consumer saw, with when it arrived.
+type Arrivals = Arc<Mutex<Vec<(DomainEvent, Instant)>>>;
+
 /// Reads `queue` on the shared RabbitMQ into a list of (event, arrival) until stopped.
-fn consume(queue: &str) -> (Arc<Mutex<Vec<(DomainEvent, Instant)>>>, Arc<AtomicBool>) {
-    let arrivals: Arc<Mutex<Vec<(DomainEvent, Instant)>>> = Arc::default();
+fn consume(queue: &str) -> (Arrivals, Arc<AtomicBool>) {
+    let arrivals: Arrivals = Arc::default();
     let running = Arc::new(AtomicBool::new(true));
     let (out, flag, queue) = (arrivals.clone(), running.clone(), queue.to_owned());
     tokio::spawn(async move {
@@ -102,7 +105,10 @@ fn circuit_gauge(relay: &Relay, destination: &str) -> Option<i64> {
         .encode()
         .lines()
         .filter(|l| l.starts_with("outbox_relay_circuit_state{"))
-        .find_map(|l| l.split_once(needle.as_str()).map(|(_, v)| v.trim().parse().unwrap_or(-1)))
+        .find_map(|l| {
+            l.split_once(needle.as_str())
+                .map(|(_, v)| v.trim().parse().unwrap_or(-1))
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -123,7 +129,10 @@ async fn an_open_circuit_holds_only_its_own_destination() {
     let mut config = relay_config(CONSUMER, broker, routing);
     config.retry.max_attempts = 1000;
     let relay = start_relay(&db, config, "c1").await;
-    eventually(Duration::from_secs(15), "relay ready", async || relay.relay.health().ready().is_ok()).await;
+    eventually(Duration::from_secs(15), "relay ready", async || {
+        relay.relay.health().ready().is_ok()
+    })
+    .await;
     let (arrivals, consuming) = consume(&queue);
 
     // Interleave events of the failing destination with healthy ones for 8 s.
@@ -205,7 +214,10 @@ async fn a_dead_letter_keeps_its_aggregate_blocked_when_block_aggregate_is_set()
     let mut config = relay_config(CONSUMER, broker, routing);
     config.dead_letter.block_aggregate = true;
     let relay = start_relay(&db, config, "b1").await;
-    eventually(Duration::from_secs(15), "relay ready", async || relay.relay.health().ready().is_ok()).await;
+    eventually(Duration::from_secs(15), "relay ready", async || {
+        relay.relay.health().ready().is_ok()
+    })
+    .await;
     let (arrivals, consuming) = consume(&queue);
 
     let x = Uuid::now_v7();
@@ -236,9 +248,11 @@ async fn a_dead_letter_keeps_its_aggregate_blocked_when_block_aggregate_is_set()
             .expect("failed event status")
         }
     };
-    eventually(Duration::from_secs(10), "the oversized event dead-lettered", async || {
-        status(big.event_id).await.as_deref() == Some("dead_lettered")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the oversized event dead-lettered",
+        async || status(big.event_id).await.as_deref() == Some("dead_lettered"),
+    )
     .await;
     // Give the relay rounds to (wrongly) send the successor; it must stay held.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -248,8 +262,15 @@ async fn a_dead_letter_keeps_its_aggregate_blocked_when_block_aggregate_is_set()
         .await
         .iter()
         .any(|(e, _)| e.event_id == after_big.event_id);
-    assert!(!leaked, "the successor of a dead letter was published (status {held:?})");
-    assert_eq!(held.as_deref(), Some("held"), "the successor waits behind the dead letter");
+    assert!(
+        !leaked,
+        "the successor of a dead letter was published (status {held:?})"
+    );
+    assert_eq!(
+        held.as_deref(),
+        Some("held"),
+        "the successor waits behind the dead letter"
+    );
 
     consuming.store(false, Ordering::SeqCst);
     relay.stop().await;
@@ -344,10 +365,7 @@ async fn a_database_outage_makes_the_worker_unready_and_failed_events_do_not() {
     let (db, _publisher) = publisher("relay_readiness").await;
     let admin: PgConnectOptions = database_url().parse().expect("DATABASE_URL");
     let link = CuttableLink::to(admin.get_host().to_owned(), admin.get_port()).await;
-    let options = admin
-        .host("127.0.0.1")
-        .port(link.port)
-        .database(&db.name);
+    let options = admin.host("127.0.0.1").port(link.port).database(&db.name);
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(2))
@@ -393,17 +411,25 @@ async fn a_database_outage_makes_the_worker_unready_and_failed_events_do_not() {
 
     let cut_at = Instant::now();
     link.cut();
-    eventually(Duration::from_secs(10), "unready during the database outage", async || {
-        health.ready().is_err_and(|r| r.0.iter().any(|l| l.contains("database")))
-    })
+    eventually(
+        Duration::from_secs(10),
+        "unready during the database outage",
+        async || {
+            health
+                .ready()
+                .is_err_and(|r| r.0.iter().any(|l| l.contains("database")))
+        },
+    )
     .await;
     eprintln!("unready {:?} after the database link was cut", cut_at.elapsed());
     assert!(health.live(), "a database outage must not fail liveness");
     link.restore();
     let restored_at = Instant::now();
-    eventually(Duration::from_secs(15), "ready after the database returned", async || {
-        health.ready().is_ok()
-    })
+    eventually(
+        Duration::from_secs(15),
+        "ready after the database returned",
+        async || health.ready().is_ok(),
+    )
     .await;
     eprintln!("ready {:?} after the database link was restored", restored_at.elapsed());
 

@@ -220,9 +220,7 @@ async fn run_outage(
                     }
                 }
                 if broker_down.load(Ordering::SeqCst)
-                    && health
-                        .ready()
-                        .is_err_and(|r| r.0.iter().any(|l| l.contains("broker")))
+                    && health.ready().is_err_and(|r| r.0.iter().any(|l| l.contains("broker")))
                 {
                     unready.store(true, Ordering::SeqCst);
                 }
@@ -304,9 +302,16 @@ async fn run_outage(
     let post_outage_latency = sent
         .iter()
         .filter(|(_, committed)| *committed > restarted + Duration::from_secs(5))
-        .filter_map(|(e, committed)| first_arrival.get(&e.event_id).map(|at| at.saturating_duration_since(*committed)))
+        .filter_map(|(e, committed)| {
+            first_arrival
+                .get(&e.event_id)
+                .map(|at| at.saturating_duration_since(*committed))
+        })
         .collect();
-    let ready_after_restart = ready_again.lock().unwrap().map(|at| at.saturating_duration_since(restarted));
+    let ready_after_restart = ready_again
+        .lock()
+        .unwrap()
+        .map(|at| at.saturating_duration_since(restarted));
     let observed = Observed {
         sent: sent.into_iter().map(|(e, _)| e).collect(),
         received: arrivals.into_iter().map(|(e, _)| e).collect(),
@@ -458,7 +463,12 @@ fn consume_rabbitmq(url: &str, queue: &str, arrivals: Arrivals) -> Arc<AtomicBoo
     running
 }
 
-fn rabbitmq_config(publisher_name: &str, url_env: &str, exchange: &str, queue: &str) -> inventory_outbox::relay::config::RelayConfig {
+fn rabbitmq_config(
+    publisher_name: &str,
+    url_env: &str,
+    exchange: &str,
+    queue: &str,
+) -> inventory_outbox::relay::config::RelayConfig {
     let broker = json!({"rabbitmq": {"urlEnv": url_env, "exchange": exchange, "mode": "structured",
                                      "confirmTimeoutMs": 3000, "connectTimeoutMs": 2000,
                                      "queues": [{"name": queue, "bindingKey": "#"}]}});
