@@ -113,7 +113,14 @@ impl BrokerConfig {
                     Ok(())
                 }
             }
-            BrokerConfig::SnsSqs(c) => c.physical_name(name).map(|_| ()).map_err(|e| e.message().to_owned()),
+            BrokerConfig::SnsSqs(c) => {
+                if !c.fifo && name.ends_with(".fifo") {
+                    return Err(format!(
+                        "destination {name:?} names a FIFO topic or queue but snsSqs.fifo is false"
+                    ));
+                }
+                c.physical_name(name).map(|_| ()).map_err(|e| e.message().to_owned())
+            }
         }
     }
 }

@@ -297,6 +297,16 @@ fn a_bad_routing_destination_fails_start_naming_the_field() {
             json!({"strategy": "single", "destination": "k".repeat(300)}),
             "routing.destination",
         ),
+        (
+            json!({"snsSqs": {"region": "us-east-1", "target": "sqs"}}),
+            json!({"strategy": "single", "destination": "orders.fifo"}),
+            "routing.destination",
+        ),
+        (
+            json!({"snsSqs": {"region": "us-east-1", "target": "sns"}}),
+            json!({"strategy": "single", "destination": "t".repeat(300)}),
+            "routing.destination",
+        ),
     ];
     for (broker, routing, field) in cases {
         let doc = json!({

@@ -15,8 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
 use inventory_outbox::event::{DomainEvent, cloudevents};
-use lapin::options::BasicGetOptions;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message as _};
 use serde_json::json;
@@ -115,6 +117,9 @@ struct Observed {
     ready_after_restart: Option<Duration>,
     /// Whether `/readyz` said "broker is not reachable" while the broker was down.
     unready_during_outage: bool,
+    /// Whether `/livez` failed while the broker was down (it must not: an outage is not a
+    /// reason to restart the Pod).
+    liveness_failed: bool,
 }
 
 /// Everything the consumer saw, with when it arrived.
@@ -194,6 +199,7 @@ async fn run_outage(
     let ready_again: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let broker_down = Arc::new(AtomicBool::new(false));
     let unready = Arc::new(AtomicBool::new(false));
+    let not_live = Arc::new(AtomicBool::new(false));
     let watching = Arc::new(AtomicBool::new(true));
     let watcher = {
         let (metrics, health, pool, gauges, heartbeats, watching) = (
@@ -205,7 +211,7 @@ async fn run_outage(
             watching.clone(),
         );
         let (restarted_at, ready_again) = (restarted_at.clone(), ready_again.clone());
-        let (broker_down, unready) = (broker_down.clone(), unready.clone());
+        let (broker_down, unready, not_live) = (broker_down.clone(), unready.clone(), not_live.clone());
         let needle =
             format!("outbox_relay_circuit_state{{publisher=\"{publisher_name}\",destination=\"{destination}\"}} ");
         let publisher_name = publisher_name.to_owned();
@@ -218,6 +224,9 @@ async fn run_outage(
                     if g.last() != Some(&v) {
                         g.push(v);
                     }
+                }
+                if broker_down.load(Ordering::SeqCst) && !health.live() {
+                    not_live.store(true, Ordering::SeqCst);
                 }
                 if broker_down.load(Ordering::SeqCst)
                     && health.ready().is_err_and(|r| r.0.iter().any(|l| l.contains("broker")))
@@ -320,6 +329,7 @@ async fn run_outage(
         post_outage_latency,
         ready_after_restart,
         unready_during_outage: unready.load(Ordering::SeqCst),
+        liveness_failed: not_live.load(Ordering::SeqCst),
     };
     eprintln!(
         "{publisher_name}: {} events; circuit gauge {:?}; heartbeat {:?}; ready {:?} after the restart; {state}",
@@ -357,6 +367,7 @@ fn assert_recovered_promptly(observed: &Observed) {
         p50 <= Duration::from_millis(1000),
         "post-outage events waited p50 {p50:?} (max {max:?})"
     );
+    assert!(!observed.liveness_failed, "/livez failed during the outage");
     assert!(
         observed.unready_during_outage,
         "/readyz never reported the broker unreachable during the outage"
@@ -429,8 +440,9 @@ fn consume_kafka(bootstrap: &str, topic: &str, arrivals: Arrivals) -> Arc<Atomic
     running
 }
 
-/// Reads the dedicated RabbitMQ queue into `arrivals`, reconnecting across the outage, until
-/// the returned flag turns false.
+/// Reads the dedicated RabbitMQ queue into `arrivals` with a pushing consumer (prefetch
+/// 1000, so the consumer is never the bottleneck of a drain), reconnecting across the outage,
+/// until the returned flag turns false.
 fn consume_rabbitmq(url: &str, queue: &str, arrivals: Arrivals) -> Arc<AtomicBool> {
     let running = Arc::new(AtomicBool::new(true));
     let (flag, url, queue) = (running.clone(), url.to_owned(), queue.to_owned());
@@ -443,18 +455,33 @@ fn consume_rabbitmq(url: &str, queue: &str, arrivals: Arrivals) -> Arc<AtomicBoo
             let Ok(channel) = conn.create_channel().await else {
                 continue;
             };
+            if channel.basic_qos(1000, BasicQosOptions::default()).await.is_err() {
+                continue;
+            }
+            let Ok(mut consumer) = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "outage-test".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
             while flag.load(Ordering::SeqCst) {
-                match channel
-                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-                    .await
-                {
-                    Ok(Some(m)) => {
-                        let doc: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+                match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+                    Ok(Some(Ok(delivery))) => {
+                        let doc: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
                         let e = cloudevents::from_structured(&doc).unwrap();
                         arrivals.lock().await.push((e, Instant::now()));
                     }
-                    Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    Err(_) => break,
+                    Ok(Some(Err(_)) | None) => break,
+                    Err(_) => {}
                 }
             }
             let _ = conn.close(200, "done".into()).await;
