@@ -381,7 +381,8 @@ fn assert_recovered_promptly(observed: &Observed) {
     );
 }
 
-/// The circuit went open, then half-open, then closed, in the metric and the heartbeat row.
+/// The circuit went open, then half-open, then closed in the metric, and open then closed in
+/// the heartbeat row.
 fn assert_circuit_cycled(observed: &Observed) {
     let gauges = &observed.gauges;
     // Metric: 2 = open, 1 = half-open, 0 = closed.
@@ -396,14 +397,13 @@ fn assert_circuit_cycled(observed: &Observed) {
         "circuit closed after half-opening: {gauges:?}"
     );
     assert_eq!(gauges.last(), Some(&0), "circuit ends closed: {gauges:?}");
+    // The heartbeat row is a sample per heartbeat: it shows the open circuit and the closed
+    // end, while a half-open phase that closes at the first probe can fall between samples
+    // (the metric above records every transition).
     let heartbeats = &observed.heartbeats;
-    let hb_open = heartbeats
-        .iter()
-        .position(|s| s == "open")
-        .expect("heartbeat reported open");
     assert!(
-        heartbeats[hb_open..].iter().any(|s| s == "half_open"),
-        "heartbeat reported half_open: {heartbeats:?}"
+        heartbeats.iter().any(|s| s == "open"),
+        "heartbeat reported open: {heartbeats:?}"
     );
     assert_eq!(heartbeats.last().map(String::as_str), Some("closed"));
 }
