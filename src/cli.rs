@@ -220,7 +220,7 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let secrets = crate::relay::secret_watch::load(&args.secrets.secret_files)?;
     let mut config = crate::relay::config::RelayConfig::load(&args.config)?;
     if let Some(listen) = args.http_listen {
-        config.http.listen = listen;
+        config.http.listen = Some(listen);
     }
     let worker_id = args
         .worker_id

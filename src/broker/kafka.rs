@@ -53,10 +53,6 @@ fn default_partitions() -> i32 {
     6
 }
 
-fn default_replication_factor() -> i32 {
-    1
-}
-
 fn default_message_timeout_ms() -> u32 {
     30_000
 }
@@ -92,9 +88,14 @@ pub struct KafkaConfig {
     /// Partition count of topics the publisher creates. Existing topics are left as they are.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
-    /// Replication factor of topics the publisher creates.
-    #[serde(default = "default_replication_factor")]
-    pub replication_factor: i32,
+    /// Replication factor of topics the publisher creates; unset uses the broker's
+    /// `default.replication.factor` (a production cluster's choice, not 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of topics the publisher creates (with acks=all, how many replicas
+    /// must have a record before it counts as published); unset uses the broker's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_insync_replicas: Option<i32>,
     /// Topic-level configuration of topics the publisher creates, e.g. `retention.ms`,
     /// `min.insync.replicas`, `max.message.bytes`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -142,7 +143,8 @@ impl Default for KafkaConfig {
             wire_format: WireFormat::default(),
             dead_letter_topic: String::new(),
             partitions: default_partitions(),
-            replication_factor: default_replication_factor(),
+            replication_factor: None,
+            min_insync_replicas: None,
             topic_config: BTreeMap::new(),
             message_timeout_ms: default_message_timeout_ms(),
             linger_ms: default_linger_ms(),
@@ -348,7 +350,12 @@ impl KafkaConfig {
             }
         })?;
         at_least("partitions", self.partitions.into(), 1)?;
-        at_least("replicationFactor", self.replication_factor.into(), 1)?;
+        if let Some(factor) = self.replication_factor {
+            at_least("replicationFactor", factor.into(), 1)?;
+        }
+        if let Some(replicas) = self.min_insync_replicas {
+            at_least("minInsyncReplicas", replicas.into(), 1)?;
+        }
         at_least("messageTimeoutMs", self.message_timeout_ms.into(), 1)?;
         if self.linger_ms >= self.message_timeout_ms {
             return Err(KafkaConfigError::LingerNotBelowTimeout {
@@ -431,7 +438,8 @@ fn at_least(field: &'static str, value: i64, min: i64) -> Result<(), KafkaConfig
 }
 
 /// Kafka's topic name rule; the error completes "topic name ... it".
-fn check_topic_name(name: &str) -> Result<(), &'static str> {
+/// Kafka's topic name rules (length, characters, not `.` or `..`); the error completes "it ...".
+pub(crate) fn check_topic_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("is empty");
     }
@@ -521,14 +529,23 @@ fn describe_client_error(error: &KafkaError) -> String {
     }
 }
 
-/// Broker-side refusals that will repeat on every retry.
-fn is_permanent(code: RDKafkaErrorCode) -> bool {
+/// Refusals of this one record that will repeat on every retry.
+fn is_message_level(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::MessageSizeTooLarge
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::MessageBatchTooLarge
-            | RDKafkaErrorCode::TopicAuthorizationFailed
+    )
+}
+
+/// Refusals of the whole topic: no record can go there until the topic is created or access
+/// granted, and the events are not at fault.
+fn is_destination_level(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
             | RDKafkaErrorCode::InvalidTopic
             // librdkafka reports these only once metadata shows the topic missing after
             // `topic.metadata.propagation.max.ms`, i.e. the broker did not auto-create it.
@@ -540,9 +557,12 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
 /// Classifies a produce error; the message names the librdkafka error code and the topic.
 fn classify(error: &KafkaError, topic: &str) -> SendError {
     match error.rdkafka_error_code() {
-        Some(code) if is_permanent(code) => SendError::Permanent(format!("Kafka {code:?} on topic {topic}: {code}")),
-        Some(code) => SendError::Retriable(format!("Kafka {code:?} on topic {topic}: {code}")),
-        None => SendError::Retriable(format!(
+        Some(code) if is_message_level(code) => SendError::Message(format!("Kafka {code:?} on topic {topic}: {code}")),
+        Some(code) if is_destination_level(code) => {
+            SendError::Destination(format!("Kafka {code:?} on topic {topic}: {code}"))
+        }
+        Some(code) => SendError::Transient(format!("Kafka {code:?} on topic {topic}: {code}")),
+        None => SendError::Transient(format!(
             "Kafka error on topic {topic}: {}",
             describe_client_error(error)
         )),
@@ -596,9 +616,31 @@ enum Enqueued {
     Pending { topic: String, delivery: DeliveryFuture },
 }
 
+/// The topic this publisher creates under `name`: its partitions, its replication factor
+/// (-1, the broker's default, when unset: KIP-464), `min.insync.replicas` (`min_insync`, the
+/// setting as text) and the configured topic entries. Shared by the relay and `provision`.
+pub(crate) fn new_topic<'a>(config: &'a KafkaConfig, name: &'a str, min_insync: Option<&'a str>) -> NewTopic<'a> {
+    let topic = NewTopic::new(
+        name,
+        config.partitions,
+        TopicReplication::Fixed(config.replication_factor.unwrap_or(-1)),
+    );
+    let topic = match min_insync {
+        Some(replicas) => topic.set("min.insync.replicas", replicas),
+        None => topic,
+    };
+    config
+        .topic_config
+        .iter()
+        .fold(topic, |topic, (key, value)| topic.set(key.trim(), value))
+}
+
 /// The Kafka adapter: one idempotent producer and one admin client.
 pub struct KafkaBroker {
-    producer: FutureProducer,
+    /// Replaced after a fatal error (an idempotent producer that lost its sequence state
+    /// refuses every further record); in-flight records of the old one fail, never "publish".
+    producer: std::sync::RwLock<FutureProducer>,
+    producer_config: ClientConfig,
     admin: AdminClient<DefaultClientContext>,
     config: KafkaConfig,
     framing: Option<ConfluentFraming>,
@@ -649,7 +691,8 @@ impl KafkaBroker {
             "kafka producer created"
         );
         Ok(KafkaBroker {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            producer_config,
             admin,
             config: config.clone(),
             framing: None,
@@ -668,11 +711,39 @@ impl KafkaBroker {
         &self.config
     }
 
+    /// The current producer (cheap to clone: a handle).
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Recreates the producer when librdkafka reports a fatal error (e.g. an idempotence
+    /// sequence gap), so the next retry goes through a working one.
+    fn recover_from_fatal_error(&self) {
+        let Some((code, reason)) = self.producer().client().fatal_error() else {
+            return;
+        };
+        match self.producer_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::error!(?code, reason, "kafka producer hit a fatal error; recreated it");
+                *self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            }
+            Err(e) => tracing::error!(
+                ?code,
+                reason,
+                error = %describe_client_error(&e),
+                "kafka producer hit a fatal error and could not be recreated"
+            ),
+        }
+    }
+
     /// Headers and body of one event in the configured CloudEvents mode.
     fn encode(&self, message: &Message, topic: &str, extra: &[(&str, &str)]) -> Result<Outgoing, SendError> {
         let event = &message.event;
         let encoding_failed =
-            |e: serde_json::Error| SendError::Permanent(format!("cannot encode event {} as JSON: {e}", event.event_id));
+            |e: serde_json::Error| SendError::Message(format!("cannot encode event {} as JSON: {e}", event.event_id));
         let (mut headers, body) = match self.config.mode {
             CloudEventsMode::Binary => (
                 cloudevents::binary_headers(event, KAFKA_PREFIX),
@@ -703,8 +774,9 @@ impl KafkaBroker {
     /// `deadline`).
     async fn enqueue(&self, outgoing: &Outgoing, deadline: Instant) -> Enqueued {
         let mut record = outgoing.record();
+        let producer = self.producer();
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     return Enqueued::Pending {
                         topic: outgoing.topic.clone(),
@@ -737,7 +809,7 @@ impl KafkaBroker {
         // librdkafka reports every record within message.timeout.ms of its enqueue; the grace
         // only guards against a report that never comes.
         let report_deadline = Instant::now() + timeout + DELIVERY_REPORT_GRACE;
-        join_all(enqueued.into_iter().map(|state| async move {
+        let results = join_all(enqueued.into_iter().map(|state| async move {
             let (topic, delivery) = match state {
                 Enqueued::Failed(error) => return Err(error),
                 Enqueued::Pending { topic, delivery } => (topic, delivery),
@@ -745,16 +817,20 @@ impl KafkaBroker {
             match tokio::time::timeout_at(report_deadline, delivery).await {
                 Ok(Ok(Ok(_))) => Ok(()),
                 Ok(Ok(Err((error, _)))) => Err(classify(&error, &topic)),
-                Ok(Err(_canceled)) => Err(SendError::Retriable(format!(
+                Ok(Err(_canceled)) => Err(SendError::Transient(format!(
                     "delivery report for topic {topic} was canceled (producer shut down)"
                 ))),
-                Err(_elapsed) => Err(SendError::Retriable(format!(
+                Err(_elapsed) => Err(SendError::Transient(format!(
                     "no delivery report for topic {topic} within {} ms",
                     timeout.as_millis() + DELIVERY_REPORT_GRACE.as_millis()
                 ))),
             }
         }))
-        .await
+        .await;
+        if results.iter().any(Result::is_err) {
+            self.recover_from_fatal_error();
+        }
+        results
     }
 
     async fn create_topics(&self, destinations: &[String]) -> Result<(), SendError> {
@@ -765,26 +841,18 @@ impl KafkaBroker {
             .collect();
         for name in &names {
             check_topic_name(name)
-                .map_err(|reason| SendError::Permanent(format!("topic name {name:?} is invalid: it {reason}")))?;
+                .map_err(|reason| SendError::Message(format!("topic name {name:?} is invalid: it {reason}")))?;
         }
+        let min_insync = self.config.min_insync_replicas.map(|r| r.to_string());
         let topics: Vec<NewTopic<'_>> = names
             .iter()
-            .map(|name| {
-                self.config.topic_config.iter().fold(
-                    NewTopic::new(
-                        name,
-                        self.config.partitions,
-                        TopicReplication::Fixed(self.config.replication_factor),
-                    ),
-                    |topic, (key, value)| topic.set(key.trim(), value),
-                )
-            })
+            .map(|name| new_topic(&self.config, name, min_insync.as_deref()))
             .collect();
         let options = AdminOptions::new()
             .operation_timeout(Some(ADMIN_OPERATION_TIMEOUT))
             .request_timeout(Some(ADMIN_REQUEST_TIMEOUT));
         let results = self.admin.create_topics(&topics, &options).await.map_err(|e| {
-            SendError::Retriable(format!(
+            SendError::Transient(format!(
                 "creating Kafka topics {names:?} failed: {}",
                 describe_client_error(&e)
             ))
@@ -796,9 +864,9 @@ impl KafkaBroker {
                 Err((name, code)) => {
                     let message = format!("creating Kafka topic {name} failed with {code:?}: {code}");
                     return Err(if is_permanent_admin(code) {
-                        SendError::Permanent(message)
+                        SendError::Message(message)
                     } else {
-                        SendError::Retriable(message)
+                        SendError::Transient(message)
                     });
                 }
             }
@@ -807,7 +875,7 @@ impl KafkaBroker {
     }
 
     async fn fetch_cluster_metadata(&self) -> Result<(), SendError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let fetched = tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -815,11 +883,11 @@ impl KafkaBroker {
                 .map(|metadata| metadata.brokers().len())
         })
         .await
-        .map_err(|e| SendError::Retriable(format!("Kafka metadata request did not complete: {e}")))?;
+        .map_err(|e| SendError::Transient(format!("Kafka metadata request did not complete: {e}")))?;
         match fetched {
-            Ok(0) => Err(SendError::Retriable("Kafka metadata lists no brokers".to_owned())),
+            Ok(0) => Err(SendError::Transient("Kafka metadata lists no brokers".to_owned())),
             Ok(_) => Ok(()),
-            Err(error) => Err(SendError::Retriable(format!(
+            Err(error) => Err(SendError::Transient(format!(
                 "Kafka cluster metadata unavailable from {}: {}",
                 self.config.bootstrap_servers,
                 describe_client_error(&error)
@@ -857,7 +925,7 @@ impl Broker for KafkaBroker {
             ];
             let record = self.encode(message, &self.config.dead_letter_topic, &extra);
             self.deliver(vec![record]).await.pop().unwrap_or_else(|| {
-                Err(SendError::Retriable(
+                Err(SendError::Transient(
                     "no delivery result for the dead letter".to_owned(),
                 ))
             })
@@ -870,6 +938,12 @@ impl Broker for KafkaBroker {
 
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.fetch_cluster_metadata())
+    }
+
+    fn send_budget(&self) -> Duration {
+        // Every record of a call is bounded by messageTimeoutMs; the margin covers the wait
+        // for the delivery reports after it.
+        self.config.message_timeout() + Duration::from_secs(10)
     }
 }
 
@@ -898,7 +972,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.client_id, "inventory-outbox");
         assert_eq!(config.mode, CloudEventsMode::Binary);
-        assert_eq!((config.partitions, config.replication_factor), (6, 1));
+        assert_eq!((config.partitions, config.replication_factor), (6, None));
         assert_eq!((config.message_timeout_ms, config.linger_ms), (30_000, 1));
         assert_eq!(config.compression, KafkaCompression::Lz4);
         assert_eq!(config.security_protocol, KafkaSecurityProtocol::Plaintext);
@@ -963,7 +1037,7 @@ mod tests {
         config.partitions = 0;
         assert_eq!(error_of(config), "kafka.partitions is 0; it must be at least 1");
         let mut config = valid();
-        config.replication_factor = -1;
+        config.replication_factor = Some(-1);
         assert_eq!(error_of(config), "kafka.replicationFactor is -1; it must be at least 1");
         let mut config = valid();
         config.message_timeout_ms = 0;
@@ -1072,16 +1146,22 @@ mod tests {
             &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
             "t",
         );
-        assert!(matches!(&permanent, SendError::Permanent(m) if m.contains("MessageSizeTooLarge")));
+        assert!(matches!(&permanent, SendError::Message(m) if m.contains("MessageSizeTooLarge")));
+        for code in [RDKafkaErrorCode::InvalidRecord, RDKafkaErrorCode::MessageBatchTooLarge] {
+            assert!(
+                !classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                "{code:?}"
+            );
+        }
+        // A missing or forbidden topic is the destination's fault: never dead-letter for it.
         for code in [
-            RDKafkaErrorCode::InvalidRecord,
-            RDKafkaErrorCode::MessageBatchTooLarge,
             RDKafkaErrorCode::TopicAuthorizationFailed,
             RDKafkaErrorCode::InvalidTopic,
             RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::UnknownTopic,
         ] {
             assert!(
-                !classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                classify(&KafkaError::MessageProduction(code), "t").is_destination(),
                 "{code:?}"
             );
         }

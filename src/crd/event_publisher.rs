@@ -414,10 +414,15 @@ pub struct KafkaTopologySpec {
     #[serde(default = "default_partitions")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("topology.kafka.partitions must be between 1 and 10000"))]
     pub partitions: i32,
-    /// Replication factor of each topic.
-    #[serde(default = "default_replication_factor")]
+    /// Replication factor of each topic; unset uses the broker's `default.replication.factor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 32").message("topology.kafka.replicationFactor must be between 1 and 32"))]
-    pub replication_factor: i32,
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of each topic (with acks=all, the replicas that must hold a record
+    /// before it counts as published); unset uses the broker's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 32").message("topology.kafka.minInsyncReplicas must be between 1 and 32"))]
+    pub min_insync_replicas: Option<i32>,
     /// Topic configuration entries, e.g. `retention.ms`, `min.insync.replicas`.
     #[serde(default)]
     #[schemars(length(max = 64))]
@@ -427,9 +432,6 @@ pub struct KafkaTopologySpec {
 
 fn default_partitions() -> i32 {
     6
-}
-fn default_replication_factor() -> i32 {
-    1
 }
 
 /// One topic configuration entry.
@@ -494,6 +496,11 @@ pub struct DeadLetterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     pub queue: Option<String>,
+    /// Keep an aggregate blocked behind its dead-lettered event until it is retried or
+    /// resolved, for consumers that need strict per-aggregate order with no gaps. Off by
+    /// default: the aggregate's later events go on and consumers see a gap.
+    #[serde(default)]
+    pub block_aggregate: bool,
 }
 
 /// Exponential backoff of failed deliveries.

@@ -16,7 +16,7 @@ use crate::broker::sns_sqs::SnsSqsConfig;
 use crate::crd::EventPublisher;
 use crate::crd::event_publisher::{DeletionPolicy, RoutingStrategy};
 use crate::relay::circuit::CircuitBreakerConfig;
-use crate::relay::config::{BrokerConfig, HttpConfig, OutboxConfig, RelayConfig};
+use crate::relay::config::{BrokerConfig, DeadLetterConfig, HttpConfig, OutboxConfig, RelayConfig};
 use crate::relay::retry::RetryPolicy;
 use crate::schema::compatibility::CompatibilityMode;
 
@@ -116,7 +116,8 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             .clone()
             .unwrap_or(crate::crd::event_publisher::KafkaTopologySpec {
                 partitions: KafkaConfig::default().partitions,
-                replication_factor: KafkaConfig::default().replication_factor,
+                replication_factor: None,
+                min_insync_replicas: None,
                 config_entries: Vec::new(),
             });
         let (username_env, password_env) = match &k.credentials_secret_ref {
@@ -151,6 +152,7 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
                 .unwrap_or_else(|| format!("{name}.dlq")),
             partitions: topology.partitions,
             replication_factor: topology.replication_factor,
+            min_insync_replicas: topology.min_insync_replicas,
             topic_config: topology
                 .config_entries
                 .iter()
@@ -278,6 +280,9 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             max_attempts: positive32(spec.retry.max_attempts),
             jitter: spec.retry.jitter,
         },
+        dead_letter: DeadLetterConfig {
+            block_aggregate: spec.dead_letter.block_aggregate,
+        },
         circuit_breaker: CircuitBreakerConfig {
             failure_threshold: positive32(spec.circuit_breaker.failure_threshold),
             failure_rate_threshold: spec.circuit_breaker.failure_rate_threshold,
@@ -290,7 +295,7 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
         health: Default::default(),
         http: HttpConfig {
             // Overridden per Pod with its Pod IP (RELAY_HTTP_LISTEN).
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], HTTP_PORT)),
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], HTTP_PORT))),
             admin_token_file: admin_token.as_ref().map(|t| t.path().into()),
         },
     };

@@ -63,6 +63,12 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
     let store = crate::store::Store::connect(&url, config.schema_name(), config.outbox.max_connections).await?;
     if config.outbox.migrate {
         store.migrate().await?;
+        // The relay validates every payload against its registered schema before sending, so a
+        // relay that owns its schema also registers the built-in ones (idempotent; the mode
+        // applies only to subjects that do not exist yet).
+        crate::schema::registry::SchemaRegistry::new(store.clone())
+            .register_builtin(crate::schema::compatibility::CompatibilityMode::Backward)
+            .await?;
     }
     let broker = connect_broker_with_registry(&config.broker, &store).await?;
     let token: Arc<str> = match &config.http.admin_token_file {
@@ -96,13 +102,14 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         metrics: relay.metrics(),
         alive_within: std::time::Duration::from_millis(config.workers.lease_duration_ms),
     }));
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
+    let listen = config.http.listen_address()?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listen on http.listen {}", config.http.listen))?;
+        .with_context(|| format!("listen on {listen} (http.listen, or POD_IP:8080 when unset)"))?;
     tracing::info!(
         publisher = %config.publisher,
         worker = worker_id,
-        listen = %config.http.listen,
+        listen = %listen,
         broker = relay_kind(&config.broker),
         "relay starting"
     );

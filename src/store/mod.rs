@@ -10,6 +10,7 @@ pub mod failed;
 pub mod leases;
 pub mod outbox;
 pub mod registry;
+pub mod relay_queries;
 pub mod replay;
 pub mod status;
 

@@ -3,6 +3,7 @@
 
 mod admin_api;
 mod broker;
+mod cluster;
 mod event_core;
 mod operator;
 mod registry;

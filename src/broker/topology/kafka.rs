@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
-};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -86,18 +84,10 @@ pub async fn provision(config: &KafkaConfig, destinations: &[String]) -> Result<
 
     let missing: Vec<&String> = wanted.iter().filter(|t| !current.contains_key(*t)).collect();
     if !missing.is_empty() {
+        let min_insync = config.min_insync_replicas.map(|r| r.to_string());
         let new_topics: Vec<NewTopic<'_>> = missing
             .iter()
-            .map(|name| {
-                config.topic_config.iter().fold(
-                    NewTopic::new(
-                        name,
-                        config.partitions,
-                        TopicReplication::Fixed(config.replication_factor),
-                    ),
-                    |t, (k, v)| t.set(k, v),
-                )
-            })
+            .map(|name| crate::broker::kafka::new_topic(config, name, min_insync.as_deref()))
             .collect();
         let results = admin
             .create_topics(&new_topics, &options())
