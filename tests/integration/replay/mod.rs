@@ -4,6 +4,7 @@
 
 mod consumer_group;
 mod kafka;
+mod reconciler;
 
 use std::path::PathBuf;
 use std::process::Stdio;
