@@ -39,8 +39,9 @@ pub struct ReplaySettings {
     pub report_file: Option<PathBuf>,
 }
 
-/// Runs one replay to its end (or to SIGTERM, via `shutdown`) and writes the report. An error
-/// is returned after the report was written, so the process exits non-zero and the Job retries.
+/// Runs one replay to its end (or to SIGTERM, via `shutdown`) and writes the report. A failure
+/// or a stop before the end is returned as an error after the report was written, so the
+/// process exits non-zero and the Job starts another Pod (which resumes at the checkpoint).
 pub async fn run(settings: ReplaySettings, shutdown: watch::Receiver<bool>) -> anyhow::Result<ReplayReport> {
     let config = &settings.config;
     let plan = ReplayPlan::parse(&settings.spec, &config.publisher)?;
@@ -80,6 +81,11 @@ pub async fn run(settings: ReplaySettings, shutdown: watch::Receiver<bool>) -> a
     }
     server.abort();
     match result {
+        // A stop is not a success: the Job must start another Pod, which resumes.
+        Ok(report) if report.phase == ReportPhase::Stopped => Err(anyhow::anyhow!(
+            "stopped at checkpoint {} before the end; a new Pod resumes after it",
+            report.checkpoint
+        )),
         Ok(report) => Ok(report),
         Err((_, error)) => Err(error),
     }
