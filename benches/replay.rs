@@ -138,7 +138,11 @@ async fn relay_rate(url: &str, config: RelayConfig, goal: u64) -> anyhow::Result
         if let Some(at) = broker.reached.lock().ok().and_then(|r| *r) {
             break at;
         }
-        anyhow::ensure!(Instant::now() < deadline, "relay: {} of {goal} acknowledged after 300 s", broker.acked.load(Ordering::SeqCst));
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "relay: {} of {goal} acknowledged after 300 s",
+            broker.acked.load(Ordering::SeqCst)
+        );
         anyhow::ensure!(!task.is_finished(), "relay stopped early");
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
@@ -171,7 +175,11 @@ async fn replay_rate(url: &str, config: &RelayConfig, target: &str) -> anyhow::R
     let start = Instant::now();
     let report = engine.run(shutdown).await?;
     let elapsed = start.elapsed();
-    anyhow::ensure!(report.replayed == EVENTS as i64, "replayed {} of {EVENTS}", report.replayed);
+    anyhow::ensure!(
+        report.replayed == EVENTS as i64,
+        "replayed {} of {EVENTS}",
+        report.replayed
+    );
     Ok((report.replayed as f64 / elapsed.as_secs_f64(), report))
 }
 
@@ -182,7 +190,10 @@ async fn main() -> anyhow::Result<()> {
     let kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
     let tag = Uuid::now_v7().simple().to_string()[20..].to_owned();
     let db = format!("bench_replay_{tag}");
-    let url = format!("{}/{db}", admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b));
+    let url = format!(
+        "{}/{db}",
+        admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b)
+    );
     let mut admin = PgConnection::connect(&admin_url).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
         .execute(&mut admin)
@@ -190,7 +201,8 @@ async fn main() -> anyhow::Result<()> {
     let live = format!("bench-replay-live-{tag}");
     let replayed = format!("bench-replay-target-{tag}");
     let result = run(&url, &kafka, &live, &replayed).await;
-    let kafka_admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &kafka).create()?;
+    let kafka_admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &kafka).create()?;
     let dlq = format!("{live}-dlq");
     if let Err(e) = kafka_admin
         .delete_topics(&[&live, &replayed, &dlq], &AdminOptions::new())
@@ -205,13 +217,25 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(url: &str, kafka: &str, live: &str, replayed: &str) -> anyhow::Result<()> {
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(url).await?;
-    let publisher = InventoryEventPublisher::setup(Store::from_pool(pool.clone(), SchemaName::default()), PublisherConfig::default()).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(url)
+        .await?;
+    let publisher = InventoryEventPublisher::setup(
+        Store::from_pool(pool.clone(), SchemaName::default()),
+        PublisherConfig::default(),
+    )
+    .await?;
     let fill = Instant::now();
     prefill(&publisher, &pool).await?;
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.events").fetch_one(&pool).await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.events")
+        .fetch_one(&pool)
+        .await?;
     anyhow::ensure!(stored == EVENTS as i64, "pre-fill stored {stored} events, not {EVENTS}");
-    println!("pre-filled {EVENTS} events of 1 KiB over {AGGREGATES} aggregates in {:.1} s", fill.elapsed().as_secs_f64());
+    println!(
+        "pre-filled {EVENTS} events of 1 KiB over {AGGREGATES} aggregates in {:.1} s",
+        fill.elapsed().as_secs_f64()
+    );
     let config = config("bench-replay", kafka, live);
     let relay = relay_rate(url, config.clone(), EVENTS as u64).await?;
     let (replay, report) = replay_rate(url, &config, replayed).await?;
@@ -221,6 +245,9 @@ async fn run(url: &str, kafka: &str, live: &str, replayed: &str) -> anyhow::Resu
     println!("| relay: outbox -> Kafka | {relay:.0} |");
     println!("| replay: event store -> Kafka (topic override) | {replay:.0} |");
     println!("| replay / relay | {:.2} |", replay / relay);
-    println!("replay report: matched {}, replayed {}, failed {}, checkpoint {}", report.matched, report.replayed, report.failed, report.checkpoint);
+    println!(
+        "replay report: matched {}, replayed {}, failed {}, checkpoint {}",
+        report.matched, report.replayed, report.failed, report.checkpoint
+    );
     Ok(())
 }

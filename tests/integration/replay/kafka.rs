@@ -357,7 +357,7 @@ async fn redriving_dead_letters_after_the_destination_is_fixed_delivers_them_and
         Duration::from_secs(30),
         "three dead letters",
         async || dead_count().await == 3,
-        || String::new(),
+        String::new,
     )
     .await;
     // Live traffic after the failures (a broker refuses a whole record batch, so a small
