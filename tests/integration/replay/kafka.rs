@@ -240,14 +240,21 @@ async fn a_replay_killed_midway_resumes_after_its_checkpoint_and_duplicates_at_m
     let replay_id = Uuid::new_v4().to_string();
     // 600 events at 200/s: batches (and checkpoints) of 200 events every second.
     let spec = json!({"publisherRef": {"name": "replay-resume"}, "rateLimit": 200, "target": {"destination": topic}});
-    let mut first = files.spawn(&spec, &replay_id, "team-a/resume", free_port(), "first");
-    let mut at_kill = 0;
+    let port = free_port();
+    let mut first = files.spawn(&spec, &replay_id, "team-a/resume", port, "first");
+    // Kill once a checkpoint is written and more events were acknowledged after it: those are
+    // the ones the next run sends again. Every selected event has a position 1..=600, so the
+    // events handled up to checkpoint c are exactly c.
+    let mut sent_after_checkpoint = 0;
     wait_until(
         Duration::from_secs(30),
-        "a first checkpoint",
-        async || {
-            at_kill = checkpoint(&db, &replay_id).await.map_or(0, |c| c.0);
-            at_kill > 0
+        "a checkpoint with events acknowledged after it",
+        async || match status_of(port).await {
+            Some(r) if r.checkpoint > 0 && r.replayed > r.checkpoint => {
+                sent_after_checkpoint = r.replayed - r.checkpoint;
+                true
+            }
+            _ => false,
         },
         || files.logs("first"),
     )
@@ -293,8 +300,13 @@ async fn a_replay_killed_midway_resumes_after_its_checkpoint_and_duplicates_at_m
         }
     }
     println!(
-        "kill -9 at checkpoint {checkpoint_after_kill}: {duplicates} duplicate(s) of {} events",
+        "kill -9 at checkpoint {checkpoint_after_kill} with {sent_after_checkpoint} acknowledged after it: \
+         {duplicates} duplicate(s) of {} events",
         written.len()
+    );
+    assert!(
+        duplicates as i64 >= sent_after_checkpoint,
+        "what was acknowledged after the checkpoint is sent again"
     );
     assert!(
         duplicates <= 200,
