@@ -434,3 +434,61 @@ async fn redriving_dead_letters_after_the_destination_is_fixed_delivers_them_and
     relay.stop().await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_of_one_publisher_run_at_once_and_leave_the_relays_cursors_alone() {
+    let (db, publisher) = publisher("replay_two").await;
+    let topic = unique_name("replay-two-live");
+    let doc = kafka_config("replay-two", &topic, json!({}));
+    let relay = start_relay(&db, relay_config_of(&doc), "t1").await;
+    let items: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let written = write_mixed(&publisher, &db, &items, 1, 6).await;
+    let cursors = async || -> Vec<(i16, i64)> {
+        sqlx::query_as("SELECT shard, position FROM outbox.relay_cursors WHERE consumer = 'replay-two' ORDER BY shard")
+            .fetch_all(&db.pool)
+            .await
+            .expect("cursors")
+    };
+    let last = written.len() as i64;
+    wait_until(
+        Duration::from_secs(30),
+        "the relay caught up",
+        async || cursors().await.iter().map(|c| c.1).max() == Some(last),
+        String::new,
+    )
+    .await;
+    relay.stop().await;
+    let before = cursors().await;
+
+    let files = ReplayFiles::new(&db, &doc);
+    let (a, b) = (unique_name("replay-two-a"), unique_name("replay-two-b"));
+    let spec = |t: &str| json!({"publisherRef": {"name": "replay-two"}, "rateLimit": 50, "target": {"destination": t}});
+    let mut first = files.spawn(&spec(&a), &Uuid::new_v4().to_string(), "team-a/a", free_port(), "a");
+    let mut second = files.spawn(&spec(&b), &Uuid::new_v4().to_string(), "team-a/b", free_port(), "b");
+    let (status_a, _) = files.finish(&mut first, Duration::from_secs(60), "a").await;
+    let (status_b, report_b) = files.finish(&mut second, Duration::from_secs(60), "b").await;
+    assert!(
+        status_a.success() && status_b.success(),
+        "{}\n{}",
+        files.logs("a"),
+        files.logs("b")
+    );
+    assert_eq!(report_b.replayed, last, "{report_b:?}");
+    for target in [&a, &b] {
+        let received = collect(
+            &consumer(target),
+            Duration::from_secs(30),
+            Duration::from_millis(500),
+            |r| r.len() >= written.len(),
+        )
+        .await;
+        let got: HashSet<Uuid> = received.iter().map(|r| r.event.event_id).collect();
+        assert_eq!(got.len(), written.len(), "every event on {target}");
+    }
+    assert_eq!(
+        cursors().await,
+        before,
+        "the replays neither read nor moved the relay's cursors"
+    );
+    db.drop().await;
+}
