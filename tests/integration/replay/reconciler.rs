@@ -290,6 +290,20 @@ async fn jobs_of(f: &Fixture) -> Job {
 async fn deleting_a_running_replay_job_ends_its_pod_and_job_and_says_cancelled() {
     let mut f = Fixture::new("replay-cancel", 200).await;
     f.start_controller();
+    // A dry run through the whole chain: counts, sends nothing, Succeeded.
+    f.create_replay(
+        "count",
+        json!({"publisherRef": {"name": "orders"}, "dryRun": true, "target": {"destination": f.topic},
+               "filter": {"aggregateIds": [f.written[0].aggregate_id]}}),
+    )
+    .await;
+    let counted = f
+        .wait_status("count", Duration::from_secs(60), "dry run finished", |s| {
+            matches!(s.phase, Some(ReplayPhase::Succeeded | ReplayPhase::Failed))
+        })
+        .await;
+    assert_eq!(counted.phase, Some(ReplayPhase::Succeeded), "{counted:?}");
+    assert_eq!((counted.matched, counted.replayed), (Some(20), Some(0)), "{counted:?}");
     f.create_replay(
         "slow",
         json!({"publisherRef": {"name": "orders"}, "rateLimit": 5, "dryRun": false,
