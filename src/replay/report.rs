@@ -29,7 +29,8 @@ pub struct ReplayReport {
     pub phase: ReportPhase,
     /// Selected events in the range (fixed when the first run counts them).
     pub matched: i64,
-    /// Events sent and acknowledged (counted again for a batch re-sent after a restart).
+    /// Events sent and acknowledged. A restarted run starts from the checkpoint's count, so a
+    /// batch re-sent after a kill counts once (the duplicates are on the broker, not here).
     pub replayed: i64,
     /// Events given up after the retry policy, and later events of their aggregates.
     pub failed: i64,

@@ -492,3 +492,54 @@ async fn two_replays_of_one_publisher_run_at_once_and_leave_the_relays_cursors_a
     );
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_replay_at_a_checkpoint_and_the_next_run_finishes_it() {
+    let (db, publisher) = publisher("replay_sigterm").await;
+    let topic = unique_name("replay-sigterm");
+    let doc = kafka_config("replay-sigterm", &topic, json!({}));
+    let items: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+    let written = write_mixed(&publisher, &db, &items, 1, 20).await;
+    let files = ReplayFiles::new(&db, &doc);
+    let replay_id = Uuid::new_v4().to_string();
+    let spec = json!({"publisherRef": {"name": "replay-sigterm"}, "rateLimit": 50, "target": {"destination": topic}});
+    let port = free_port();
+    let mut first = files.spawn(&spec, &replay_id, "team-a/sigterm", port, "first");
+    wait_until(
+        Duration::from_secs(30),
+        "a first checkpoint",
+        async || status_of(port).await.is_some_and(|r| r.checkpoint > 0),
+        || files.logs("first"),
+    )
+    .await;
+    let pid = first.id().expect("child pid");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let (status, report) = files.finish(&mut first, Duration::from_secs(10), "first").await;
+    assert!(
+        !status.success(),
+        "a stop before the end is not a success (the Job must resume)"
+    );
+    assert_eq!(report.phase, ReportPhase::Stopped, "{report:?}");
+    let (position, state, _) = checkpoint(&db, &replay_id).await.expect("checkpoint");
+    assert_eq!(
+        (position, state.as_str()),
+        (report.checkpoint, "running"),
+        "stopped exactly at its checkpoint"
+    );
+    assert!(position < written.len() as i64, "stopped before the end");
+
+    let mut second = files.spawn(&spec, &replay_id, "team-a/sigterm", free_port(), "second");
+    let (status, report) = files.finish(&mut second, Duration::from_secs(60), "second").await;
+    assert!(status.success(), "{}", files.logs("second"));
+    assert_eq!(
+        (report.phase, report.resumed_from),
+        (ReportPhase::Completed, Some(position)),
+        "{report:?}"
+    );
+    assert_eq!(report.replayed, written.len() as i64, "{report:?}");
+    db.drop().await;
+}
