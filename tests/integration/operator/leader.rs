@@ -173,10 +173,20 @@ async fn only_the_lease_holder_reconciles_and_a_killed_holder_is_replaced_within
     } else {
         (&mut b, &mut a)
     };
-    assert_eq!(
-        leader_gauge(leader.port).await.as_deref(),
-        Some("outbox_operator_leader 1")
-    );
+    // The Lease names the holder a moment before its process flips the gauge: wait for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let gauge = leader_gauge(leader.port).await;
+        if gauge.as_deref() == Some("outbox_operator_leader 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease holder's gauge says {gauge:?} 10 s after it took the lease\n{}",
+            logs(&[leader, standby])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         leader_gauge(standby.port).await.as_deref(),
         Some("outbox_operator_leader 0")

@@ -97,10 +97,22 @@ async fn the_controller_applies_owned_children_writes_status_rolls_on_change_and
         (owner.kind.as_str(), owner.name.as_str(), owner.controller),
         ("EventPublisher", "orders", Some(true))
     );
-    let cm = config_maps.get("orders-relay").await.expect("ConfigMap");
+    // Children are applied one after another: wait for each rather than expecting all at once.
+    let cm = until(Duration::from_secs(30), "ConfigMap orders-relay applied", || async {
+        config_maps.get("orders-relay").await.map_err(|e| e.to_string())
+    })
+    .await;
     assert!(cm.data.unwrap_or_default().contains_key("relay.yaml"));
-    services.get("orders-relay").await.expect("Service");
-    pdbs.get("orders-relay").await.expect("PDB with 2 replicas");
+    until(Duration::from_secs(30), "Service orders-relay applied", || async {
+        services.get("orders-relay").await.map_err(|e| e.to_string())
+    })
+    .await;
+    until(
+        Duration::from_secs(30),
+        "PDB orders-relay (2 replicas) applied",
+        || async { pdbs.get("orders-relay").await.map_err(|e| e.to_string()) },
+    )
+    .await;
     let managers: Vec<String> = deployment
         .metadata
         .managed_fields
