@@ -115,6 +115,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_example_replay_jobs_are_valid_against_a_kafka_publisher() {
+        let examples = [
+            include_str!("../../../examples/replayjobs/window.yaml"),
+            include_str!("../../../examples/replayjobs/override-dry-run.yaml"),
+            include_str!("../../../examples/replayjobs/redrive.yaml"),
+            include_str!("../../../examples/replayjobs/rewind.yaml"),
+        ];
+        for text in examples {
+            let mut job: ReplayJob = serde_saphyr::from_str(text).expect("example parses as a ReplayJob");
+            job.metadata.namespace = Some("shop".into());
+            job.metadata.uid = Some("e".into());
+            validate(&job, Some(&kafka_publisher())).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    #[test]
     fn a_missing_publisher_waits_and_a_bad_range_is_final() {
         let job = replay_job(serde_json::json!({"publisherRef": {"name": "orders"}}));
         let missing = validate(&job, None).unwrap_err();
