@@ -9,6 +9,7 @@ mod poison;
 mod replicas;
 mod scaling;
 mod steady_state;
+mod stop;
 
 use std::sync::Arc;
 use std::time::Duration;
