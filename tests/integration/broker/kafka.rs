@@ -383,6 +383,12 @@ async fn after_a_fatal_producer_error_the_producer_is_recreated_and_the_next_bat
         !failed.is_empty(),
         "no record of the batch in flight failed: {results:?}"
     );
+    eprintln!(
+        "fatal error in flight: {} of {} records failed retriably, {} were acknowledged",
+        failed.len(),
+        second.len(),
+        second.len() - failed.len()
+    );
     for result in results.iter().filter_map(|r| r.as_ref().err()) {
         assert!(
             matches!(result, SendError::Transient(_)),
