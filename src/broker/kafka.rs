@@ -719,6 +719,13 @@ impl KafkaBroker {
             .clone()
     }
 
+    /// The producer currently in use, so a test can inject a librdkafka fatal error into it
+    /// (`rd_kafka_test_fatal_error`). For tests only; not part of the adapter's interface.
+    #[doc(hidden)]
+    pub fn producer_for_tests(&self) -> FutureProducer {
+        self.producer()
+    }
+
     /// Recreates the producer when librdkafka reports a fatal error (e.g. an idempotence
     /// sequence gap), so the next retry goes through a working one.
     fn recover_from_fatal_error(&self) {

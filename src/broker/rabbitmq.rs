@@ -462,28 +462,44 @@ fn is_destination_refusal(error: &lapin::Error) -> bool {
     )
 }
 
-/// Closes a session the adapter no longer uses with a proper AMQP close (channel, then
-/// connection), in the background and bounded, so the broker frees it at once instead of
-/// waiting for a heartbeat timeout. Already closed ones are skipped.
+/// A proper AMQP close of `session` (channel, then connection), each step bounded, so the
+/// broker frees it at once instead of waiting for a heartbeat timeout. Already closed ones are
+/// skipped.
+async fn close_gracefully(session: Session) {
+    let bound = Duration::from_secs(2);
+    if session.channel.status().connected() {
+        let _ = timeout(bound, session.channel.close(200, "replaced".into())).await;
+    }
+    if session.connection.status().connected() {
+        let _ = timeout(bound, session.connection.close(200, "replaced".into())).await;
+    }
+}
+
+/// Closes a session the adapter replaced, in the background: the caller is on the publishing
+/// path and must not wait for a stalled peer.
 fn close_session(session: Session) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    runtime.spawn(async move {
-        let bound = Duration::from_secs(2);
-        if session.channel.status().connected() {
-            let _ = timeout(bound, session.channel.close(200, "replaced".into())).await;
-        }
-        if session.connection.status().connected() {
-            let _ = timeout(bound, session.connection.close(200, "replaced".into())).await;
-        }
-    });
+    runtime.spawn(close_gracefully(session));
 }
 
 impl Drop for RabbitMqBroker {
     fn drop(&mut self) {
-        if let Some(session) = self.session.get_mut().take() {
-            close_session(session);
+        let Some(session) = self.session.get_mut().take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // A relay drops its adapter just before the process exits, and a spawned close would
+        // die with the runtime (the broker then logs "client unexpectedly closed TCP
+        // connection"), so wait for it where the runtime allows blocking a worker thread. A
+        // current-thread runtime cannot block here; there the close runs in the background.
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            tokio::task::block_in_place(|| runtime.block_on(close_gracefully(session)));
+        } else {
+            runtime.spawn(close_gracefully(session));
         }
     }
 }

@@ -186,11 +186,13 @@ fn default_max_connections() -> u32 {
 fn default_true() -> bool {
     true
 }
+// A crashed worker's shards move within lease + one heartbeat (<= 2.5 s); four missed
+// renewals in a row are needed to lose a lease spuriously.
 fn default_heartbeat() -> u64 {
-    1000
+    500
 }
 fn default_lease() -> u64 {
-    6000
+    2000
 }
 fn default_failed_threshold() -> i64 {
     1000

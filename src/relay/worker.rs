@@ -35,7 +35,6 @@ use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
 use crate::store::outbox::{CursorAdvance, OutboxReader, SHARDS};
-use crate::store::relay_queries::RelayQueries;
 use crate::store::{Store, StoreError, sql};
 
 /// Errors that stop a relay worker.
@@ -62,7 +61,6 @@ pub struct Relay {
     store: Store,
     reader: OutboxReader,
     failed: FailedEvents,
-    queries: RelayQueries,
     /// Registered schemas: a payload that fails its (type, version) schema is never published.
     registry: SchemaRegistry,
     broker: Arc<dyn Broker>,
@@ -102,7 +100,6 @@ impl Relay {
         Self {
             reader,
             failed: FailedEvents::new(store.clone()),
-            queries: RelayQueries::new(store.clone()),
             registry: SchemaRegistry::new(store.clone()),
             ensured: Mutex::new(HashSet::new()),
             broker,
@@ -367,7 +364,7 @@ impl Relay {
         let limit = i64::try_from(self.config.outbox.batch_size).unwrap_or(1000);
 
         // 1. Blocked aggregates whose head is due: the head and the held events behind it.
-        let chains = self.queries.due_chains(consumer, &owned, limit, block).await?;
+        let chains = self.failed.due_chains(consumer, &owned, limit, block).await?;
         let chain_rows = chains.len();
         let mut pending = Vec::with_capacity(chain_rows);
         for chain in &chains {
@@ -402,8 +399,8 @@ impl Relay {
             });
         }
         let mut blocked: HashSet<(String, String)> = self
-            .queries
-            .blocked_aggregates(consumer, block)
+            .failed
+            .blocked_aggregates_for(consumer, block)
             .await?
             .into_iter()
             .collect();
@@ -493,7 +490,7 @@ impl Relay {
                     stopped.insert(aggregate_key(item.stored));
                 }
             }
-            self.queries.park(consumer, &hold, None).await?;
+            self.failed.park(consumer, &hold, None).await?;
             let mut parked: HashMap<&str, (Duration, Vec<&StoredEvent>)> = HashMap::new();
             for (event, retry_in, destination) in park {
                 parked
@@ -505,9 +502,7 @@ impl Relay {
             for (destination, (retry_in, events)) in parked {
                 let at = Utc::now() + chrono::Duration::from_std(retry_in).unwrap_or_default();
                 let reason = format!("circuit of destination {destination} is open");
-                self.queries
-                    .park(consumer, &events, Some((at, reason.as_str())))
-                    .await?;
+                self.failed.park(consumer, &events, Some((at, reason.as_str()))).await?;
             }
             if sending.is_empty() {
                 continue;
@@ -555,7 +550,7 @@ impl Relay {
                 self.record_circuit(destination, ok);
             }
         }
-        self.queries.mark_delivered(consumer, &delivered_ids).await?;
+        self.failed.mark_all_delivered(consumer, &delivered_ids).await?;
         Ok(outcome)
     }
 
@@ -758,7 +753,7 @@ impl Relay {
         match decision {
             RetryDecision::RetryAfter(delay) => {
                 let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                self.queries
+                self.failed
                     .record_failure(consumer, event, error.message(), Some(next), counts)
                     .await?;
                 self.metrics.retried(event_type, &message.destination);
@@ -770,9 +765,7 @@ impl Relay {
                     // The failed_events row below is the durable dead letter either way.
                     tracing::error!(error = %e, "dead-letter destination refused the event");
                 }
-                self.queries
-                    .record_failure(consumer, event, &reason, None, true)
-                    .await?;
+                self.failed.record_failure(consumer, event, &reason, None, true).await?;
                 self.metrics.dead_lettered(event_type, &message.destination);
                 self.totals.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(reason = %reason, "event dead-lettered");

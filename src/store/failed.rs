@@ -1,5 +1,7 @@
 //! Failed and dead-lettered events, per consumer: what could not be delivered, why, and what
-//! happens next. Shared by the relay and the in-process handler dispatcher.
+//! happens next. One implementation for the relay (bulk forms: whole chains of a blocked
+//! aggregate, parking and settling many events per round), the in-process handler dispatcher
+//! and the admin API.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -118,6 +120,23 @@ fn from_row(r: Row) -> FailedEvent {
     }
 }
 
+/// One event of a blocked aggregate that may be sent now, with the attempts it already made.
+#[derive(Clone, Debug)]
+pub struct ChainEvent {
+    pub stored: StoredEvent,
+    pub attempts: i32,
+}
+
+/// Statuses that block an aggregate: retrying and held always, dead-lettered when the
+/// publisher keeps aggregates blocked behind their dead letters.
+fn blocking_statuses(block_on_dead_letter: bool) -> &'static str {
+    if block_on_dead_letter {
+        "('retrying', 'held', 'dead_lettered')"
+    } else {
+        "('retrying', 'held')"
+    }
+}
+
 /// Access to the `failed_events` table.
 #[derive(Clone, Debug)]
 pub struct FailedEvents {
@@ -130,16 +149,31 @@ impl FailedEvents {
     }
 
     /// Records a failed attempt: `retrying` until `next_retry_at`, or `dead_lettered` when it is None.
-    ///
-    /// Only a row still waiting for delivery (`retrying`, `held`) takes the attempt. A row an
-    /// operator resolved, or that was delivered, while this attempt was in flight keeps its
-    /// status; so does a dead letter (a late failure must not revive it). Returns None then.
+    /// See [`record_failure`](Self::record_failure); every call counts an attempt.
     pub async fn record_attempt(
         &self,
         consumer: &str,
         event: &StoredEvent,
         error: &str,
         next_retry_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<FailedEvent>, StoreError> {
+        self.record_failure(consumer, event, error, next_retry_at, true).await
+    }
+
+    /// Records a failed send: `retrying` until `next_retry_at`, or `dead_lettered` when it is
+    /// None. `count_attempt` is false when the destination, not the event, was at fault (its
+    /// circuit was not closed, or a destination-level error).
+    ///
+    /// Only a row still waiting for delivery (`retrying`, `held`) takes the failure. A row an
+    /// operator resolved, or that was delivered, while this attempt was in flight keeps its
+    /// status; so does a dead letter (a late failure must not revive it). Returns None then.
+    pub async fn record_failure(
+        &self,
+        consumer: &str,
+        event: &StoredEvent,
+        error: &str,
+        next_retry_at: Option<DateTime<Utc>>,
+        count_attempt: bool,
     ) -> Result<Option<FailedEvent>, StoreError> {
         let status = if next_retry_at.is_some() {
             FailedStatus::Retrying
@@ -149,9 +183,9 @@ impl FailedEvents {
         let statement = format!(
             "INSERT INTO {schema}.failed_events (consumer, event_id, position, event_type, aggregate_type, \
                  aggregate_id, status, attempts, last_error, last_attempt_at, next_retry_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, now(), $9) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $10::int, $8, now(), $9) \
              ON CONFLICT (consumer, event_id) DO UPDATE SET status = EXCLUDED.status, \
-                 attempts = failed_events.attempts + 1, last_error = EXCLUDED.last_error, \
+                 attempts = failed_events.attempts + $10::int, last_error = EXCLUDED.last_error, \
                  last_attempt_at = now(), next_retry_at = EXCLUDED.next_retry_at, updated_at = now() \
              WHERE failed_events.status IN ('retrying', 'held') \
              RETURNING {COLUMNS}",
@@ -167,6 +201,7 @@ impl FailedEvents {
             .bind(status.as_str())
             .bind(error)
             .bind(next_retry_at)
+            .bind(i32::from(count_attempt))
             .fetch_optional(self.store.pool())
             .await
             .map_err(StoreError::query("record failed event"))?;
@@ -178,31 +213,72 @@ impl FailedEvents {
 
     /// Parks an event behind an earlier failed event of its aggregate.
     pub async fn hold(&self, consumer: &str, event: &StoredEvent) -> Result<(), StoreError> {
+        self.park(consumer, &[event], None).await
+    }
+
+    /// Parks events behind an earlier failed event of their aggregate (`held`), or, with
+    /// `retry_at`, as heads that wait without a counted attempt (their destination's circuit is
+    /// open). Existing rows are left alone.
+    pub async fn park(
+        &self,
+        consumer: &str,
+        events: &[&StoredEvent],
+        retry_at: Option<(DateTime<Utc>, &str)>,
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (status, next, reason) = match retry_at {
+            Some((at, reason)) => (FailedStatus::Retrying, Some(at), Some(reason)),
+            None => (FailedStatus::Held, None, None),
+        };
         let statement = format!(
             "INSERT INTO {schema}.failed_events (consumer, event_id, position, event_type, aggregate_type, \
-                 aggregate_id, status, attempts) VALUES ($1, $2, $3, $4, $5, $6, 'held', 0) \
+                 aggregate_id, status, attempts, last_error, next_retry_at) \
+             SELECT $1, u.event_id, u.position, u.event_type, u.aggregate_type, u.aggregate_id, $7, 0, $8, $9 \
+             FROM UNNEST($2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[]) \
+                 AS u(event_id, position, event_type, aggregate_type, aggregate_id) \
              ON CONFLICT (consumer, event_id) DO NOTHING",
             schema = self.store.schema()
         );
         sqlx::query(sql(statement))
             .bind(consumer)
-            .bind(event.event.event_id)
-            .bind(event.position)
-            .bind(&event.event.event_type)
-            .bind(&event.event.aggregate_type)
-            .bind(&event.event.aggregate_id)
+            .bind(events.iter().map(|e| e.event.event_id).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.position).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.event.event_type.clone()).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.event.aggregate_type.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.iter().map(|e| e.event.aggregate_id.clone()).collect::<Vec<_>>())
+            .bind(status.as_str())
+            .bind(reason)
+            .bind(next)
             .execute(self.store.pool())
             .await
-            .map_err(StoreError::query("hold event"))?;
+            .map_err(StoreError::query("park events"))?;
         Ok(())
     }
 
     /// Aggregates (type, id) that have a retrying or held event: new events of them must wait.
     pub async fn blocked_aggregates(&self, consumer: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.blocked_aggregates_for(consumer, false).await
+    }
+
+    /// Aggregates (type, id) whose new events must wait behind a failed event: retrying and
+    /// held always, dead-lettered too when `block_on_dead_letter`.
+    pub async fn blocked_aggregates_for(
+        &self,
+        consumer: &str,
+        block_on_dead_letter: bool,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let statement = format!(
             "SELECT DISTINCT aggregate_type, aggregate_id FROM {}.failed_events \
-             WHERE consumer = $1 AND status IN ('retrying', 'held')",
-            self.store.schema()
+             WHERE consumer = $1 AND status IN {}",
+            self.store.schema(),
+            blocking_statuses(block_on_dead_letter)
         );
         sqlx::query_as(sql(statement))
             .bind(consumer)
@@ -211,35 +287,80 @@ impl FailedEvents {
             .map_err(StoreError::query("list blocked aggregates"))
     }
 
-    /// The next event to deliver for each blocked aggregate whose head is due: the oldest
-    /// retrying or held row, when no earlier row of the aggregate is still retrying later.
+    /// The next event to deliver for each blocked aggregate (retrying or held) whose head is
+    /// due, ordered by position.
     pub async fn due_heads(&self, consumer: &str, shards: &[i16], limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        let heads = self.due(consumer, shards, limit, false, false).await?;
+        Ok(heads.into_iter().map(|h| h.stored).collect())
+    }
+
+    /// For every blocked aggregate in `shards` whose head is due (held, or retrying with its
+    /// retry time passed), the head followed by the held events directly behind it, ordered by
+    /// the head's position and then by position; at most `limit` rows. A dead-lettered head
+    /// (kept blocking by `block_on_dead_letter`) is never due: it waits for an operator.
+    pub async fn due_chains(
+        &self,
+        consumer: &str,
+        shards: &[i16],
+        limit: i64,
+        block_on_dead_letter: bool,
+    ) -> Result<Vec<ChainEvent>, StoreError> {
+        self.due(consumer, shards, limit, block_on_dead_letter, true).await
+    }
+
+    /// Due heads, each followed by its chain of held events when `chains`.
+    async fn due(
+        &self,
+        consumer: &str,
+        shards: &[i16],
+        limit: i64,
+        block_on_dead_letter: bool,
+        chains: bool,
+    ) -> Result<Vec<ChainEvent>, StoreError> {
         let schema = self.store.schema();
+        let cols = super::events::EVENT_COLUMNS
+            .split(", ")
+            .map(|c| format!("e.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // `blockers` counts the non-held rows up to each row: a chain is the head plus the held
+        // rows before the next retrying (or dead-lettered) one.
         let statement = format!(
-            "WITH heads AS ( \
-                 SELECT DISTINCT ON (aggregate_type, aggregate_id) event_id, status, next_retry_at \
-                 FROM {schema}.failed_events WHERE consumer = $1 AND status IN ('retrying', 'held') \
-                 ORDER BY aggregate_type, aggregate_id, position) \
-             SELECT {cols} FROM heads h JOIN {schema}.events e USING (event_id) \
-             WHERE (h.status = 'held' OR h.next_retry_at <= now()) AND e.shard = ANY($3) \
-             ORDER BY e.position LIMIT $2",
-            cols = super::events::EVENT_COLUMNS
-                .split(", ")
-                .map(|c| format!("e.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "WITH pending AS ( \
+                 SELECT event_id, status, attempts, position, \
+                     first_value(status) OVER w AS head_status, \
+                     first_value(next_retry_at) OVER w AS head_next, \
+                     first_value(position) OVER w AS head_position, \
+                     row_number() OVER w AS n, \
+                     count(*) FILTER (WHERE status <> 'held') OVER w AS blockers \
+                 FROM {schema}.failed_events WHERE consumer = $1 AND status IN {statuses} \
+                 WINDOW w AS (PARTITION BY aggregate_type, aggregate_id ORDER BY position)) \
+             SELECT {cols}, p.attempts FROM pending p JOIN {schema}.events e USING (event_id) \
+             WHERE (p.head_status = 'held' OR (p.head_status = 'retrying' AND p.head_next <= now())) \
+               AND (p.n = 1 OR ($4 AND p.status = 'held' \
+                    AND p.blockers = CASE WHEN p.head_status = 'held' THEN 0 ELSE 1 END)) \
+               AND e.shard = ANY($3) \
+             ORDER BY p.head_position, p.position LIMIT $2",
+            statuses = blocking_statuses(block_on_dead_letter)
         );
         let rows = sqlx::query(sql(statement))
             .bind(consumer)
             .bind(limit)
             .bind(shards)
+            .bind(chains)
             .fetch_all(self.store.pool())
             .await
             .map_err(StoreError::query("read due failed events"))?;
         rows.iter()
-            .map(super::events::row_to_stored)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::query("decode failed event"))
+            .map(|row| {
+                use sqlx::Row;
+                Ok(ChainEvent {
+                    stored: super::events::row_to_stored(row)?,
+                    attempts: row.try_get("attempts")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::query("decode failed events"))
     }
 
     /// Attempts made so far for one event (0 when it never failed or was only held).
@@ -260,17 +381,25 @@ impl FailedEvents {
     /// Marks a previously failed or held event as delivered, unless an operator settled it
     /// meanwhile (a resolve sticks).
     pub async fn mark_delivered(&self, consumer: &str, event_id: Uuid) -> Result<(), StoreError> {
+        self.mark_all_delivered(consumer, &[event_id]).await
+    }
+
+    /// Marks failed or held events as delivered; resolved rows stay resolved.
+    pub async fn mark_all_delivered(&self, consumer: &str, event_ids: &[Uuid]) -> Result<(), StoreError> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
         let statement = format!(
             "UPDATE {}.failed_events SET status = 'delivered', next_retry_at = NULL, resolved_at = now(), \
-             updated_at = now() WHERE consumer = $1 AND event_id = $2 AND status IN ('retrying', 'held')",
+             updated_at = now() WHERE consumer = $1 AND event_id = ANY($2) AND status IN ('retrying', 'held')",
             self.store.schema()
         );
         sqlx::query(sql(statement))
             .bind(consumer)
-            .bind(event_id)
+            .bind(event_ids)
             .execute(self.store.pool())
             .await
-            .map_err(StoreError::query("mark failed event delivered"))?;
+            .map_err(StoreError::query("mark failed events delivered"))?;
         Ok(())
     }
 

@@ -10,7 +10,6 @@ pub mod failed;
 pub mod leases;
 pub mod outbox;
 pub mod registry;
-pub mod relay_queries;
 pub mod replay;
 pub mod status;
 

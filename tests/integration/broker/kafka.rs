@@ -15,6 +15,7 @@ use inventory_outbox::event::validate::enrich;
 use inventory_outbox::event::{DomainEvent, NewEvent};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 use serde_json::json;
 
@@ -276,4 +277,148 @@ async fn an_unreachable_cluster_is_retriable_for_health_and_sends() {
         [Err(SendError::Transient(reason))] => assert!(reason.contains("MessageTimedOut"), "{reason}"),
         other => panic!("expected one retriable timeout, got {other:?}"),
     }
+}
+
+/// Reads `topic` from the beginning until every id in `expected` has arrived; returns how many
+/// records carried each id (more than one is an at-least-once duplicate).
+async fn read_ids(topic: &str, partitions: i32, expected: &[String]) -> BTreeMap<String, usize> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique_name("kafka-adapter-test"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .expect("partition offset");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let all_seen = |seen: &BTreeMap<String, usize>| expected.iter().all(|id| seen.contains_key(id));
+    let read = tokio::time::timeout(STEP, async {
+        while !all_seen(&seen) {
+            let record = consumer.recv().await.expect("consume").detach();
+            let headers = headers_of(&record);
+            let id = header(&headers, "ce_id").expect("a ce_id header").to_owned();
+            *seen.entry(id).or_default() += 1;
+        }
+    })
+    .await;
+    if read.is_err() {
+        let missing: Vec<&String> = expected.iter().filter(|id| !seen.contains_key(*id)).collect();
+        panic!(
+            "{} of {} events never reached {topic}: {missing:?}",
+            missing.len(),
+            expected.len()
+        );
+    }
+    seen
+}
+
+#[tokio::test]
+async fn after_a_fatal_producer_error_the_producer_is_recreated_and_the_next_batch_is_delivered_with_no_loss() {
+    let topic = unique_name("kafka-fatal");
+    let mut config = config(&unique_name("kafka-fatal-dlq"));
+    // Records wait in librdkafka's queue long enough for the error to hit them in flight.
+    config.linger_ms = 1_000;
+    config.message_timeout_ms = 8_000;
+    let broker = Arc::new(connected(&config, std::slice::from_ref(&topic)).await);
+    let batch = |from: i64| -> Vec<Message> {
+        (from..from + 30)
+            .map(|i| {
+                let aggregate = format!("item-{}", i % 5);
+                message(
+                    i,
+                    &topic,
+                    event(&aggregate, json!({"sku": aggregate, "newQuantity": i})),
+                )
+            })
+            .collect()
+    };
+    let first = batch(0);
+    let results = within("first batch", broker.send_batch(&first)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+
+    let old = broker.producer_for_tests();
+    let second = batch(100);
+    let sending = tokio::spawn({
+        let broker = broker.clone();
+        let second = second.clone();
+        async move { broker.send_batch(&second).await }
+    });
+    within("records of the second batch to be queued", async {
+        while old.in_flight_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // SAFETY: `old` keeps the native handle alive; the reason is a NUL-terminated literal.
+    let injected = unsafe {
+        rdkafka_sys::bindings::rd_kafka_test_fatal_error(
+            old.client().native_ptr(),
+            rdkafka_sys::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            c"injected by the fatal-error test".as_ptr(),
+        )
+    };
+    assert_eq!(
+        injected,
+        rdkafka_sys::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+        "librdkafka refused to inject the fatal error"
+    );
+    assert!(
+        old.client().fatal_error().is_some(),
+        "the producer reports no fatal error"
+    );
+
+    let results = within("second batch", sending).await.expect("send task");
+    assert_eq!(results.len(), second.len());
+    let failed: Vec<&Message> = second
+        .iter()
+        .zip(&results)
+        .filter_map(|(m, r)| r.is_err().then_some(m))
+        .collect();
+    assert!(
+        !failed.is_empty(),
+        "no record of the batch in flight failed: {results:?}"
+    );
+    eprintln!(
+        "fatal error in flight: {} of {} records failed retriably, {} were acknowledged",
+        failed.len(),
+        second.len(),
+        second.len() - failed.len()
+    );
+    for result in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(result, SendError::Transient(_)),
+            "a fatal producer error must be retriable, not {result:?}"
+        );
+    }
+
+    let fresh = broker.producer_for_tests();
+    assert_ne!(
+        fresh.client().native_ptr(),
+        old.client().native_ptr(),
+        "the producer was not recreated after the fatal error"
+    );
+    assert!(fresh.client().fatal_error().is_none());
+
+    // The relay retries what failed; then a new batch goes through too.
+    let retry: Vec<Message> = failed.into_iter().cloned().collect();
+    let results = within("retry of the failed records", broker.send_batch(&retry)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let third = batch(200);
+    let results = within("next batch", broker.send_batch(&third)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+
+    // Every event reported as published, first try or retry, is in the topic.
+    let expected: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .chain(&third)
+        .map(|m| m.event.event_id.to_string())
+        .collect();
+    let seen = read_ids(&topic, config.partitions, &expected).await;
+    assert!(expected.iter().all(|id| seen.contains_key(id)));
 }

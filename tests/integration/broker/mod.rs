@@ -1,5 +1,5 @@
 //! Broker adapters against the real brokers of the local stack.
 
 mod kafka;
-mod rabbitmq;
+pub(crate) mod rabbitmq;
 mod sns_sqs;

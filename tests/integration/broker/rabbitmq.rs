@@ -526,3 +526,80 @@ async fn the_adapter_reconnects_after_the_broker_closes_its_connection() {
     })
     .await;
 }
+
+/// Whether the management API lists a connection whose client named itself `client_name`.
+pub(crate) async fn connection_listed(client_name: &str) -> bool {
+    let body = management("GET", "/api/connections").await;
+    let connections: serde_json::Value = serde_json::from_str(&body).expect("the management API answers JSON");
+    connections
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["client_properties"]["connection_name"] == client_name)
+}
+
+/// The local broker's log lines (`make env-up` sends its stdout to `logs/rabbitmq.log`).
+pub(crate) fn broker_log() -> String {
+    let path = crate::support::state_dir().join("logs/rabbitmq.log");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read the RabbitMQ log {}: {e}", path.display()))
+}
+
+/// How the broker logged the end of the connection named `client_name`: `Some(true)` for an
+/// AMQP close, `Some(false)` for a dropped socket, `None` while it has not ended yet.
+pub(crate) fn logged_close(log: &str, client_name: &str) -> Option<bool> {
+    let marker = format!(" - {client_name},");
+    let line = log
+        .lines()
+        .find(|l| l.contains("closing AMQP connection") && l.contains(&marker))?;
+    // The Erlang process id after the level, e.g. `<0.8732.0>`, ties the follow-up line to it.
+    let pid = line.split_whitespace().find(|w| w.starts_with("<0."))?;
+    let abrupt = log
+        .lines()
+        .any(|l| l.contains(pid) && (l.contains("unexpectedly closed") || l.contains("missed heartbeats")));
+    Some(!abrupt)
+}
+
+#[tokio::test]
+async fn dropping_the_adapter_closes_its_connection_cleanly_so_the_broker_frees_it_at_once() {
+    bounded(async {
+        let (config, queue) = config_with_queue("rmq-close");
+        let broker = broker(config.clone());
+        broker.ensure_destinations(&[]).await.unwrap();
+        let sent = message("inventory.StockLevelChanged", event("item-1", 1));
+        assert_eq!(broker.send_batch(std::slice::from_ref(&sent)).await, vec![Ok(())]);
+        let name = broker.connection_name().to_owned();
+        server_connection_name(&name).await;
+
+        // What a relay does when it stops or rebuilds its broker.
+        drop(broker);
+
+        // Well under the 60 s heartbeat timeout a leaked or half-open connection would take.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while connection_listed(&name).await {
+            assert!(
+                Instant::now() < deadline,
+                "connection {name} still listed by the management API 10 s after the adapter was dropped"
+            );
+            sleep(Duration::from_millis(200)).await;
+        }
+        let clean = loop {
+            let log = broker_log();
+            match logged_close(&log, &name) {
+                Some(clean) => break clean,
+                None if Instant::now() < deadline => sleep(Duration::from_millis(200)).await,
+                None => {
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    panic!("the broker logged no close of {name}; last lines: {tail:#?}");
+                }
+            }
+        };
+        let log = broker_log();
+        let context: Vec<&str> = log.lines().filter(|l| l.contains(&name)).map(str::trim).collect();
+        assert!(clean, "the broker saw {name} end without an AMQP close: {context:#?}");
+
+        let consumer = Consumer::open().await;
+        assert_eq!(consumer.get(&queue, 1, true).await.len(), 1);
+        consumer.clean_up(&config).await;
+    })
+    .await;
+}

@@ -9,6 +9,7 @@ mod poison;
 mod replicas;
 mod scaling;
 mod steady_state;
+mod stop;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +49,8 @@ impl RunningRelay {
 }
 
 /// A relay config document for `publisher` with `broker` (the value of `broker:`) and
-/// `routing`, with fast retries and leases for tests.
+/// `routing`, with fast retries for tests and the default leases (so the replica and scaling
+/// tests measure the takeover a deployment gets).
 pub fn relay_config(publisher: &str, broker: Value, routing: Value) -> RelayConfig {
     let doc = json!({
         "publisher": publisher,
@@ -57,7 +59,6 @@ pub fn relay_config(publisher: &str, broker: Value, routing: Value) -> RelayConf
         "routing": routing,
         "retry": {"initialIntervalMs": 100, "maxIntervalMs": 1000, "maxAttempts": 4, "jitter": 0.1},
         "circuitBreaker": {"failureThreshold": 5, "openDurationMs": 2000},
-        "workers": {"heartbeatIntervalMs": 500, "leaseDurationMs": 3000},
     });
     let config: RelayConfig = serde_json::from_value(doc).expect("relay config");
     config.validate().expect("valid relay config");

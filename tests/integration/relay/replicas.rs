@@ -58,21 +58,30 @@ async fn two_replicas_split_the_shards_without_duplicates_and_one_takes_over_whe
     // r1 dies while the next 1000 events are being written and relayed: no release.
     let before = collector.len();
     let mut r1 = Some(r1);
-    let (more, crashed_at) = tokio::join!(write_events(&publisher, &db, 4, 250, 100), async {
+    // The takeover is timed while the writers keep going (a loaded database), not after them.
+    let (more, takeover) = tokio::join!(write_events(&publisher, &db, 4, 250, 100), async {
         eventually(Duration::from_secs(20), "the new events to flow", async || {
             collector.len() >= before + 100
         })
         .await;
         r1.take().expect("r1 running").crash();
-        Instant::now()
+        let crashed_at = Instant::now();
+        eventually(
+            Duration::from_secs(10),
+            "r2 to own all 64 shards after r1 crashed",
+            async || owners(&db, PUBLISHER).await.get("r2") == Some(&64),
+        )
+        .await;
+        crashed_at.elapsed()
     });
-    eventually(
-        Duration::from_secs(10),
-        "r2 to own all 64 shards after r1 crashed",
-        async || owners(&db, PUBLISHER).await.get("r2") == Some(&64),
-    )
-    .await;
-    eprintln!("r2 owned all 64 shards {:?} after r1 crashed", crashed_at.elapsed());
+    eprintln!("r2 owned all 64 shards {takeover:?} after r1 crashed");
+    // Defaults: a lease lasts 2 s and the survivor claims at its next 0.5 s heartbeat.
+    assert!(
+        // Default leases give 2.0-2.5 s (lease 2 s + one 500 ms heartbeat); the bound leaves
+        // room for a loaded 2-core machine without hiding a lease that never expires.
+        takeover <= Duration::from_secs(4),
+        "takeover after a crash took {takeover:?}; the default leases (2 s, heartbeat 500 ms) allow about 2.5 s"
+    );
     let received = collector
         .wait_for(&more, Duration::from_secs(30), Duration::from_secs(2))
         .await;
