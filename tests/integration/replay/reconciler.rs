@@ -29,7 +29,7 @@ use crate::support::{database_url, kafka_bootstrap, unique_name};
 /// ConfigMap the operator would render for it.
 struct Fixture {
     client: kube::Client,
-    ns: String,
+    ns: crate::support::kube::TestNamespace,
     db: crate::support::postgres::TestDatabase,
     topic: String,
     written: Vec<inventory_outbox::event::DomainEvent>,

@@ -24,12 +24,54 @@ pub async fn impersonating_client(user: &str) -> kube::Client {
     kube::Client::try_from(config).expect("impersonating client")
 }
 
-/// Creates a namespace with a unique name and returns that name.
-pub async fn create_namespace(client: &kube::Client, prefix: &str) -> String {
+/// A namespace made for one test, deleted when the test ends however it ends (Pods left
+/// running by finished tests would otherwise load the 2-core machine for the rest of the run).
+/// `OUTBOX_KEEP_TEST_NAMESPACES=1` keeps them for a look around. Derefs to its name.
+#[derive(Debug)]
+pub struct TestNamespace(String);
+
+impl std::ops::Deref for TestNamespace {
+    type Target = String;
+    fn deref(&self) -> &String {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for TestNamespace {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::env::var_os("OUTBOX_KEEP_TEST_NAMESPACES").is_some() {
+            return;
+        }
+        // Drop cannot await; kubectl deletes without waiting for the namespace to finish.
+        let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
+        let _ = std::process::Command::new(kubectl)
+            .arg("--kubeconfig")
+            .arg(super::kubeconfig_path())
+            .args(["delete", "namespace", &self.0, "--wait=false", "--ignore-not-found"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Creates a namespace with a unique name, deleted when the returned value is dropped.
+pub async fn create_namespace(client: &kube::Client, prefix: &str) -> TestNamespace {
     use k8s_openapi::api::core::v1::Namespace;
     let name = super::unique_name(prefix);
     let api: kube::Api<Namespace> = kube::Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
     api.create(&Default::default(), &ns).await.expect("create namespace");
-    name
+    TestNamespace(name)
 }
