@@ -3,6 +3,7 @@
 
 mod admin_api;
 mod broker;
+mod chart;
 mod cluster;
 mod event_core;
 mod operator;
