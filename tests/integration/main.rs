@@ -6,6 +6,7 @@ mod broker;
 mod chart;
 mod cluster;
 mod event_core;
+mod examples;
 mod operator;
 mod registry;
 mod relay;

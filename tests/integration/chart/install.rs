@@ -84,7 +84,16 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 fn env_value(pod: &Pod, name: &str) -> Option<String> {
-    pod.spec.as_ref()?.containers.first()?.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+    pod.spec
+        .as_ref()?
+        .containers
+        .first()?
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
 }
 
 /// Exit status 2 is clap's usage error: the binary refuses the arguments the chart's Deployment
@@ -150,11 +159,24 @@ fn leftovers(ns: &str, release: &str, manifest: &str) -> Vec<String> {
     let selector = format!("app.kubernetes.io/instance={release}");
     let mut found = Vec::new();
     let mut listed = kubectl();
-    listed.args(["get", &NAMESPACED_KINDS.join(","), "-n", ns, "-l", &selector, "-o", "name"]);
+    listed.args([
+        "get",
+        &NAMESPACED_KINDS.join(","),
+        "-n",
+        ns,
+        "-l",
+        &selector,
+        "-o",
+        "name",
+    ]);
     found.extend(run_ok(listed, None, "list namespaced kinds").lines().map(str::to_owned));
     let mut cluster = kubectl();
     cluster.args(["get", &CLUSTER_KINDS.join(","), "-l", &selector, "-o", "name"]);
-    found.extend(run_ok(cluster, None, "list cluster-scoped kinds").lines().map(str::to_owned));
+    found.extend(
+        run_ok(cluster, None, "list cluster-scoped kinds")
+            .lines()
+            .map(str::to_owned),
+    );
     let mut by_name = kubectl();
     by_name.args(["get", "--ignore-not-found", "-n", ns, "-o", "name", "-f", "-"]);
     found.extend(
@@ -180,30 +202,52 @@ async fn helm_install_runs_the_operator_under_its_service_account_upgrade_rolls_
     // Install: one Ready operator Pod, under the chart's ServiceAccount.
     let sets = helm_values(&ns, &repo, &tag, &[]);
     run_ok(helm_cmd("install", &release, &ns, &sets), None, "helm install");
-    let _cleanup = Cleanup { release: release.clone(), ns: ns.clone() };
-    let first = wait_for(&client, &ns, Duration::from_secs(120), "operator Pod Ready after helm install", async || {
-        let all = pods(&client, &ns, &selector).await;
-        if let Some(refused) = all.iter().find_map(refused_args) {
-            return Some(Err(refused));
-        }
-        let ready: Vec<Pod> = all.into_iter().filter(is_ready).collect();
-        (ready.len() == 1).then(|| ready.into_iter().next().map(Ok)).flatten()
-    })
+    let _cleanup = Cleanup {
+        release: release.clone(),
+        ns: ns.clone(),
+    };
+    let first = wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(120),
+        "operator Pod Ready after helm install",
+        async || {
+            let all = pods(&client, &ns, &selector).await;
+            if let Some(refused) = all.iter().find_map(refused_args) {
+                return Some(Err(refused));
+            }
+            let ready: Vec<Pod> = all.into_iter().filter(is_ready).collect();
+            (ready.len() == 1).then(|| ready.into_iter().next().map(Ok)).flatten()
+        },
+    )
     .await
     .unwrap_or_else(|refused| panic!("{refused}"));
     let first_name = first.metadata.name.clone().unwrap_or_default();
     let spec = first.spec.clone().unwrap_or_default();
-    assert_eq!(spec.service_account_name.as_deref(), Some(fullname.as_str()), "the Pod runs as the chart's ServiceAccount");
-    assert_eq!(spec.containers[0].image.as_deref(), Some(format!("{repo}:{tag}").as_str()));
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some(fullname.as_str()),
+        "the Pod runs as the chart's ServiceAccount"
+    );
+    assert_eq!(
+        spec.containers[0].image.as_deref(),
+        Some(format!("{repo}:{tag}").as_str())
+    );
 
     // It talks to the API server with that ServiceAccount's token: it holds the Lease the
     // chart's Role allows, and reconciles a publisher in the watched namespace.
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let lease_name = format!("{fullname}-leader");
-    wait_for(&client, &ns, Duration::from_secs(60), "the operator Pod holds the leader Lease", async || {
-        let holder = leases.get(&lease_name).await.ok()?.spec?.holder_identity?;
-        (holder == first_name).then_some(())
-    })
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(60),
+        "the operator Pod holds the leader Lease",
+        async || {
+            let holder = leases.get(&lease_name).await.ok()?.spec?.holder_identity?;
+            (holder == first_name).then_some(())
+        },
+    )
     .await;
     let publishers: Api<EventPublisher> = Api::namespaced(client.clone(), &ns);
     let publisher: EventPublisher = serde_json::from_value(json!({
@@ -216,16 +260,30 @@ async fn helm_install_runs_the_operator_under_its_service_account_upgrade_rolls_
         }
     }))
     .expect("publisher document");
-    publishers.create(&PostParams::default(), &publisher).await.expect("create publisher");
-    wait_for(&client, &ns, Duration::from_secs(60), "the in-cluster operator writes the publisher's status", async || {
-        publishers.get("paused").await.ok()?.status.map(|_| ())
-    })
+    publishers
+        .create(&PostParams::default(), &publisher)
+        .await
+        .expect("create publisher");
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(60),
+        "the in-cluster operator writes the publisher's status",
+        async || publishers.get("paused").await.ok()?.status.map(|_| ()),
+    )
     .await;
     // Its finalizer would hold the namespace after the operator is gone.
-    publishers.delete("paused", &Default::default()).await.expect("delete publisher");
-    wait_for(&client, &ns, Duration::from_secs(60), "the operator releases the deleted publisher", async || {
-        publishers.get_opt("paused").await.ok()?.is_none().then_some(())
-    })
+    publishers
+        .delete("paused", &Default::default())
+        .await
+        .expect("delete publisher");
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(60),
+        "the operator releases the deleted publisher",
+        async || publishers.get_opt("paused").await.ok()?.is_none().then_some(()),
+    )
     .await;
 
     // Upgrade with changed values: the Deployment rolls to Pods carrying them (2 replicas, so the
@@ -233,54 +291,106 @@ async fn helm_install_runs_the_operator_under_its_service_account_upgrade_rolls_
     let sets = helm_values(&ns, &repo, &tag, &["logLevel=debug", "replicaCount=2"]);
     run_ok(helm_cmd("upgrade", &release, &ns, &sets), None, "helm upgrade");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    wait_for(&client, &ns, Duration::from_secs(180), "helm upgrade rolls the operator to 2 Ready Pods with RUST_LOG=debug", async || {
-        let d = deployments.get(&fullname).await.ok()?;
-        let status = d.status?;
-        let rolled = status.observed_generation? >= d.metadata.generation?
-            && status.updated_replicas == Some(2)
-            && status.ready_replicas == Some(2)
-            && status.replicas == Some(2);
-        let all = pods(&client, &ns, &selector).await;
-        let ready: Vec<&Pod> = all.iter().filter(|p| is_ready(p)).collect();
-        let new = ready.len() == 2
-            && ready.iter().all(|p| env_value(p, "RUST_LOG").as_deref() == Some("debug"))
-            && all.iter().all(|p| p.metadata.name.as_deref() != Some(first_name.as_str()));
-        (rolled && new).then_some(())
-    })
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(180),
+        "helm upgrade rolls the operator to 2 Ready Pods with RUST_LOG=debug",
+        async || {
+            let d = deployments.get(&fullname).await.ok()?;
+            let status = d.status?;
+            let rolled = status.observed_generation? >= d.metadata.generation?
+                && status.updated_replicas == Some(2)
+                && status.ready_replicas == Some(2)
+                && status.replicas == Some(2);
+            let all = pods(&client, &ns, &selector).await;
+            let ready: Vec<&Pod> = all.iter().filter(|p| is_ready(p)).collect();
+            let new = ready.len() == 2
+                && ready
+                    .iter()
+                    .all(|p| env_value(p, "RUST_LOG").as_deref() == Some("debug"))
+                && all
+                    .iter()
+                    .all(|p| p.metadata.name.as_deref() != Some(first_name.as_str()));
+            (rolled && new).then_some(())
+        },
+    )
     .await;
 
     // Uninstall: every object of the release goes; the CRDs stay.
     let mut get_manifest = helm();
     get_manifest.args(["get", "manifest", &release, "-n", &ns]);
     let manifest = run_ok(get_manifest, None, "helm get manifest");
-    let kinds: Vec<&str> = manifest.lines().filter_map(|l| l.strip_prefix("kind: ")).map(str::trim).collect();
+    let kinds: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .map(str::trim)
+        .collect();
     let uncovered: Vec<&&str> = kinds.iter().filter(|k| !COVERED_KINDS.contains(k)).collect();
-    assert!(uncovered.is_empty(), "the chart creates kinds the uninstall check does not list: {uncovered:?}");
-    for kind in ["PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap", "Role"] {
-        assert!(kinds.contains(&kind), "the release has a {kind} (every optional object is on): {kinds:?}");
+    assert!(
+        uncovered.is_empty(),
+        "the chart creates kinds the uninstall check does not list: {uncovered:?}"
+    );
+    for kind in [
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "ConfigMap",
+        "Role",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "the release has a {kind} (every optional object is on): {kinds:?}"
+        );
     }
     let before = leftovers(&ns, &release, &manifest);
-    assert!(before.len() > kinds.len(), "the listing finds the release's objects before uninstall: {before:?}");
+    assert!(
+        before.len() > kinds.len(),
+        "the listing finds the release's objects before uninstall: {before:?}"
+    );
     let mut uninstall = helm();
     uninstall.args(["uninstall", &release, "-n", &ns, "--wait", "--timeout=120s"]);
     run_ok(uninstall, None, "helm uninstall");
-    wait_for(&client, &ns, Duration::from_secs(120), "nothing of the release is left after helm uninstall", async || {
-        let left = leftovers(&ns, &release, &manifest);
-        if left.is_empty() {
-            Some(())
-        } else {
-            eprintln!("still present: {left:?}");
-            None
-        }
-    })
+    wait_for(
+        &client,
+        &ns,
+        Duration::from_secs(120),
+        "nothing of the release is left after helm uninstall",
+        async || {
+            let left = leftovers(&ns, &release, &manifest);
+            if left.is_empty() {
+                Some(())
+            } else {
+                eprintln!("still present: {left:?}");
+                None
+            }
+        },
+    )
     .await;
     let mut crds = kubectl();
-    crds.args(["get", "crd", "eventpublishers.outbox.inventory.io", "replayjobs.outbox.inventory.io", "-o", "name"]);
+    crds.args([
+        "get",
+        "crd",
+        "eventpublishers.outbox.inventory.io",
+        "replayjobs.outbox.inventory.io",
+        "-o",
+        "name",
+    ]);
     let crds = run_ok(crds, None, "the CRDs after uninstall");
     assert_eq!(crds.lines().count(), 2, "the CRDs stay after helm uninstall: {crds}");
     // The operator's own Lease is not the chart's: report it rather than fail on it.
     let mut lease = kubectl();
-    lease.args(["get", "lease", &lease_name, "-n", &ns, "--ignore-not-found", "-o", "name"]);
+    lease.args([
+        "get",
+        "lease",
+        &lease_name,
+        "-n",
+        &ns,
+        "--ignore-not-found",
+        "-o",
+        "name",
+    ]);
     let lease = run(lease, None);
     eprintln!(
         "leader Lease after uninstall (created by the operator, not the chart): {:?}",

@@ -21,8 +21,8 @@ pub fn chart_dir() -> PathBuf {
 
 /// A tool the stack's env file names (`source ~/.local/state/inventory-outbox/env.sh`).
 fn tool(var: &str) -> Command {
-    let path = std::env::var(var)
-        .unwrap_or_else(|_| panic!("{var} is not set: source the env file `make env-up` writes"));
+    let path =
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: source the env file `make env-up` writes"));
     let mut cmd = Command::new(path);
     cmd.env("KUBECONFIG", super::support::kubeconfig_path());
     cmd
@@ -45,9 +45,12 @@ pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin is piped");
-        pipe.write_all(input).unwrap_or_else(|e| panic!("write stdin of {cmd:?}: {e}"));
+        pipe.write_all(input)
+            .unwrap_or_else(|e| panic!("write stdin of {cmd:?}: {e}"));
     }
-    child.wait_with_output().unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
 }
 
 /// Runs `cmd` and panics with its stderr and stdout unless it succeeds; returns stdout.
@@ -85,11 +88,20 @@ pub fn install_monitoring_crds() {
             .map(|v| v.trim_matches('"').to_owned())
             .expect("chart-tools.sh env prints MONITORING_CRDS");
         assert!(
-            Path::new(&dir).join("monitoring.coreos.com_prometheusrules.yaml").is_file(),
+            Path::new(&dir)
+                .join("monitoring.coreos.com_prometheusrules.yaml")
+                .is_file(),
             "the monitoring CRDs are not cached in {dir}: run `hack/components/chart-tools.sh install`"
         );
         let mut apply = kubectl();
-        apply.args(["apply", "--server-side", "--force-conflicts", "--field-manager=inventory-outbox-tests", "-f", &dir]);
+        apply.args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=inventory-outbox-tests",
+            "-f",
+            &dir,
+        ]);
         run_ok(apply, None, "apply the monitoring CRDs");
         let mut wait = kubectl();
         wait.args([

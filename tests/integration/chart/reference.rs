@@ -38,7 +38,10 @@ fn type_of(schema: &Value) -> String {
     }
     let base = schema.get("type").and_then(Value::as_str).unwrap_or("any");
     match base {
-        "array" => format!("array of {}", schema.get("items").map(type_of).unwrap_or_else(|| "any".into())),
+        "array" => format!(
+            "array of {}",
+            schema.get("items").map(type_of).unwrap_or_else(|| "any".into())
+        ),
         "object" if schema.get("properties").is_none() => match schema.get("additionalProperties") {
             Some(values) if values.is_object() => format!("map of string to {}", type_of(values)),
             _ => "object".to_owned(),
@@ -79,7 +82,13 @@ fn validation_of(schema: &Value) -> Vec<String> {
         let keys = schema
             .get("x-kubernetes-list-map-keys")
             .and_then(Value::as_array)
-            .map(|k| k.iter().filter_map(Value::as_str).map(code).collect::<Vec<_>>().join(", "))
+            .map(|k| {
+                k.iter()
+                    .filter_map(Value::as_str)
+                    .map(code)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default();
         out.push(if keys.is_empty() {
             format!("list type {}", code(t))
@@ -154,7 +163,10 @@ fn object_section(out: &mut String, path: &str, schema: &Value) {
             nested.push((child, sub.clone()));
         } else if let Some(items) = sub.get("items").filter(|i| i.get("properties").is_some()) {
             nested.push((format!("{child}[]"), items.clone()));
-        } else if let Some(values) = sub.get("additionalProperties").filter(|v| v.get("properties").is_some()) {
+        } else if let Some(values) = sub
+            .get("additionalProperties")
+            .filter(|v| v.get("properties").is_some())
+        {
             nested.push((format!("{child}.*"), values.clone()));
         }
     }
@@ -258,7 +270,12 @@ fn crd_reference_lists_every_field_and_every_cel_rule() {
         {
             rules.push(rule["rule"].as_str().unwrap_or_default().to_owned());
         }
-        for (name, sub) in schema.get("properties").and_then(Value::as_object).into_iter().flatten() {
+        for (name, sub) in schema
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
             fields.push(name.clone());
             walk(sub, fields, rules);
         }
@@ -275,7 +292,10 @@ fn crd_reference_lists_every_field_and_every_cel_rule() {
         for part in ["spec", "status"] {
             walk(&schema["openAPIV3Schema"]["properties"][part], &mut fields, &mut rules);
         }
-        let missing_fields: Vec<_> = fields.iter().filter(|f| !page.contains(&format!("| `{f}` |"))).collect();
+        let missing_fields: Vec<_> = fields
+            .iter()
+            .filter(|f| !page.contains(&format!("| `{f}` |")))
+            .collect();
         let missing_rules: Vec<_> = rules
             .iter()
             .filter(|r| !page.contains(&cell(r)) && !page.contains(&cell(r).replace("\\|", "|")))

@@ -22,7 +22,8 @@ fn server_version() -> String {
     let mut version = kubectl();
     version.args(["version", "-o", "json"]);
     let out = run_ok(version, None, "kubectl version");
-    let doc: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("kubectl version output {out}: {e}"));
+    let doc: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kubectl version output {out}: {e}"));
     doc["serverVersion"]["gitVersion"]
         .as_str()
         .unwrap_or_else(|| panic!("no serverVersion.gitVersion in {out}"))
@@ -66,14 +67,24 @@ async fn every_rendered_manifest_passes_server_side_dry_run() {
             "ServiceAccount",
             "ServiceMonitor",
         ]) {
-            assert!(found.iter().any(|k| k == kind), "{variant}: no {kind} rendered; kinds: {found:?}");
+            assert!(
+                found.iter().any(|k| k == kind),
+                "{variant}: no {kind} rendered; kinds: {found:?}"
+            );
         }
         let mut apply = kubectl();
         apply.args(["apply", "--dry-run=server", "-n", &ns, "-f", "-"]);
-        let out = run_ok(apply, Some(manifest.as_bytes()), &format!("{variant}: kubectl apply --dry-run=server"));
+        let out = run_ok(
+            apply,
+            Some(manifest.as_bytes()),
+            &format!("{variant}: kubectl apply --dry-run=server"),
+        );
         let applied = out.lines().filter(|l| l.contains("(server dry run)")).count();
         let documents = manifest.matches("\nkind: ").count() + usize::from(manifest.starts_with("kind: "));
-        assert_eq!(applied, documents, "{variant}: each rendered object is checked by the server:\n{out}");
+        assert_eq!(
+            applied, documents,
+            "{variant}: each rendered object is checked by the server:\n{out}"
+        );
     }
     delete_namespace(&client, &ns).await;
 }

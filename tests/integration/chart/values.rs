@@ -2,7 +2,7 @@
 //! no release behind.
 
 use super::{chart_dir, helm, run};
-use crate::support::{kube::admin_client, kube::create_namespace, cluster::delete_namespace, unique_name};
+use crate::support::{cluster::delete_namespace, kube::admin_client, kube::create_namespace, unique_name};
 
 /// `(--set argument, text the error must contain)`: the path of the value and what is wrong.
 const BAD_VALUES: &[(&str, &[&str])] = &[
@@ -11,9 +11,15 @@ const BAD_VALUES: &[(&str, &[&str])] = &[
     ("image.pullPolicy=Sometimes", &["/image/pullPolicy", "IfNotPresent"]),
     ("httpPort=80", &["/httpPort", "80"]),
     ("logFormat=xml", &["/logFormat", "json"]),
-    ("leaderElection.leaseDurationSeconds=1", &["/leaderElection/leaseDurationSeconds", "1"]),
+    (
+        "leaderElection.leaseDurationSeconds=1",
+        &["/leaderElection/leaseDurationSeconds", "1"],
+    ),
     ("watchNamespaces[0]=Bad_NS", &["/watchNamespaces/0", "Bad_NS"]),
-    ("metrics.serviceMonitor.interval=soon", &["/metrics/serviceMonitor/interval", "soon"]),
+    (
+        "metrics.serviceMonitor.interval=soon",
+        &["/metrics/serviceMonitor/interval", "soon"],
+    ),
     ("resources.limits.memory=lots", &["/resources/limits/memory"]),
     ("replicaCont=2", &["replicaCont", "not allowed"]),
 ];
@@ -26,7 +32,10 @@ async fn helm_install_refuses_values_the_schema_forbids_naming_the_value() {
     for (set, expected) in BAD_VALUES {
         let release = unique_name("bad");
         let mut install = helm();
-        install.args(["install", &release]).arg(chart_dir()).args(["-n", &ns, "--set", set]);
+        install
+            .args(["install", &release])
+            .arg(chart_dir())
+            .args(["-n", &ns, "--set", set]);
         let out = run(install, None);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
@@ -39,9 +48,17 @@ async fn helm_install_refuses_values_the_schema_forbids_naming_the_value() {
         let mut status = helm();
         status.args(["status", &release, "-n", &ns]);
         if run(status, None).status.success() {
-            wrong.push(format!("--set {set}: a release {release} exists after the refused install"));
+            wrong.push(format!(
+                "--set {set}: a release {release} exists after the refused install"
+            ));
         }
     }
     delete_namespace(&client, &ns).await;
-    assert!(wrong.is_empty(), "{} of {} bad values not refused as expected:\n{}", wrong.len(), BAD_VALUES.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {} bad values not refused as expected:\n{}",
+        wrong.len(),
+        BAD_VALUES.len(),
+        wrong.join("\n")
+    );
 }
