@@ -20,7 +20,11 @@ async fn main() -> anyhow::Result<()> {
         .set("group.id", format!("demo-{}", uuid::Uuid::new_v4().simple()))
         .set(
             "auto.offset.reset",
-            if std::env::var("WATCH_FROM").as_deref() == Ok("earliest") { "earliest" } else { "latest" },
+            if std::env::var("WATCH_FROM").as_deref() == Ok("earliest") {
+                "earliest"
+            } else {
+                "latest"
+            },
         )
         .create()?;
     consumer.subscribe(&[&topic])?;

@@ -149,11 +149,12 @@ if [[ ${DEMO_OPERATOR:-chart} == process ]]; then
   wait_until "operator ready" 60 curl -sf http://127.0.0.1:18090/readyz -o /dev/null
 else
   step "helm install the chart (the operator runs as a Pod in $DEMO_OPERATOR_NAMESPACE)" "$DEMO_LOGS/helm.log"
+  # The chart puts the operator's Role into the watched namespace, so it must exist first.
+  "$KUBECTL" create namespace "$DEMO_NAMESPACE" --dry-run=client -o yaml | quiet "$KUBECTL" apply -f -
   quiet "$HELM" upgrade --install "$DEMO_RELEASE" charts/inventory-outbox \
     -n "$DEMO_OPERATOR_NAMESPACE" --create-namespace \
     --set image.repository="$DEMO_IMAGE_REPO" --set image.tag="$DEMO_IMAGE_TAG" \
     --set "watchNamespaces[0]=$DEMO_NAMESPACE"
-  "$KUBECTL" create namespace "$DEMO_NAMESPACE" --dry-run=client -o yaml | quiet "$KUBECTL" apply -f -
   if ! quiet "$KUBECTL" rollout status "deployment/$DEMO_RELEASE" -n "$DEMO_OPERATOR_NAMESPACE" --timeout=120s; then
     {
       "$KUBECTL" get pods -n "$DEMO_OPERATOR_NAMESPACE" -o wide
