@@ -129,7 +129,7 @@ fn refused_args(pod: &Pod) -> Option<String> {
         .output()
         .ok()?;
     Some(format!(
-        "the operator binary refuses the chart's Deployment args (exit {}): {args:?}\n{}",
+        "the operator binary refuses the chart's Deployment args ({}): {args:?}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     ))

@@ -129,3 +129,14 @@ pub fn all_optional_objects() -> Vec<String> {
     .map(|s| (*s).to_owned())
     .collect()
 }
+
+/// Deletes a test's namespace however the test ends (a panic included), without waiting.
+pub struct NamespaceGuard(pub String);
+
+impl Drop for NamespaceGuard {
+    fn drop(&mut self) {
+        let mut delete = kubectl();
+        delete.args(["delete", "namespace", &self.0, "--wait=false", "--ignore-not-found"]);
+        let _ = run(delete, None);
+    }
+}

@@ -1,8 +1,8 @@
 //! Every manifest the chart renders, with every optional object on, passes the API server's
 //! own validation (`kubectl apply --dry-run=server`), cluster-wide and namespaced.
 
-use super::{all_optional_objects, chart_dir, helm, install_monitoring_crds, kubectl, run_ok};
-use crate::support::{cluster::delete_namespace, kube::admin_client, kube::create_namespace};
+use super::{NamespaceGuard, all_optional_objects, chart_dir, helm, install_monitoring_crds, kubectl, run_ok};
+use crate::support::{kube::admin_client, kube::create_namespace};
 
 fn render(release: &str, ns: &str, extra: &[String]) -> String {
     let mut template = helm();
@@ -47,6 +47,7 @@ async fn every_rendered_manifest_passes_server_side_dry_run() {
     install_monitoring_crds();
     let client = admin_client().await;
     let ns = create_namespace(&client, "chart-render").await;
+    let _ns_guard = NamespaceGuard(ns.clone());
     let watched = format!("watchNamespaces[0]={ns}");
     for (variant, extra) in [("cluster-wide", vec![]), ("namespaced", vec![watched])] {
         let manifest = render("render", &ns, &extra);
@@ -86,5 +87,4 @@ async fn every_rendered_manifest_passes_server_side_dry_run() {
             "{variant}: each rendered object is checked by the server:\n{out}"
         );
     }
-    delete_namespace(&client, &ns).await;
 }

@@ -1,8 +1,8 @@
 //! `helm install` with values that break values.schema.json fails, names the value, and leaves
 //! no release behind.
 
-use super::{chart_dir, helm, run};
-use crate::support::{cluster::delete_namespace, kube::admin_client, kube::create_namespace, unique_name};
+use super::{NamespaceGuard, chart_dir, helm, run};
+use crate::support::{kube::admin_client, kube::create_namespace, unique_name};
 
 /// `(--set argument, text the error must contain)`: the path of the value and what is wrong.
 const BAD_VALUES: &[(&str, &[&str])] = &[
@@ -28,6 +28,7 @@ const BAD_VALUES: &[(&str, &[&str])] = &[
 async fn helm_install_refuses_values_the_schema_forbids_naming_the_value() {
     let client = admin_client().await;
     let ns = create_namespace(&client, "chart-values").await;
+    let _ns_guard = NamespaceGuard(ns.clone());
     let mut wrong = Vec::new();
     for (set, expected) in BAD_VALUES {
         let release = unique_name("bad");
@@ -53,7 +54,6 @@ async fn helm_install_refuses_values_the_schema_forbids_naming_the_value() {
             ));
         }
     }
-    delete_namespace(&client, &ns).await;
     assert!(
         wrong.is_empty(),
         "{} of {} bad values not refused as expected:\n{}",

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use kube::api::Api;
 
-use crate::chart::{kubectl, repo_root, run, run_ok};
+use crate::chart::{NamespaceGuard, kubectl, repo_root, run, run_ok};
 use crate::operator::install_crds;
 use crate::support::cluster::{register_test_image, wait_for};
 use crate::support::kube::{admin_client, create_namespace};
-use crate::support::{cluster::delete_namespace, unique_name};
+use crate::support::unique_name;
 use inventory_outbox::crd::EventPublisher;
 use inventory_outbox::operator::reconcile::{Settings, run as run_controller};
 
@@ -45,6 +45,7 @@ async fn every_example_manifest_passes_server_side_validation() {
     let client = admin_client().await;
     install_crds(&client).await;
     let ns = create_namespace(&client, "examples").await;
+    let _ns_guard = NamespaceGuard(ns.clone());
     let mut failures = Vec::new();
     let mut replay_jobs = 0;
     for (folder, kinds) in FOLDERS {
@@ -73,7 +74,6 @@ async fn every_example_manifest_passes_server_side_validation() {
             replay_jobs += text.lines().filter(|l| *l == "kind: ReplayJob").count();
         }
     }
-    delete_namespace(&client, &ns).await;
     assert!(failures.is_empty(), "examples refused:\n{}", failures.join("\n"));
     assert!(
         replay_jobs >= 4,
@@ -88,6 +88,7 @@ async fn a_broken_copy_of_an_example_is_refused_with_the_rule_message() {
     let client = admin_client().await;
     install_crds(&client).await;
     let ns = create_namespace(&client, "examples-bad").await;
+    let _ns_guard = NamespaceGuard(ns.clone());
     let cases = [
         (
             "kafka/publisher.yaml",
@@ -131,7 +132,6 @@ async fn a_broken_copy_of_an_example_is_refused_with_the_rule_message() {
             ));
         }
     }
-    delete_namespace(&client, &ns).await;
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
@@ -142,6 +142,7 @@ async fn the_kafka_example_becomes_ready_with_its_relay_running() {
     let client = admin_client().await;
     install_crds(&client).await;
     let ns = create_namespace(&client, "examples-kafka").await;
+    let _ns_guard = NamespaceGuard(ns.clone());
     let image = register_test_image();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut settings = Settings {
@@ -212,5 +213,4 @@ async fn the_kafka_example_becomes_ready_with_its_relay_running() {
     .await;
     let _ = stop.send(());
     let _ = controller.await;
-    delete_namespace(&client, &ns).await;
 }
