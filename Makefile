@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/inventory-outb
 # Tests run against the stack; two cores, so keep test threads modest.
 TEST_THREADS ?= 4
 
-.PHONY: env-up env-down env-status test lint chart-check unit-test integration-test demo bench
+.PHONY: env-up env-down env-status test lint chart-check unit-test integration-test demo demo-clean bench
 
 env-up:
 	hack/env-up.sh
@@ -41,6 +41,11 @@ test: env-up lint chart-check
 bench: env-up
 	source $(ENV_FILE) && cargo bench --locked --bench publish && cargo bench --locked --bench relay
 
-# The README's demo command: the stack, a relay publishing to Kafka, events visibly flowing.
+# The README's demo command: the chart's operator as a Pod, the Kafka example, events flowing,
+# a Kafka outage (circuit open, pending growing, then closed with nothing lost), a replay.
+# DEMO_KEEP=1 leaves it running; demo-clean removes it.
 demo:
 	hack/demo.sh
+
+demo-clean:
+	hack/demo.sh clean

@@ -1,5 +1,6 @@
 //! Prints CloudEvents arriving on a Kafka topic, one line each, until N new ones arrived.
-//! `cargo run --example watch_topic -- TOPIC N` (used by `make demo`).
+//! `cargo run --example watch_topic -- TOPIC N` (used by `make demo`). With
+//! `WATCH_FROM=earliest` it reads the topic from its start instead (the demo counts what arrived).
 
 use std::time::Duration;
 
@@ -17,7 +18,14 @@ async fn main() -> anyhow::Result<()> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("group.id", format!("demo-{}", uuid::Uuid::new_v4().simple()))
-        .set("auto.offset.reset", "latest")
+        .set(
+            "auto.offset.reset",
+            if std::env::var("WATCH_FROM").as_deref() == Ok("earliest") {
+                "earliest"
+            } else {
+                "latest"
+            },
+        )
         .create()?;
     consumer.subscribe(&[&topic])?;
     for _ in 0..wanted {
@@ -48,6 +56,13 @@ async fn main() -> anyhow::Result<()> {
             event.aggregate_id,
             event.metadata.correlation_id.unwrap_or_default()
         );
+        // The CloudEvents attributes as they travel: binary mode puts them in ce_* headers.
+        let ce: Vec<String> = headers
+            .iter()
+            .filter(|(k, _)| k.starts_with(cloudevents::KAFKA_PREFIX))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("    {}", ce.join(" "));
     }
     Ok(())
 }

@@ -3,8 +3,10 @@
 
 mod admin_api;
 mod broker;
+mod chart;
 mod cluster;
 mod event_core;
+mod examples;
 mod operator;
 mod registry;
 mod relay;
