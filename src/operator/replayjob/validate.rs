@@ -117,9 +117,11 @@ pub(crate) mod tests {
     #[test]
     fn the_example_replay_jobs_are_valid_against_a_kafka_publisher() {
         let examples = [
-            include_str!("../../../examples/replayjobs/window.yaml"),
+            include_str!("../../../examples/replayjobs/time-window.yaml"),
+            include_str!("../../../examples/replayjobs/one-aggregate.yaml"),
+            include_str!("../../../examples/replayjobs/dry-run.yaml"),
+            include_str!("../../../examples/replayjobs/dead-letter-redrive.yaml"),
             include_str!("../../../examples/replayjobs/override-dry-run.yaml"),
-            include_str!("../../../examples/replayjobs/redrive.yaml"),
             include_str!("../../../examples/replayjobs/rewind.yaml"),
         ];
         for text in examples {
