@@ -62,9 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let mut operator = tokio::process::Command::new(&bin)
         .args([
             "operator",
-            "--namespace",
-            &ns,
-            "--lease-namespace",
+            "--watch-namespaces",
             &ns,
             "--requeue-seconds",
             "300",

@@ -89,21 +89,27 @@ pub struct CleanupArgs {
     pub secrets: SecretFileArgs,
 }
 
-/// How to run the operator.
+/// How to run the operator. The chart's Deployment passes exactly these flags
+/// (charts/inventory-outbox/templates/deployment.yaml).
 #[derive(Debug, clap::Args)]
 pub struct OperatorArgs {
     /// Image of the relay, provision and cleanup containers; defaults to this release's image.
     #[arg(long, env = "RELAY_IMAGE")]
     pub relay_image: Option<String>,
-    /// Watch only this namespace (with Roles in it) instead of the whole cluster.
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (comma-separated; the chart then binds Roles in each)
+    /// instead of the whole cluster.
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
     /// Seconds between reconciles of an unchanged EventPublisher (keeps the status fresh).
     #[arg(long, env = "REQUEUE_SECONDS", default_value_t = 15)]
     pub requeue_seconds: u64,
     /// Listen address of /metrics, /livez and /readyz (the chart passes the Pod IP).
     #[arg(long, env = "OPERATOR_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: std::net::SocketAddr,
+    /// Reconcile only while holding a `coordination.k8s.io` Lease, so several replicas are
+    /// safe. Without it the process reconciles at once and must be the only replica.
+    #[arg(long)]
+    pub leader_election: bool,
     /// Namespace of the leader-election Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
@@ -113,7 +119,8 @@ pub struct OperatorArgs {
     /// Seconds after which a holder that stopped renewing loses the lease.
     #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u64,
-    /// This replica's identity in the Lease (defaults to POD_NAME, then a random id).
+    /// This replica's identity in the Lease and in Events (defaults to POD_NAME, then a
+    /// random id).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 }
@@ -227,16 +234,20 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     if let Some(image) = args.relay_image {
         settings.build.image = image;
     }
-    tracing::info!(image = %settings.build.image, namespace = ?args.namespace, identity, "operator starting");
+    let namespaces = args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect::<Vec<_>>();
+    tracing::info!(image = %settings.build.image, namespaces = ?namespaces, identity, leader_election = args.leader_election, "operator starting");
     let lease_duration = std::time::Duration::from_secs(args.lease_duration_seconds.max(2));
-    let process = crate::operator::process::ProcessSettings {
-        controller: settings,
-        namespace: args.namespace,
+    let leader_election = args.leader_election.then(|| crate::operator::process::LeaderElection {
         lease_namespace: args.lease_namespace,
         lease_name: args.lease_name,
         identity,
         lease_duration,
         lease_grace: (lease_duration / 3).max(std::time::Duration::from_secs(1)),
+    });
+    let process = crate::operator::process::ProcessSettings {
+        controller: settings,
+        namespaces,
+        leader_election,
         listen: args.listen,
     };
     crate::operator::process::run(client, process, shutdown_signal()).await?;

@@ -185,7 +185,7 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, 
         tracing::debug!(job, "waiting for the cleanup Job");
         return Action::requeue(Duration::from_secs(3));
     }
-    ctx.metrics.failed(error.metric_label());
+    ctx.metrics.failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
     if error.is_transient() {
         tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
         Action::requeue(Duration::from_secs(5))
@@ -197,7 +197,7 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, 
 
 /// One reconcile of one EventPublisher.
 pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_started();
+    let _timer = ctx.metrics.reconcile_started(super::metrics::EVENT_PUBLISHER);
     let publisher = match &obj.0 {
         Ok(p) => p,
         Err(invalid) => {
@@ -217,7 +217,11 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Cont
     finalizer(&api, FINALIZER, Arc::new(publisher.clone()), |event| async {
         match event {
             FinalizerEvent::Apply(p) => reconcile_publisher(&p, &ctx).await.map(|()| Action::requeue(requeue)),
-            FinalizerEvent::Cleanup(p) => cleanup(&p, &ctx).await,
+            FinalizerEvent::Cleanup(p) => {
+                let released = cleanup(&p, &ctx).await?;
+                ctx.metrics.forget_publisher(&namespace, &p.name_any());
+                Ok(released)
+            }
         }
     })
     .instrument(span)
@@ -364,6 +368,12 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
     let previous = publisher.status.clone().unwrap_or_default();
     let status = compute(&validated, &observations, &previous, now());
     publish_transitions(publisher, &previous.conditions, &status, ctx).await;
+    ctx.metrics.set_workers(
+        &validated.namespace,
+        &validated.name,
+        i64::from(status.ready_workers),
+        i64::from(status.desired_workers),
+    );
     write_status(&validated.name, &validated.namespace, &status, ctx).await
 }
 
@@ -443,10 +453,16 @@ async fn dereference(p: &ValidatedPublisher, ready_replicas: i32, ctx: &Context)
             name: p.name.clone(),
             source,
         })?;
-    let provision = list
-        .items
+    let outcomes: Vec<(i64, ProvisionOutcome)> = list.items.iter().filter_map(provision_outcome).collect();
+    let created = outcomes
         .iter()
-        .filter_map(provision_outcome)
+        .flat_map(|(_, outcome)| match outcome {
+            ProvisionOutcome::Provisioned { created, .. } => created.clone(),
+            ProvisionOutcome::Failed { .. } => Vec::new(),
+        })
+        .collect();
+    let provision = outcomes
+        .into_iter()
         .max_by_key(|(at, _)| *at)
         .map(|(_, outcome)| outcome);
     // Only Pods past their init step can answer; owned values keep the stream 'static.
@@ -465,6 +481,7 @@ async fn dereference(p: &ValidatedPublisher, ready_replicas: i32, ctx: &Context)
     let mut seen = Observations {
         ready_replicas,
         provision,
+        created,
         ..Observations::default()
     };
     for answer in answers {

@@ -41,7 +41,8 @@ fn start(ns: &str, identity: &str, dir: &std::path::Path) -> Operator {
     let child = Command::new(BIN)
         .args([
             "operator",
-            "--namespace",
+            "--leader-election",
+            "--watch-namespaces",
             ns,
             "--lease-namespace",
             ns,
