@@ -266,7 +266,8 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     crate::schema::registry::SchemaRegistry::new(store)
         .register_builtin(args.compatibility)
         .await?;
-    let mut destinations = args.destinations.clone();
+    // An empty PROVISION_DESTINATIONS (no extra destinations) parses as one empty name.
+    let mut destinations: Vec<String> = args.destinations.iter().filter(|d| !d.is_empty()).cloned().collect();
     if let crate::broker::routing::Routing::Single { destination } = &config.routing {
         destinations.push(destination.clone());
     }

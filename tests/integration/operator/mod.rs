@@ -2,6 +2,8 @@
 //! agent) the reconciler end to end.
 
 mod crd_validation;
+mod e2e;
+mod e2e_brokers;
 mod e2e_kafka;
 mod in_cluster;
 mod leader;
