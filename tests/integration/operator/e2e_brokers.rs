@@ -201,3 +201,74 @@ async fn sqs_publisher_under_the_in_cluster_operator_delivers_reports_and_delete
     .await;
     e2e.finish().await;
 }
+
+fn stockout(item: uuid::Uuid) -> inventory_outbox::event::NewEvent {
+    inventory_outbox::event::NewEvent::from_payload(&inventory_outbox::event::inventory::Stockout {
+        inventory_item_id: item,
+        warehouse_id: uuid::Uuid::nil(),
+        unfulfilled_quantity: Some(3),
+    })
+    .expect("serialize payload")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_events_show_failed_and_dead_lettered_counts_matching_the_database() {
+    const POISON: usize = 3;
+    let e2e = E2e::start("op-poison", 1).await;
+    e2e.secret("orders-amqp", json!({"url": amqp_url()})).await;
+    let exchange = unique_name("op-poison");
+    let queue = format!("{exchange}.stock");
+    e2e.create_publisher(
+        "orders",
+        json!({
+            "broker": {"rabbitmq": {"urlSecretRef": {"name": "orders-amqp", "key": "url"}, "exchange": exchange}},
+            // Only stock changes have a queue: a Stockout is returned unroutable (mandatory),
+            // retried, then dead-lettered.
+            "routing": {"strategy": "perEventType", "template": "inventory.{eventType}"},
+            "topology": {"rabbitmq": {"queues": [{"name": queue, "bindingKey": "inventory.StockLevelChanged"}]}},
+            "deadLetter": {"destination": format!("{exchange}.dlx"), "queue": format!("{exchange}.dlq")},
+            "retry": {"initialIntervalMs": 200, "maxIntervalMs": 1000, "maxAttempts": 2},
+            "deletionPolicy": "Delete",
+            "replicas": 1
+        }),
+    )
+    .await;
+    e2e.relays_ready("orders", 1).await;
+    e2e.commit_events(10).await;
+    let store = inventory_outbox::store::Store::from_pool(e2e.db.pool.clone(), Default::default());
+    let publisher = inventory_outbox::publisher::InventoryEventPublisher::setup(store, Default::default())
+        .await
+        .expect("publisher");
+    for _ in 0..POISON {
+        let mut tx = e2e.db.pool.begin().await.expect("begin");
+        publisher
+            .publish_event(&mut tx, stockout(uuid::Uuid::now_v7()))
+            .await
+            .expect("publish poison");
+        tx.commit().await.expect("commit");
+    }
+    e2e.eventually(Duration::from_secs(90), "poison events dead-lettered in the database", async || {
+        let (_, failed, dead) = e2e.database_counts().await;
+        if dead == POISON as i64 { Ok(()) } else { Err(format!("{failed} failed, {dead} dead-lettered")) }
+    })
+    .await;
+    let status = e2e
+        .eventually(Duration::from_secs(60), "status counts equal the database's", async || {
+            let (_, failed, dead) = e2e.database_counts().await;
+            let s = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            if s.failed_event_count == Some(failed) && s.dead_lettered_count == Some(dead) && s.pending_events == Some(0) {
+                Ok(s)
+            } else {
+                Err(format!("database {failed} failed / {dead} dead-lettered; status {s:?}"))
+            }
+        })
+        .await;
+    assert_eq!(status.dead_lettered_count, Some(POISON as i64), "{status:?}");
+    let (rows, table) = e2e.kubectl_table().await;
+    assert!(
+        rows.iter().any(|r| r.first().map(String::as_str) == Some("orders") && r.get(6).map(String::as_str) == Some("3")),
+        "FAILED column shows the 3 dead-lettered events: {table}"
+    );
+    e2e.delete_publisher("orders", Duration::from_secs(120)).await;
+    e2e.finish().await;
+}
