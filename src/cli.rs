@@ -103,6 +103,10 @@ pub struct OperatorArgs {
     /// Seconds between reconciles of an unchanged EventPublisher (keeps the status fresh).
     #[arg(long, env = "REQUEUE_SECONDS", default_value_t = 15)]
     pub requeue_seconds: u64,
+    /// Seconds a deletionPolicy Delete cleanup Job may run before the deletion goes on and
+    /// leaves the rest behind.
+    #[arg(long, env = "CLEANUP_DEADLINE_SECONDS", default_value_t = 300)]
+    pub cleanup_deadline_seconds: u64,
     /// Listen address of /metrics, /livez and /readyz (the chart passes the Pod IP).
     #[arg(long, env = "OPERATOR_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: std::net::SocketAddr,
@@ -228,6 +232,7 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("operator-{}", uuid::Uuid::new_v4().simple()));
     let mut settings = crate::operator::reconcile::Settings {
         requeue_after: std::time::Duration::from_secs(args.requeue_seconds.max(1)),
+        cleanup_deadline: std::time::Duration::from_secs(args.cleanup_deadline_seconds.max(1)),
         instance: Some(identity.clone()),
         ..Default::default()
     };

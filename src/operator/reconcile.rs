@@ -298,6 +298,13 @@ async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Er
             let deadline = i64::try_from(ctx.settings.cleanup_deadline.as_secs()).unwrap_or(300);
             let job = cleanup_job(&validated, &ctx.settings.build, &resources, deadline)?;
             ssa(&jobs, "Job", &name, &job).await?;
+            write_deleting(
+                publisher,
+                ctx,
+                conditions::reasons::CLEANUP_RUNNING,
+                format!("deletionPolicy Delete: cleanup Job {name} is removing {listed}"),
+            )
+            .await;
             event(
                 ctx,
                 publisher,
@@ -328,6 +335,14 @@ async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Er
         .find(|c| c.type_ == "Failed" && c.status == "True");
     if let Some(failed) = failed {
         let why = failed.message.unwrap_or_else(|| failed.reason.unwrap_or_default());
+        // Written just before the finalizer lets go: watchers see what stays on the broker.
+        write_deleting(
+            publisher,
+            ctx,
+            conditions::reasons::CLEANUP_FAILED,
+            format!("cleanup Job {name} failed ({why}); left behind: {listed}"),
+        )
+        .await;
         event(
             ctx,
             publisher,
@@ -339,6 +354,26 @@ async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
     Err(Error::CleanupPending { job: name })
+}
+
+/// Sets the Deleting condition, keeping the rest of the status; a failed write is only logged
+/// (the Event says the same, and deletion must not wait on it).
+async fn write_deleting(publisher: &EventPublisher, ctx: &Context, reason: &'static str, message: String) {
+    let (Some(name), Some(namespace)) = (publisher.metadata.name.clone(), publisher.namespace()) else {
+        return;
+    };
+    let mut status = publisher.status.clone().unwrap_or_default();
+    let deleting = conditions::settle(
+        &status.conditions,
+        vec![conditions::Observed::new(types::DELETING, true, reason, message)],
+        publisher.metadata.generation,
+        now(),
+    );
+    status.conditions.retain(|c| c.type_ != types::DELETING);
+    status.conditions.extend(deleting);
+    if let Err(error) = write_status(&name, &namespace, &status, ctx).await {
+        tracing::warn!(%error, "write the Deleting condition");
+    }
 }
 
 async fn event(ctx: &Context, publisher: &EventPublisher, type_: EventType, reason: &str, note: String) {

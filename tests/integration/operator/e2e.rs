@@ -45,10 +45,15 @@ pub fn condition(p: &EventPublisher, t: &str) -> Option<String> {
 impl E2e {
     /// Everything up to (not including) the EventPublisher.
     pub async fn start(prefix: &str, operator_replicas: u32) -> Self {
+        Self::start_with(prefix, operator_replicas, &[]).await
+    }
+
+    /// [`Self::start`] with extra chart values (`name=value`).
+    pub async fn start_with(prefix: &str, operator_replicas: u32, values: &[String]) -> Self {
         let admin = admin_client().await;
         install_crds(&admin).await;
         let tenant = create_namespace(&admin, prefix).await;
-        let operator = InClusterOperator::deploy(&admin, std::slice::from_ref(&tenant), operator_replicas).await;
+        let operator = InClusterOperator::deploy(&admin, std::slice::from_ref(&tenant), operator_replicas, values).await;
         let db = TestDatabase::create(&prefix.replace('-', "_")).await;
         let (server, _) = database_url()
             .rsplit_once('/')

@@ -1,7 +1,9 @@
 //! Issue 9's outage acceptance under the in-cluster operator: the Kafka broker process of this
 //! test's own (never the shared one) is stopped while events are committed; the status shows
 //! the circuit Open and BrokerReady False with an Event, and after the broker is back it shows
-//! Closed and Ready and every committed event was consumed.
+//! Closed and Ready and every committed event was consumed. Then, with the broker stopped again,
+//! deleting the publisher (deletionPolicy Delete) ends within the cleanup deadline, saying what
+//! was left behind.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -77,10 +79,25 @@ async fn event_reasons(e2e: &E2e, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+async fn event_notes(e2e: &E2e, name: &str) -> Vec<(String, String)> {
+    let api: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(e2e.admin.clone(), &e2e.tenant);
+    api.list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kafka_outage_shows_open_and_broker_not_ready_then_recovers_with_every_event_consumed() {
     let kafka = DedicatedKafka::start();
-    let e2e = E2e::start("op-outage", 1).await;
+    // A short cleanup deadline, so the deletion against a stopped broker ends soon.
+    let e2e = E2e::start_with("op-outage", 1, &["cleanupDeadlineSeconds=20".to_owned()]).await;
     let topic = unique_name("op-outage");
     e2e.create_publisher(
         "orders",
@@ -91,6 +108,7 @@ async fn a_kafka_outage_shows_open_and_broker_not_ready_then_recovers_with_every
             "deadLetter": {"destination": format!("{topic}.dlq")},
             // Long enough open periods that the operator's polls (every 15 s) see Open.
             "circuitBreaker": {"failureThreshold": 2, "minimumCalls": 2, "openDurationMs": 20000},
+            "deletionPolicy": "Delete",
             "replicas": 1
         }),
     )
@@ -141,6 +159,39 @@ async fn a_kafka_outage_shows_open_and_broker_not_ready_then_recovers_with_every
         "an Event when the broker came back: {reasons:?}"
     );
     drop(consumer);
+
+    // Broker stopped, deletionPolicy Delete: the cleanup Job cannot finish; the deletion still
+    // ends after the deadline, and the condition and an Event name what stays on the broker.
+    kafka.run("stop");
+    e2e.publishers
+        .delete("orders", &Default::default())
+        .await
+        .expect("delete publisher");
+    let deleting = e2e
+        .eventually(Duration::from_secs(30), "Deleting condition while the cleanup runs", async || {
+            let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
+            let c = p.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Deleting").cloned());
+            match c {
+                Some(c) if c.status == "True" => Ok(c),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    assert!(deleting.message.contains(&format!("kafkaTopic {topic}")), "{deleting:?}");
+    let started = std::time::Instant::now();
+    e2e.eventually(Duration::from_secs(120), "publisher released after the bounded cleanup", async || {
+        match e2e.publishers.get_opt("orders").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(p) => Err(format!("{:?}", p.status.map(|s| s.conditions))),
+        }
+    })
+    .await;
+    let notes = event_notes(&e2e, "orders").await;
+    assert!(
+        notes.iter().any(|(r, n)| r == "CleanupFailed" && n.contains(&format!("leaves behind: kafkaTopic {topic}"))),
+        "released after {:?}; Events: {notes:?}",
+        started.elapsed()
+    );
     e2e.finish().await;
     drop(kafka);
 }

@@ -35,7 +35,8 @@ fn chart_dir() -> String {
 impl InClusterOperator {
     /// Renders the chart for `watched` with this test binary's image, applies it, and waits
     /// until `replicas` operator Pods are Ready.
-    pub async fn deploy(admin: &kube::Client, watched: &[String], replicas: u32) -> Self {
+    /// `values` are extra `--set` arguments (`name=value`).
+    pub async fn deploy(admin: &kube::Client, watched: &[String], replicas: u32, values: &[String]) -> Self {
         let namespace = create_namespace(admin, "op-sys").await;
         let release = "outbox".to_owned();
         let fullname = format!("{release}-inventory-outbox");
@@ -51,6 +52,7 @@ impl InClusterOperator {
             .args(["--set", &format!("image.tag={tag}")])
             .args(["--set", &format!("replicaCount={replicas}")])
             .args(["--set", &format!("watchNamespaces={{{}}}", watched.join(","))])
+            .args(values.iter().flat_map(|v| ["--set", v.as_str()]))
             .output()
             .await
             .expect("run helm template");
