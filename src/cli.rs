@@ -123,8 +123,8 @@ pub struct OperatorArgs {
     /// Seconds after which a holder that stopped renewing loses the lease.
     #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u64,
-    /// This replica's identity in the Lease and in Events (defaults to POD_NAME, then a
-    /// random id).
+    /// This replica's name in the Lease and in Events (defaults to POD_NAME, then a random
+    /// id); each process appends its own run id.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 }
@@ -227,9 +227,13 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     // In-cluster configuration inside a Pod, the kubeconfig elsewhere.
     let client = kube::Client::try_default().await?;
-    let identity = args
-        .identity
-        .unwrap_or_else(|| format!("operator-{}", uuid::Uuid::new_v4().simple()));
+    // Unique per process, as client-go does: a container restarted after kill -9 keeps its
+    // Pod name but must not take the dead process's lease as its own.
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let identity = match args.identity {
+        Some(pod) => format!("{pod}_{}", &run[..8]),
+        None => format!("operator-{run}"),
+    };
     let mut settings = crate::operator::reconcile::Settings {
         requeue_after: std::time::Duration::from_secs(args.requeue_seconds.max(1)),
         cleanup_deadline: std::time::Duration::from_secs(args.cleanup_deadline_seconds.max(1)),

@@ -5,6 +5,7 @@ mod crd_validation;
 mod e2e;
 mod e2e_brokers;
 mod e2e_kafka;
+mod e2e_leader;
 mod e2e_lifecycle;
 mod e2e_outage;
 mod in_cluster;
