@@ -17,7 +17,8 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
-use kube::runtime::watcher;
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
@@ -708,14 +709,16 @@ pub async fn run_with_metrics(
     }
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics)?);
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=inventory-outbox-operator");
+    // Children only trigger reconciles (each reconcile reads what it needs): metadata-only
+    // watches and no cache of them, so memory does not grow with every child's full object.
     Controller::new(
         api::<DeserializeGuard<EventPublisher>>(&client, &namespace),
         watcher::Config::default(),
     )
-    .owns(api::<ConfigMap>(&client, &namespace), owned.clone())
-    .owns(api::<Deployment>(&client, &namespace), owned.clone())
-    .owns(api::<Service>(&client, &namespace), owned.clone())
-    .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+    .owns_stream(watcher(api::<PartialObjectMeta<ConfigMap>>(&client, &namespace), owned.clone()).touched_objects())
+    .owns_stream(watcher(api::<PartialObjectMeta<Deployment>>(&client, &namespace), owned.clone()).touched_objects())
+    .owns_stream(watcher(api::<PartialObjectMeta<Service>>(&client, &namespace), owned.clone()).touched_objects())
+    .owns_stream(watcher(api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace), owned).touched_objects())
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {

@@ -16,9 +16,10 @@ use super::e2e::{E2e, condition};
 use super::e2e_kafka::{consume_all, consumer};
 use crate::support::unique_name;
 
-/// Ports of this test's Kafka node (the shared one is 19092; relay::outage uses 29092).
-const KAFKA_PORT: u16 = 49092;
-const KAFKA_CONTROLLER_PORT: u16 = 49093;
+/// Ports of this test's Kafka node, below the ephemeral range (the shared node is 19092,
+/// relay::outage uses 29092).
+const KAFKA_PORT: u16 = 28092;
+const KAFKA_CONTROLLER_PORT: u16 = 28093;
 
 /// A Kafka node of this test's own, driven by the project's `hack/components/kafka.sh`.
 struct DedicatedKafka {
