@@ -243,7 +243,11 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     if let Some(image) = args.relay_image {
         settings.build.image = image;
     }
-    let namespaces = args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect::<Vec<_>>();
+    let namespaces = args
+        .watch_namespaces
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .collect::<Vec<_>>();
     tracing::info!(image = %settings.build.image, namespaces = ?namespaces, identity, leader_election = args.leader_election, "operator starting");
     let lease_duration = std::time::Duration::from_secs(args.lease_duration_seconds.max(2));
     let leader_election = args.leader_election.then(|| crate::operator::process::LeaderElection {

@@ -437,9 +437,18 @@ mod tests {
             assert_eq!(m.namespace.as_deref(), Some("shop"));
         }
         // The chart's NetworkPolicy admits the operator's status polls by this label.
-        let pod_labels = c.deployment.spec.template.metadata.as_ref().and_then(|m| m.labels.clone());
+        let pod_labels = c
+            .deployment
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone());
         assert_eq!(
-            pod_labels.as_ref().and_then(|l| l.get(PART_OF_LABEL)).map(String::as_str),
+            pod_labels
+                .as_ref()
+                .and_then(|l| l.get(PART_OF_LABEL))
+                .map(String::as_str),
             Some("inventory-outbox"),
             "{pod_labels:?}"
         );

@@ -203,7 +203,12 @@ async fn run_elected(
                 _ = stopped => {}
             }
         };
-        let mut controller = tokio::spawn(controllers(client.clone(), settings.clone(), metrics.clone(), stop_when));
+        let mut controller = tokio::spawn(controllers(
+            client.clone(),
+            settings.clone(),
+            metrics.clone(),
+            stop_when,
+        ));
         let stopping = tokio::select! {
             _ = &mut shutdown => true,
             _ = &mut controller => false,

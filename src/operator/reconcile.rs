@@ -14,10 +14,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -53,6 +53,9 @@ pub struct Settings {
     pub instance: Option<String>,
     /// How long the cleanup Job may run before deletion gives up and leaves the rest behind.
     pub cleanup_deadline: Duration,
+    /// Reconciles in flight at once. Unbounded, a burst of new publishers floods the API
+    /// server with server-side applies until it answers 504 and everything retries.
+    pub concurrency: u16,
 }
 
 impl Default for Settings {
@@ -66,6 +69,7 @@ impl Default for Settings {
             status_timeout: Duration::from_secs(2),
             instance: None,
             cleanup_deadline: Duration::from_secs(300),
+            concurrency: 16,
         }
     }
 }
@@ -186,7 +190,8 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, 
         tracing::debug!(job, "waiting for the cleanup Job");
         return Action::requeue(Duration::from_secs(3));
     }
-    ctx.metrics.failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
+    ctx.metrics
+        .failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
     if error.is_transient() {
         tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
         Action::requeue(Duration::from_secs(5))
@@ -707,6 +712,7 @@ pub async fn run_with_metrics(
             None => Api::all(client.clone()),
         }
     }
+    let concurrency = settings.concurrency;
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics)?);
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=inventory-outbox-operator");
     // Children only trigger reconciles (each reconcile reads what it needs): metadata-only
@@ -718,7 +724,14 @@ pub async fn run_with_metrics(
     .owns_stream(watcher(api::<PartialObjectMeta<ConfigMap>>(&client, &namespace), owned.clone()).touched_objects())
     .owns_stream(watcher(api::<PartialObjectMeta<Deployment>>(&client, &namespace), owned.clone()).touched_objects())
     .owns_stream(watcher(api::<PartialObjectMeta<Service>>(&client, &namespace), owned.clone()).touched_objects())
-    .owns_stream(watcher(api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace), owned).touched_objects())
+    .owns_stream(
+        watcher(
+            api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace),
+            owned,
+        )
+        .touched_objects(),
+    )
+    .with_config(kube::runtime::Config::default().concurrency(concurrency))
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {

@@ -53,7 +53,8 @@ impl E2e {
         let admin = admin_client().await;
         install_crds(&admin).await;
         let tenant = create_namespace(&admin, prefix).await;
-        let operator = InClusterOperator::deploy(&admin, std::slice::from_ref(&tenant), operator_replicas, values).await;
+        let operator =
+            InClusterOperator::deploy(&admin, std::slice::from_ref(&tenant), operator_replicas, values).await;
         let db = TestDatabase::create(&prefix.replace('-', "_")).await;
         let (server, _) = database_url()
             .rsplit_once('/')
@@ -99,7 +100,12 @@ impl E2e {
     }
 
     /// Waits on `check` with this test's operator and tenant state printed on timeout.
-    pub async fn eventually<T>(&self, timeout: Duration, what: &str, check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    pub async fn eventually<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl AsyncFnMut() -> Result<T, String>,
+    ) -> T {
         eventually(&self.admin, &self.operator, &self.tenant, timeout, what, check).await
     }
 
@@ -117,23 +123,30 @@ impl E2e {
     /// chart's NetworkPolicy.
     pub async fn relays_ready(&self, publisher: &str, count: usize) {
         let selector = format!("outbox.inventory.io/publisher={publisher}");
-        self.eventually(Duration::from_secs(180), &format!("{count} relay Pods of {publisher} Ready"), async || {
-            let relays = pods(&self.admin, &self.tenant, &selector).await;
-            let ready = relays.iter().filter(|p| is_ready(p)).count();
-            let labelled = relays.iter().all(|p| {
-                p.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("app.kubernetes.io/part-of"))
-                    .map(String::as_str)
-                    == Some("inventory-outbox")
-            });
-            if ready == count && labelled {
-                Ok(())
-            } else {
-                Err(format!("{ready} of {} Ready, part-of label on all: {labelled}", relays.len()))
-            }
-        })
+        self.eventually(
+            Duration::from_secs(180),
+            &format!("{count} relay Pods of {publisher} Ready"),
+            async || {
+                let relays = pods(&self.admin, &self.tenant, &selector).await;
+                let ready = relays.iter().filter(|p| is_ready(p)).count();
+                let labelled = relays.iter().all(|p| {
+                    p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("app.kubernetes.io/part-of"))
+                        .map(String::as_str)
+                        == Some("inventory-outbox")
+                });
+                if ready == count && labelled {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{ready} of {} Ready, part-of label on all: {labelled}",
+                        relays.len()
+                    ))
+                }
+            },
+        )
         .await;
     }
 
@@ -202,7 +215,9 @@ impl E2e {
                 if ok {
                     Ok(s)
                 } else {
-                    Err(format!("database: {stored} stored, {failed} failed, {dead} dead-lettered; status {s:?}"))
+                    Err(format!(
+                        "database: {stored} stored, {failed} failed, {dead} dead-lettered; status {s:?}"
+                    ))
                 }
             },
         )
@@ -231,15 +246,13 @@ impl E2e {
         let (rows, table) = self.kubectl_table().await;
         assert_eq!(
             rows.first().cloned().unwrap_or_default(),
-            ["NAME", "READY", "BROKER", "CIRCUIT", "WORKERS", "PENDING", "FAILED", "AGE"],
+            [
+                "NAME", "READY", "BROKER", "CIRCUIT", "WORKERS", "PENDING", "FAILED", "AGE"
+            ],
             "{table}"
         );
         let row = rows.iter().find(|r| r.first().map(String::as_str) == Some(publisher));
-        assert_eq!(
-            row.map(|r| r[1..7].to_vec()).unwrap_or_default(),
-            expected,
-            "{table}"
-        );
+        assert_eq!(row.map(|r| r[1..7].to_vec()).unwrap_or_default(), expected, "{table}");
     }
 
     /// Deletes `publisher` and waits until the finalizer let it go.

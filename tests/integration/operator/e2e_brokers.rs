@@ -92,7 +92,11 @@ async fn rabbitmq_publisher_under_the_in_cluster_operator_delivers_reports_and_d
         if sent.is_subset(&received) {
             Ok(())
         } else {
-            Err(format!("{} of {} received", sent.intersection(&received).count(), sent.len()))
+            Err(format!(
+                "{} of {} received",
+                sent.intersection(&received).count(),
+                sent.len()
+            ))
         }
     })
     .await;
@@ -108,7 +112,8 @@ async fn rabbitmq_publisher_under_the_in_cluster_operator_delivers_reports_and_d
             && provisioned.contains(&("rabbitmqExchange".to_owned(), exchange.clone())),
         "{status:?}"
     );
-    e2e.assert_row("orders", ["True", "rabbitmq", "Closed", "1/1", "0", "0"]).await;
+    e2e.assert_row("orders", ["True", "rabbitmq", "Closed", "1/1", "0", "0"])
+        .await;
 
     // Delete: the cleanup Job removes the exchange and the queue, then the finalizer lets go.
     e2e.delete_publisher("orders", Duration::from_secs(120)).await;
@@ -123,11 +128,8 @@ async fn rabbitmq_publisher_under_the_in_cluster_operator_delivers_reports_and_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqs_publisher_under_the_in_cluster_operator_delivers_reports_and_deletes_its_queues() {
     let e2e = E2e::start("op-sqs", 1).await;
-    e2e.secret(
-        "orders-aws",
-        json!({"accessKeyId": "test", "secretAccessKey": "test"}),
-    )
-    .await;
+    e2e.secret("orders-aws", json!({"accessKeyId": "test", "secretAccessKey": "test"}))
+        .await;
     let queue = unique_name("op-e2e");
     let dlq = format!("{queue}-dlq");
     e2e.create_publisher(
@@ -170,7 +172,8 @@ async fn sqs_publisher_under_the_in_cluster_operator_delivers_reports_and_delete
             .await
             .map_err(|e| e.to_string())?;
         for m in out.messages.unwrap_or_default() {
-            let doc: serde_json::Value = serde_json::from_str(m.body.as_deref().unwrap_or_default()).unwrap_or_default();
+            let doc: serde_json::Value =
+                serde_json::from_str(m.body.as_deref().unwrap_or_default()).unwrap_or_default();
             if let Some(id) = doc["id"].as_str() {
                 received.insert(id.to_owned());
             }
@@ -181,7 +184,11 @@ async fn sqs_publisher_under_the_in_cluster_operator_delivers_reports_and_delete
         if sent.is_subset(&received) {
             Ok(())
         } else {
-            Err(format!("{} of {} received", sent.intersection(&received).count(), sent.len()))
+            Err(format!(
+                "{} of {} received",
+                sent.intersection(&received).count(),
+                sent.len()
+            ))
         }
     })
     .await;
@@ -189,15 +196,18 @@ async fn sqs_publisher_under_the_in_cluster_operator_delivers_reports_and_delete
     let status = e2e.ready_matching_database("orders", 1).await;
     let provisioned: BTreeSet<String> = status.provisioned_resources.iter().map(|r| r.name.clone()).collect();
     assert!(provisioned.contains(&queue) && provisioned.contains(&dlq), "{status:?}");
-    e2e.assert_row("orders", ["True", "snsSqs", "Closed", "1/1", "0", "0"]).await;
+    e2e.assert_row("orders", ["True", "snsSqs", "Closed", "1/1", "0", "0"])
+        .await;
 
     e2e.delete_publisher("orders", Duration::from_secs(120)).await;
-    e2e.eventually(Duration::from_secs(30), "queues gone after deletionPolicy Delete", async || {
-        match (queue_url(queue.clone()).await, queue_url(dlq.clone()).await) {
+    e2e.eventually(
+        Duration::from_secs(30),
+        "queues gone after deletionPolicy Delete",
+        async || match (queue_url(queue.clone()).await, queue_url(dlq.clone()).await) {
             (None, None) => Ok(()),
             other => Err(format!("still there: {other:?}")),
-        }
-    })
+        },
+    )
     .await;
     e2e.finish().await;
 }
@@ -247,26 +257,48 @@ async fn poison_events_show_failed_and_dead_lettered_counts_matching_the_databas
             .expect("publish poison");
         tx.commit().await.expect("commit");
     }
-    e2e.eventually(Duration::from_secs(90), "poison events dead-lettered in the database", async || {
-        let (_, failed, dead) = e2e.database_counts().await;
-        if dead == POISON as i64 { Ok(()) } else { Err(format!("{failed} failed, {dead} dead-lettered")) }
-    })
+    e2e.eventually(
+        Duration::from_secs(90),
+        "poison events dead-lettered in the database",
+        async || {
+            let (_, failed, dead) = e2e.database_counts().await;
+            if dead == POISON as i64 {
+                Ok(())
+            } else {
+                Err(format!("{failed} failed, {dead} dead-lettered"))
+            }
+        },
+    )
     .await;
     let status = e2e
-        .eventually(Duration::from_secs(60), "status counts equal the database's", async || {
-            let (_, failed, dead) = e2e.database_counts().await;
-            let s = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-            if s.failed_event_count == Some(failed) && s.dead_lettered_count == Some(dead) && s.pending_events == Some(0) {
-                Ok(s)
-            } else {
-                Err(format!("database {failed} failed / {dead} dead-lettered; status {s:?}"))
-            }
-        })
+        .eventually(
+            Duration::from_secs(60),
+            "status counts equal the database's",
+            async || {
+                let (_, failed, dead) = e2e.database_counts().await;
+                let s = e2e
+                    .publishers
+                    .get("orders")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                if s.failed_event_count == Some(failed)
+                    && s.dead_lettered_count == Some(dead)
+                    && s.pending_events == Some(0)
+                {
+                    Ok(s)
+                } else {
+                    Err(format!("database {failed} failed / {dead} dead-lettered; status {s:?}"))
+                }
+            },
+        )
         .await;
     assert_eq!(status.dead_lettered_count, Some(POISON as i64), "{status:?}");
     let (rows, table) = e2e.kubectl_table().await;
     assert!(
-        rows.iter().any(|r| r.first().map(String::as_str) == Some("orders") && r.get(6).map(String::as_str) == Some("3")),
+        rows.iter()
+            .any(|r| r.first().map(String::as_str) == Some("orders") && r.get(6).map(String::as_str) == Some("3")),
         "FAILED column shows the 3 dead-lettered events: {table}"
     );
     e2e.delete_publisher("orders", Duration::from_secs(120)).await;

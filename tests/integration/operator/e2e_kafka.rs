@@ -65,7 +65,13 @@ pub fn consumer(bootstrap: &str, topic: &str) -> StreamConsumer {
 }
 
 /// Reads `consumer` until every id of `sent` arrived (ids seen are added to `received`).
-pub async fn consume_all(e2e: &E2e, consumer: &StreamConsumer, sent: &BTreeSet<String>, received: &mut BTreeSet<String>, within: Duration) {
+pub async fn consume_all(
+    e2e: &E2e,
+    consumer: &StreamConsumer,
+    sent: &BTreeSet<String>,
+    received: &mut BTreeSet<String>,
+    within: Duration,
+) {
     let collect = async {
         while !sent.is_subset(received) {
             // A broker outage surfaces as transient consume errors; the deadline still holds.
@@ -138,14 +144,18 @@ async fn kafka_publisher_under_the_in_cluster_operator_provisions_publishes_and_
     // Children, then relay Pods past their provision step, then topics.
     let config_maps: Api<ConfigMap> = Api::namespaced(e2e.admin.clone(), &e2e.tenant);
     let deployments: Api<Deployment> = Api::namespaced(e2e.admin.clone(), &e2e.tenant);
-    e2e.eventually(Duration::from_secs(60), "ConfigMap and Deployment applied", async || {
-        let cm = config_maps.get_opt("orders-relay").await.map_err(|e| e.to_string())?;
-        let d = deployments.get_opt("orders-relay").await.map_err(|e| e.to_string())?;
-        match (cm, d) {
-            (Some(_), Some(_)) => Ok(()),
-            (cm, d) => Err(format!("ConfigMap {}, Deployment {}", cm.is_some(), d.is_some())),
-        }
-    })
+    e2e.eventually(
+        Duration::from_secs(60),
+        "ConfigMap and Deployment applied",
+        async || {
+            let cm = config_maps.get_opt("orders-relay").await.map_err(|e| e.to_string())?;
+            let d = deployments.get_opt("orders-relay").await.map_err(|e| e.to_string())?;
+            match (cm, d) {
+                (Some(_), Some(_)) => Ok(()),
+                (cm, d) => Err(format!("ConfigMap {}, Deployment {}", cm.is_some(), d.is_some())),
+            }
+        },
+    )
     .await;
     e2e.relays_ready("orders", 2).await;
     e2e.eventually(Duration::from_secs(30), "topics with 3 partitions", async || {
@@ -173,7 +183,8 @@ async fn kafka_publisher_under_the_in_cluster_operator_provisions_publishes_and_
         provisioned.contains(&topic) && provisioned.contains(&dlq),
         "the provision step's report reached the status: {status:?}"
     );
-    e2e.assert_row("orders", ["True", "kafka", "Closed", "2/2", "0", "0"]).await;
+    e2e.assert_row("orders", ["True", "kafka", "Closed", "2/2", "0", "0"])
+        .await;
 
     // The chart's alerts query these series.
     let metrics = e2e.operator.metrics(&e2e.admin).await;

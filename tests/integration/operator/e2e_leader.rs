@@ -75,11 +75,11 @@ async fn leader_gauges(e2e: &E2e) -> Vec<(String, Option<String>)> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let ip = pod.status.and_then(|s| s.pod_ip).unwrap_or_default();
         let gauge = match reqwest::get(format!("http://{ip}:8080/metrics")).await {
-            Ok(r) => r
-                .text()
-                .await
-                .ok()
-                .and_then(|t| t.lines().find(|l| l.starts_with("outbox_operator_leader ")).map(str::to_owned)),
+            Ok(r) => r.text().await.ok().and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("outbox_operator_leader "))
+                    .map(str::to_owned)
+            }),
             Err(_) => None,
         };
         out.push((name, gauge));
@@ -100,18 +100,33 @@ async fn two_operator_pods_only_the_holder_reconciles_and_kill_9_hands_over_with
     let (pod_of_holder, _) = first.rsplit_once('_').expect("identity is <pod>_<run id>");
     let pod_of_holder = pod_of_holder.to_owned();
     let gauges = e2e
-        .eventually(Duration::from_secs(30), "leader gauges 1 on the holder, 0 on the standby", async || {
-            let g = leader_gauges(&e2e).await;
-            let ok = g.len() == 2
-                && g.iter().all(|(pod, gauge)| {
-                    let want = if *pod == pod_of_holder { "outbox_operator_leader 1" } else { "outbox_operator_leader 0" };
-                    gauge.as_deref() == Some(want)
-                });
-            if ok { Ok(g) } else { Err(format!("{g:?} (holder {first})")) }
-        })
+        .eventually(
+            Duration::from_secs(30),
+            "leader gauges 1 on the holder, 0 on the standby",
+            async || {
+                let g = leader_gauges(&e2e).await;
+                let ok = g.len() == 2
+                    && g.iter().all(|(pod, gauge)| {
+                        let want = if *pod == pod_of_holder {
+                            "outbox_operator_leader 1"
+                        } else {
+                            "outbox_operator_leader 0"
+                        };
+                        gauge.as_deref() == Some(want)
+                    });
+                if ok {
+                    Ok(g)
+                } else {
+                    Err(format!("{g:?} (holder {first})"))
+                }
+            },
+        )
         .await;
     let reporters = reconciled_by(&e2e, "first").await;
-    assert!(reporters.iter().all(|r| *r == first), "only the holder {first} reconciles: {reporters:?} (gauges {gauges:?})");
+    assert!(
+        reporters.iter().all(|r| *r == first),
+        "only the holder {first} reconciles: {reporters:?} (gauges {gauges:?})"
+    );
 
     // kill -9 the holder's process.
     let holder_pod = e2e
@@ -129,12 +144,14 @@ async fn two_operator_pods_only_the_holder_reconciles_and_kill_9_hands_over_with
         .expect("run kill");
     assert!(status.success(), "kill -9 {pid}");
     let next = e2e
-        .eventually(Duration::from_secs(LEASE_SECONDS + 15), "another process holds the Lease", async || {
-            match holder(&leases, &lease).await {
+        .eventually(
+            Duration::from_secs(LEASE_SECONDS + 15),
+            "another process holds the Lease",
+            async || match holder(&leases, &lease).await {
                 Some(h) if h != first => Ok(h),
                 other => Err(format!("holder {other:?}")),
-            }
-        })
+            },
+        )
         .await;
     let takeover = killed.elapsed();
     println!("takeover after kill -9: {takeover:?} by {next} (lease {LEASE_SECONDS} s)");
@@ -144,6 +161,9 @@ async fn two_operator_pods_only_the_holder_reconciles_and_kill_9_hands_over_with
         e2e.state().await
     );
     let reporters = reconciled_by(&e2e, "second").await;
-    assert!(reporters.iter().all(|r| *r == next), "only the new holder {next} reconciles: {reporters:?}");
+    assert!(
+        reporters.iter().all(|r| *r == next),
+        "only the new holder {next} reconciles: {reporters:?}"
+    );
     e2e.finish().await;
 }

@@ -32,21 +32,28 @@ fn template_hash(d: &Deployment) -> Option<String> {
 /// given, a config hash other than `old_hash`; returns the new hash.
 async fn rolled(e2e: &E2e, replicas: i32, old_hash: Option<&str>) -> String {
     let deployments: Api<Deployment> = Api::namespaced(e2e.admin.clone(), &e2e.tenant);
-    e2e.eventually(Duration::from_secs(180), &format!("Deployment rolled out with {replicas} ready"), async || {
-        let d = deployments.get("orders-relay").await.map_err(|e| e.to_string())?;
-        let hash = template_hash(&d);
-        let s = d.status.clone().unwrap_or_default();
-        let done = s.observed_generation == d.metadata.generation
-            && d.spec.replicas == Some(replicas)
-            && s.updated_replicas == Some(replicas)
-            && s.ready_replicas == Some(replicas)
-            && s.replicas == Some(replicas)
-            && hash.as_deref() != old_hash;
-        match (done, hash) {
-            (true, Some(h)) => Ok(h),
-            (_, hash) => Err(format!("hash {hash:?} (old {old_hash:?}), spec replicas {:?}, status {s:?}", d.spec.replicas)),
-        }
-    })
+    e2e.eventually(
+        Duration::from_secs(180),
+        &format!("Deployment rolled out with {replicas} ready"),
+        async || {
+            let d = deployments.get("orders-relay").await.map_err(|e| e.to_string())?;
+            let hash = template_hash(&d);
+            let s = d.status.clone().unwrap_or_default();
+            let done = s.observed_generation == d.metadata.generation
+                && d.spec.replicas == Some(replicas)
+                && s.updated_replicas == Some(replicas)
+                && s.ready_replicas == Some(replicas)
+                && s.replicas == Some(replicas)
+                && hash.as_deref() != old_hash;
+            match (done, hash) {
+                (true, Some(h)) => Ok(h),
+                (_, hash) => Err(format!(
+                    "hash {hash:?} (old {old_hash:?}), spec replicas {:?}, status {s:?}",
+                    d.spec.replicas
+                )),
+            }
+        },
+    )
     .await
 }
 
@@ -78,10 +85,17 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     let base = database_url();
-    let host = base.rsplit_once('@').map(|(_, h)| h.to_owned()).expect("DATABASE_URL has user info");
-    let host = host.rsplit_once('/').map(|(h, _)| h.to_owned()).expect("DATABASE_URL has a database part");
+    let host = base
+        .rsplit_once('@')
+        .map(|(_, h)| h.to_owned())
+        .expect("DATABASE_URL has user info");
+    let host = host
+        .rsplit_once('/')
+        .map(|(h, _)| h.to_owned())
+        .expect("DATABASE_URL has a database part");
     let url_with = |password: &str| format!("postgres://{role}:{password}@{host}/{}", e2e.db.name);
-    e2e.secret("orders-login", json!({"url": url_with("first-password")})).await;
+    e2e.secret("orders-login", json!({"url": url_with("first-password")}))
+        .await;
 
     let topic = unique_name("op-life");
     e2e.create_publisher(
@@ -106,12 +120,20 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
     // A batch-size change rolls the Pods; a replica change scales them.
     let merge = |doc: serde_json::Value| Patch::Merge(doc);
     e2e.publishers
-        .patch("orders", &PatchParams::default(), &merge(json!({"spec": {"outbox": {"batchSize": 50}}})))
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &merge(json!({"spec": {"outbox": {"batchSize": 50}}})),
+        )
         .await
         .expect("change batch size");
     let second_hash = rolled(&e2e, 1, Some(&first_hash)).await;
     e2e.publishers
-        .patch("orders", &PatchParams::default(), &merge(json!({"spec": {"replicas": 2}})))
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &merge(json!({"spec": {"replicas": 2}})),
+        )
         .await
         .expect("scale to 2");
     rolled(&e2e, 2, None).await;
@@ -140,16 +162,20 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
         )
         .await
         .expect("rotate the Secret");
-    e2e.eventually(Duration::from_secs(90), "both relays restarted on the rotated Secret", async || {
-        let list = pods(&e2e.admin, &e2e.tenant, "outbox.inventory.io/publisher=orders").await;
-        let now = restarts(&list);
-        let ready = list.iter().filter(|p| super::in_cluster::is_ready(p)).count();
-        if now >= before + 2 && ready == 2 {
-            Ok(())
-        } else {
-            Err(format!("relay restarts {now} (before {before}), {ready} Ready"))
-        }
-    })
+    e2e.eventually(
+        Duration::from_secs(90),
+        "both relays restarted on the rotated Secret",
+        async || {
+            let list = pods(&e2e.admin, &e2e.tenant, "outbox.inventory.io/publisher=orders").await;
+            let now = restarts(&list);
+            let ready = list.iter().filter(|p| super::in_cluster::is_ready(p)).count();
+            if now >= before + 2 && ready == 2 {
+                Ok(())
+            } else {
+                Err(format!("relay restarts {now} (before {before}), {ready} Ready"))
+            }
+        },
+    )
     .await;
     sent.extend(e2e.commit_events(10).await);
     consume_all(&e2e, &consumer, &sent, &mut received, Duration::from_secs(90)).await;
@@ -157,18 +183,26 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
 
     // Paused: no relays; committed events wait. Resumed: all of them arrive.
     e2e.publishers
-        .patch("orders", &PatchParams::default(), &merge(json!({"spec": {"paused": true}})))
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &merge(json!({"spec": {"paused": true}})),
+        )
         .await
         .expect("pause");
-    e2e.eventually(Duration::from_secs(90), "paused: no relay Pods, Paused True", async || {
-        let list = pods(&e2e.admin, &e2e.tenant, "outbox.inventory.io/publisher=orders").await;
-        let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
-        if list.is_empty() && condition(&p, "Paused").as_deref() == Some("True") {
-            Ok(())
-        } else {
-            Err(format!("{} relay Pods, status {:?}", list.len(), p.status))
-        }
-    })
+    e2e.eventually(
+        Duration::from_secs(90),
+        "paused: no relay Pods, Paused True",
+        async || {
+            let list = pods(&e2e.admin, &e2e.tenant, "outbox.inventory.io/publisher=orders").await;
+            let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
+            if list.is_empty() && condition(&p, "Paused").as_deref() == Some("True") {
+                Ok(())
+            } else {
+                Err(format!("{} relay Pods, status {:?}", list.len(), p.status))
+            }
+        },
+    )
     .await;
     let waiting = e2e.commit_events(10).await;
     assert!(
@@ -176,7 +210,11 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
         "a paused publisher delivers nothing"
     );
     e2e.publishers
-        .patch("orders", &PatchParams::default(), &merge(json!({"spec": {"paused": false}})))
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &merge(json!({"spec": {"paused": false}})),
+        )
         .await
         .expect("resume");
     sent.extend(waiting);

@@ -124,28 +124,40 @@ async fn a_kafka_outage_shows_open_and_broker_not_ready_then_recovers_with_every
     // Outage: writes keep committing; the relay cannot deliver.
     kafka.run("stop");
     sent.extend(e2e.commit_events(10).await);
-    e2e.eventually(Duration::from_secs(90), "circuit Open and BrokerReady False", async || {
-        let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
-        let s = p.status.clone().unwrap_or_default();
-        if s.circuit_state.as_deref() == Some("Open") && condition(&p, "BrokerReady").as_deref() == Some("False") {
-            Ok(())
-        } else {
-            Err(format!("{s:?}"))
-        }
-    })
+    e2e.eventually(
+        Duration::from_secs(90),
+        "circuit Open and BrokerReady False",
+        async || {
+            let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
+            let s = p.status.clone().unwrap_or_default();
+            if s.circuit_state.as_deref() == Some("Open") && condition(&p, "BrokerReady").as_deref() == Some("False") {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
     .await;
-    e2e.eventually(Duration::from_secs(30), "a Warning Event about the broker", async || {
-        let reasons = event_reasons(&e2e, "orders").await;
-        if reasons.iter().any(|r| r == "BrokerReadyFalse" || r == "CircuitClosedFalse") {
-            Ok(())
-        } else {
-            Err(format!("{reasons:?}"))
-        }
-    })
+    e2e.eventually(
+        Duration::from_secs(30),
+        "a Warning Event about the broker",
+        async || {
+            let reasons = event_reasons(&e2e, "orders").await;
+            if reasons
+                .iter()
+                .any(|r| r == "BrokerReadyFalse" || r == "CircuitClosedFalse")
+            {
+                Ok(())
+            } else {
+                Err(format!("{reasons:?}"))
+            }
+        },
+    )
     .await;
     let (rows, table) = e2e.kubectl_table().await;
     assert!(
-        rows.iter().any(|r| r.first().map(String::as_str) == Some("orders") && r.get(3).map(String::as_str) == Some("Open")),
+        rows.iter()
+            .any(|r| r.first().map(String::as_str) == Some("orders") && r.get(3).map(String::as_str) == Some("Open")),
         "{table}"
     );
 
@@ -169,27 +181,41 @@ async fn a_kafka_outage_shows_open_and_broker_not_ready_then_recovers_with_every
         .await
         .expect("delete publisher");
     let deleting = e2e
-        .eventually(Duration::from_secs(30), "Deleting condition while the cleanup runs", async || {
-            let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
-            let c = p.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Deleting").cloned());
-            match c {
-                Some(c) if c.status == "True" => Ok(c),
-                other => Err(format!("{other:?}")),
-            }
-        })
+        .eventually(
+            Duration::from_secs(30),
+            "Deleting condition while the cleanup runs",
+            async || {
+                let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
+                let c = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Deleting").cloned());
+                match c {
+                    Some(c) if c.status == "True" => Ok(c),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
         .await;
-    assert!(deleting.message.contains(&format!("kafkaTopic {topic}")), "{deleting:?}");
+    assert!(
+        deleting.message.contains(&format!("kafkaTopic {topic}")),
+        "{deleting:?}"
+    );
     let started = std::time::Instant::now();
-    e2e.eventually(Duration::from_secs(120), "publisher released after the bounded cleanup", async || {
-        match e2e.publishers.get_opt("orders").await.map_err(|e| e.to_string())? {
+    e2e.eventually(
+        Duration::from_secs(120),
+        "publisher released after the bounded cleanup",
+        async || match e2e.publishers.get_opt("orders").await.map_err(|e| e.to_string())? {
             None => Ok(()),
             Some(p) => Err(format!("{:?}", p.status.map(|s| s.conditions))),
-        }
-    })
+        },
+    )
     .await;
     let notes = event_notes(&e2e, "orders").await;
     assert!(
-        notes.iter().any(|(r, n)| r == "CleanupFailed" && n.contains(&format!("leaves behind: kafkaTopic {topic}"))),
+        notes
+            .iter()
+            .any(|(r, n)| r == "CleanupFailed" && n.contains(&format!("leaves behind: kafkaTopic {topic}"))),
         "released after {:?}; Events: {notes:?}",
         started.elapsed()
     );

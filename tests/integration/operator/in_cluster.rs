@@ -138,7 +138,9 @@ impl InClusterOperator {
     pub async fn metrics(&self, admin: &kube::Client) -> String {
         let mut out = String::new();
         for pod in self.pods(admin).await {
-            let Some(ip) = pod.status.and_then(|s| s.pod_ip) else { continue };
+            let Some(ip) = pod.status.and_then(|s| s.pod_ip) else {
+                continue;
+            };
             if let Ok(r) = reqwest::get(format!("http://{ip}:8080/metrics")).await
                 && let Ok(text) = r.text().await
             {
@@ -150,7 +152,11 @@ impl InClusterOperator {
 
     /// The operator Pods' state and logs, for failure messages.
     pub async fn describe(&self, admin: &kube::Client) -> String {
-        format!("--- operator namespace {} ---\n{}", self.namespace, describe(admin, &self.namespace).await)
+        format!(
+            "--- operator namespace {} ---\n{}",
+            self.namespace,
+            describe(admin, &self.namespace).await
+        )
     }
 
     /// Removes the release (its namespace; the Roles go with the watched namespaces).

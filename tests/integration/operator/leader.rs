@@ -38,7 +38,8 @@ impl Operator {
     /// Whether `id` (a Lease holder or Event reporter) is this process: its name plus the
     /// run id the process appends.
     fn is(&self, id: &str) -> bool {
-        id.strip_prefix(&self.identity).is_some_and(|rest| rest.starts_with('_'))
+        id.strip_prefix(&self.identity)
+            .is_some_and(|rest| rest.starts_with('_'))
     }
 }
 
