@@ -225,11 +225,9 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
 
     drop(consumer);
     e2e.delete_publisher("orders", Duration::from_secs(60)).await;
-    let db_name = e2e.db.name.clone();
     let admin_url = database_url();
     e2e.finish().await;
     // The database is gone; its owner can go too.
-    let _ = db_name;
     if let Ok(pool) = sqlx::PgPool::connect(&admin_url).await {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
             .execute(&pool)

@@ -99,8 +99,15 @@ async fn the_controller_applies_owned_children_writes_status_rolls_on_change_and
     );
     let cm = config_maps.get("orders-relay").await.expect("ConfigMap");
     assert!(cm.data.unwrap_or_default().contains_key("relay.yaml"));
-    services.get("orders-relay").await.expect("Service");
-    pdbs.get("orders-relay").await.expect("PDB with 2 replicas");
+    until(Duration::from_secs(30), "Service applied", || async {
+        services.get("orders-relay").await.map_err(|e| e.to_string())
+    })
+    .await;
+    // Applied after the Deployment in the same reconcile: wait for it rather than race it.
+    until(Duration::from_secs(30), "PDB with 2 replicas", || async {
+        pdbs.get("orders-relay").await.map_err(|e| e.to_string())
+    })
+    .await;
     let managers: Vec<String> = deployment
         .metadata
         .managed_fields
