@@ -60,15 +60,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("cannot locate the inventory-outbox binary next to {}", exe.display()))?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut operator = tokio::process::Command::new(&bin)
-        .args([
-            "operator",
-            "--namespace",
-            &ns,
-            "--lease-namespace",
-            &ns,
-            "--requeue-seconds",
-            "300",
-        ])
+        .args(["operator", "--watch-namespaces", &ns, "--requeue-seconds", "300"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")

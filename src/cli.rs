@@ -117,21 +117,31 @@ pub struct ReplayArgs {
     pub secrets: SecretFileArgs,
 }
 
-/// How to run the operator.
+/// How to run the operator. The chart's Deployment passes exactly these flags
+/// (charts/inventory-outbox/templates/deployment.yaml).
 #[derive(Debug, clap::Args)]
 pub struct OperatorArgs {
     /// Image of the relay, provision and cleanup containers; defaults to this release's image.
     #[arg(long, env = "RELAY_IMAGE")]
     pub relay_image: Option<String>,
-    /// Watch only this namespace (with Roles in it) instead of the whole cluster.
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (comma-separated; the chart then binds Roles in each)
+    /// instead of the whole cluster.
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
     /// Seconds between reconciles of an unchanged EventPublisher (keeps the status fresh).
     #[arg(long, env = "REQUEUE_SECONDS", default_value_t = 15)]
     pub requeue_seconds: u64,
+    /// Seconds a deletionPolicy Delete cleanup Job may run before the deletion goes on and
+    /// leaves the rest behind.
+    #[arg(long, env = "CLEANUP_DEADLINE_SECONDS", default_value_t = 300)]
+    pub cleanup_deadline_seconds: u64,
     /// Listen address of /metrics, /livez and /readyz (the chart passes the Pod IP).
     #[arg(long, env = "OPERATOR_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: std::net::SocketAddr,
+    /// Reconcile only while holding a `coordination.k8s.io` Lease, so several replicas are
+    /// safe. Without it the process reconciles at once and must be the only replica.
+    #[arg(long)]
+    pub leader_election: bool,
     /// Namespace of the leader-election Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
@@ -141,7 +151,8 @@ pub struct OperatorArgs {
     /// Seconds after which a holder that stopped renewing loses the lease.
     #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u64,
-    /// This replica's identity in the Lease (defaults to POD_NAME, then a random id).
+    /// This replica's name in the Lease and in Events (defaults to POD_NAME, then a random
+    /// id); each process appends its own run id.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 }
@@ -265,27 +276,40 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     // In-cluster configuration inside a Pod, the kubeconfig elsewhere.
     let client = kube::Client::try_default().await?;
-    let identity = args
-        .identity
-        .unwrap_or_else(|| format!("operator-{}", uuid::Uuid::new_v4().simple()));
+    // Unique per process, as client-go does: a container restarted after kill -9 keeps its
+    // Pod name but must not take the dead process's lease as its own.
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let identity = match args.identity {
+        Some(pod) => format!("{pod}_{}", &run[..8]),
+        None => format!("operator-{run}"),
+    };
     let mut settings = crate::operator::reconcile::Settings {
         requeue_after: std::time::Duration::from_secs(args.requeue_seconds.max(1)),
+        cleanup_deadline: std::time::Duration::from_secs(args.cleanup_deadline_seconds.max(1)),
         instance: Some(identity.clone()),
         ..Default::default()
     };
     if let Some(image) = args.relay_image {
         settings.build.image = image;
     }
-    tracing::info!(image = %settings.build.image, namespace = ?args.namespace, identity, "operator starting");
+    let namespaces = args
+        .watch_namespaces
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .collect::<Vec<_>>();
+    tracing::info!(image = %settings.build.image, namespaces = ?namespaces, identity, leader_election = args.leader_election, "operator starting");
     let lease_duration = std::time::Duration::from_secs(args.lease_duration_seconds.max(2));
-    let process = crate::operator::process::ProcessSettings {
-        controller: settings,
-        namespace: args.namespace,
+    let leader_election = args.leader_election.then(|| crate::operator::process::LeaderElection {
         lease_namespace: args.lease_namespace,
         lease_name: args.lease_name,
         identity,
         lease_duration,
         lease_grace: (lease_duration / 3).max(std::time::Duration::from_secs(1)),
+    });
+    let process = crate::operator::process::ProcessSettings {
+        controller: settings,
+        namespaces,
+        leader_election,
         listen: args.listen,
     };
     crate::operator::process::run(client, process, shutdown_signal()).await?;
@@ -304,7 +328,8 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     crate::schema::registry::SchemaRegistry::new(store)
         .register_builtin(args.compatibility)
         .await?;
-    let mut destinations = args.destinations.clone();
+    // An empty PROVISION_DESTINATIONS (no extra destinations) parses as one empty name.
+    let mut destinations: Vec<String> = args.destinations.iter().filter(|d| !d.is_empty()).cloned().collect();
     if let crate::broker::routing::Routing::Single { destination } = &config.routing {
         destinations.push(destination.clone());
     }

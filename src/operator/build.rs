@@ -59,6 +59,9 @@ pub fn default_image() -> String {
     )
 }
 
+/// Label the chart's NetworkPolicy selects the operator's status polls by.
+pub const PART_OF_LABEL: &str = "app.kubernetes.io/part-of";
+
 /// Name of every child of `publisher`.
 pub fn child_name(publisher: &str) -> String {
     format!("{publisher}-relay")
@@ -76,6 +79,9 @@ pub fn selector_labels(publisher: &str) -> BTreeMap<String, String> {
 fn labels(publisher: &str) -> BTreeMap<String, String> {
     let mut labels = selector_labels(publisher);
     labels.insert("app.kubernetes.io/instance".into(), publisher.to_owned());
+    // Not in the selector (a Deployment's selector cannot change): the chart's NetworkPolicy
+    // lets the operator reach Pods with this label on the status port.
+    labels.insert(PART_OF_LABEL.into(), "inventory-outbox".into());
     labels.insert(
         "app.kubernetes.io/managed-by".into(),
         "inventory-outbox-operator".into(),
@@ -430,6 +436,22 @@ mod tests {
             );
             assert_eq!(m.namespace.as_deref(), Some("shop"));
         }
+        // The chart's NetworkPolicy admits the operator's status polls by this label.
+        let pod_labels = c
+            .deployment
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone());
+        assert_eq!(
+            pod_labels
+                .as_ref()
+                .and_then(|l| l.get(PART_OF_LABEL))
+                .map(String::as_str),
+            Some("inventory-outbox"),
+            "{pod_labels:?}"
+        );
     }
 }
 

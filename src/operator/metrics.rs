@@ -1,5 +1,6 @@
-//! Operator metrics, one registry prefixed `outbox_operator`: reconciles, failures by error
-//! kind, reconcile durations, leadership.
+//! Operator metrics, one registry prefixed `outbox_operator`: reconciliations and errors by
+//! object kind, reconcile durations, leadership, and each publisher's relay workers. The names
+//! are the ones the chart's alerts and dashboard query (charts/inventory-outbox/files/).
 
 use std::time::Instant;
 
@@ -10,20 +11,39 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-/// The `kind` label of failures (the error's stable metric label).
+/// The object kind a reconciliation was for (`EventPublisher`, `ReplayJob`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
 
+/// A failed reconciliation: the object kind and the error's stable label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+    error: &'static str,
+}
+
+/// One publisher's relay workers, `state` being `ready` or `desired`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    namespace: String,
+    publisher: String,
+    state: &'static str,
+}
+
+/// The kind label of EventPublisher reconciliations.
+pub const EVENT_PUBLISHER: &str = "EventPublisher";
+
 /// Every operator metric.
 #[derive(Debug)]
 pub struct OperatorMetrics {
     registry: Registry,
-    reconciles: Counter,
-    failures: Family<KindLabel, Counter>,
-    duration: Histogram,
+    reconciliations: Family<KindLabel, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Family<KindLabel, Histogram, fn() -> Histogram>,
     leader: Gauge,
+    workers: Family<WorkerLabels, Gauge>,
 }
 
 impl Default for OperatorMetrics {
@@ -32,29 +52,34 @@ impl Default for OperatorMetrics {
     }
 }
 
+fn duration_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+}
+
 impl OperatorMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("outbox_operator");
         let metrics = Self {
-            reconciles: Counter::default(),
-            failures: Family::default(),
-            duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            reconciliations: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             leader: Gauge::default(),
+            workers: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
-            "reconciles",
-            "EventPublisher reconciles started",
-            metrics.reconciles.clone(),
+            "reconciliations",
+            "Reconciliations started, by object kind",
+            metrics.reconciliations.clone(),
         );
         registry.register(
-            "reconcile_failures",
-            "Failed reconciles by error kind",
-            metrics.failures.clone(),
+            "reconcile_errors",
+            "Failed reconciliations by object kind and error",
+            metrics.errors.clone(),
         );
         registry.register_with_unit(
             "reconcile_duration",
-            "Time of one reconcile",
+            "Time of one reconciliation, by object kind",
             Unit::Seconds,
             metrics.duration.clone(),
         );
@@ -63,24 +88,53 @@ impl OperatorMetrics {
             "1 while this instance holds the lease",
             metrics.leader.clone(),
         );
+        registry.register(
+            "publisher_workers",
+            "Relay workers of each EventPublisher: state ready or desired",
+            metrics.workers.clone(),
+        );
         Self { registry, ..metrics }
     }
 
-    /// Counts a reconcile and records its duration when the guard drops.
-    pub fn reconcile_started(&self) -> DurationGuard<'_> {
-        self.reconciles.inc();
+    /// Counts a reconciliation of `kind` and records its duration when the guard drops.
+    pub fn reconcile_started(&self, kind: &'static str) -> DurationGuard {
+        self.reconciliations.get_or_create(&KindLabel { kind }).inc();
         DurationGuard {
-            histogram: &self.duration,
+            histogram: self.duration.get_or_create(&KindLabel { kind }).clone(),
             started: Instant::now(),
         }
     }
 
-    pub fn failed(&self, kind: &'static str) {
-        self.failures.get_or_create(&KindLabel { kind }).inc();
+    pub fn failed(&self, kind: &'static str, error: &'static str) {
+        self.errors.get_or_create(&ErrorLabels { kind, error }).inc();
     }
 
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
+    }
+
+    /// Records the ready and desired relay workers of one publisher.
+    pub fn set_workers(&self, namespace: &str, publisher: &str, ready: i64, desired: i64) {
+        for (state, value) in [("ready", ready), ("desired", desired)] {
+            self.workers
+                .get_or_create(&WorkerLabels {
+                    namespace: namespace.to_owned(),
+                    publisher: publisher.to_owned(),
+                    state,
+                })
+                .set(value);
+        }
+    }
+
+    /// Drops a deleted publisher's series, so alerts do not fire on what is gone.
+    pub fn forget_publisher(&self, namespace: &str, publisher: &str) {
+        for state in ["ready", "desired"] {
+            self.workers.remove(&WorkerLabels {
+                namespace: namespace.to_owned(),
+                publisher: publisher.to_owned(),
+                state,
+            });
+        }
     }
 
     /// OpenMetrics text.
@@ -93,13 +147,13 @@ impl OperatorMetrics {
     }
 }
 
-/// Records the reconcile's duration on drop, whichever way it ended.
-pub struct DurationGuard<'a> {
-    histogram: &'a Histogram,
+/// Records the reconciliation's duration on drop, whichever way it ended.
+pub struct DurationGuard {
+    histogram: Histogram,
     started: Instant,
 }
 
-impl Drop for DurationGuard<'_> {
+impl Drop for DurationGuard {
     fn drop(&mut self) {
         self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
@@ -110,19 +164,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reconciles_failures_and_leadership_are_exported() {
+    fn the_names_the_chart_queries_are_exported() {
         let m = OperatorMetrics::new();
-        drop(m.reconcile_started());
-        m.failed("apply");
+        drop(m.reconcile_started(EVENT_PUBLISHER));
+        m.failed(EVENT_PUBLISHER, "apply");
         m.set_leader(true);
+        m.set_workers("shop", "orders", 1, 2);
         let text = m.encode();
         for line in [
-            "outbox_operator_reconciles_total 1",
-            r#"outbox_operator_reconcile_failures_total{kind="apply"} 1"#,
-            "outbox_operator_reconcile_duration_seconds_count 1",
+            r#"outbox_operator_reconciliations_total{kind="EventPublisher"} 1"#,
+            r#"outbox_operator_reconcile_errors_total{kind="EventPublisher",error="apply"} 1"#,
+            r#"outbox_operator_reconcile_duration_seconds_count{kind="EventPublisher"} 1"#,
             "outbox_operator_leader 1",
+            r#"outbox_operator_publisher_workers{namespace="shop",publisher="orders",state="ready"} 1"#,
+            r#"outbox_operator_publisher_workers{namespace="shop",publisher="orders",state="desired"} 2"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
+        m.forget_publisher("shop", "orders");
+        assert!(!m.encode().contains("publisher_workers{"), "{}", m.encode());
     }
 }

@@ -21,8 +21,17 @@ use super::reconcile::{self, FIELD_MANAGER, Settings};
 #[derive(Clone, Debug)]
 pub struct ProcessSettings {
     pub controller: Settings,
-    /// Watch one namespace only; all when absent.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (one controller each); all when empty.
+    pub namespaces: Vec<String>,
+    /// Reconcile only while holding the Lease; at once (single replica) when absent.
+    pub leader_election: Option<LeaderElection>,
+    /// Listen address of `/metrics`, `/livez`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+/// Where and how replicas compete for the Lease.
+#[derive(Clone, Debug)]
+pub struct LeaderElection {
     /// Where the Lease lives (the operator's own namespace).
     pub lease_namespace: String,
     pub lease_name: String,
@@ -32,8 +41,6 @@ pub struct ProcessSettings {
     pub lease_duration: Duration,
     /// The holder renews this long before expiry.
     pub lease_grace: Duration,
-    /// Listen address of `/metrics`, `/livez`, `/readyz`.
-    pub listen: SocketAddr,
 }
 
 /// The process could not start or keep running; the variant names the action.
@@ -84,6 +91,42 @@ async fn metrics_text(State(p): State<Probes>) -> impl IntoResponse {
     )
 }
 
+/// Runs the EventPublisher controller(s) until `stop` resolves: one per watched namespace
+/// (each with its own watches, as Roles allow), or one for the whole cluster.
+async fn controllers(
+    client: kube::Client,
+    settings: ProcessSettings,
+    metrics: Arc<OperatorMetrics>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use futures::FutureExt;
+    let stop = stop.shared();
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let runs = scopes.into_iter().map(|scope| {
+        let stop = stop.clone();
+        let (client, controller, metrics) = (client.clone(), settings.controller.clone(), metrics.clone());
+        async move {
+            // Both kinds' controllers of a scope stop together (lease lost or shutdown).
+            let (publishers, replays) = futures::future::join(
+                reconcile::run_with_metrics(client.clone(), scope.clone(), controller.clone(), metrics, stop.clone()),
+                super::replayjob::run(client, scope.clone(), controller, stop),
+            )
+            .await;
+            if let Err(error) = publishers {
+                tracing::error!(%error, namespace = ?scope, "EventPublisher controller ended");
+            }
+            if let Err(error) = replays {
+                tracing::error!(%error, namespace = ?scope, "ReplayJob controller ended");
+            }
+        }
+    });
+    futures::future::join_all(runs).await;
+}
+
 /// Runs until `shutdown` resolves.
 pub async fn run(
     client: kube::Client,
@@ -107,24 +150,47 @@ pub async fn run(
         .route("/metrics", get(metrics_text))
         .with_state(probes.clone());
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    tracing::info!(listen = %settings.listen, "serving /metrics, /livez, /readyz");
 
+    let Some(election) = settings.leader_election.clone() else {
+        // A single replica: reconcile at once.
+        probes.started.store(true, Ordering::Relaxed);
+        metrics.set_leader(true);
+        controllers(client, settings, metrics, shutdown).await;
+        server.abort();
+        return Ok(());
+    };
+    let result = run_elected(client, &settings, &election, metrics, &probes, shutdown).await;
+    server.abort();
+    result
+}
+
+/// Competes for the Lease; runs the controllers while holding it.
+async fn run_elected(
+    client: kube::Client,
+    settings: &ProcessSettings,
+    election: &LeaderElection,
+    metrics: Arc<OperatorMetrics>,
+    probes: &Probes,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ProcessError> {
     let lease_error = |reason: String| ProcessError::Lease {
-        namespace: settings.lease_namespace.clone(),
-        name: settings.lease_name.clone(),
+        namespace: election.lease_namespace.clone(),
+        name: election.lease_name.clone(),
         reason,
     };
-    let manager = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
-        .with_namespace(&settings.lease_namespace)
-        .with_identity(&settings.identity)
-        .with_duration(settings.lease_duration.as_secs().max(2))
-        .with_grace(settings.lease_grace.as_secs().max(1))
+    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
+        .with_namespace(&election.lease_namespace)
+        .with_identity(&election.identity)
+        .with_duration(election.lease_duration.as_secs().max(2))
+        .with_grace(election.lease_grace.as_secs().max(1))
         .with_field_manager(format!("{FIELD_MANAGER}-lease"))
         .build()
         .await
         .map_err(|e| lease_error(e.to_string()))?;
     let (mut leader, lease_task) = manager.watch().await;
     probes.started.store(true, Ordering::Relaxed);
-    tracing::info!(identity = %settings.identity, lease = %settings.lease_name, "waiting for the lease");
+    tracing::info!(identity = %election.identity, lease = %election.lease_name, "waiting for the lease");
 
     tokio::pin!(shutdown);
     let result = loop {
@@ -137,7 +203,7 @@ pub async fn run(
             }
         }
         metrics.set_leader(true);
-        tracing::info!(identity = %settings.identity, "lease acquired; reconciling");
+        tracing::info!(identity = %election.identity, "lease acquired; reconciling");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut lost = leader.clone();
         let stop_when = async move {
@@ -146,22 +212,11 @@ pub async fn run(
                 _ = stopped => {}
             }
         };
-        // Both kinds' controllers stop together when the lease is lost or on shutdown.
-        let stop_when = futures::FutureExt::shared(stop_when);
-        let mut controller = tokio::spawn(futures::future::join(
-            reconcile::run_with_metrics(
-                client.clone(),
-                settings.namespace.clone(),
-                settings.controller.clone(),
-                metrics.clone(),
-                stop_when.clone(),
-            ),
-            super::replayjob::run(
-                client.clone(),
-                settings.namespace.clone(),
-                settings.controller.clone(),
-                stop_when,
-            ),
+        let mut controller = tokio::spawn(controllers(
+            client.clone(),
+            settings.clone(),
+            metrics.clone(),
+            stop_when,
         ));
         let stopping = tokio::select! {
             _ = &mut shutdown => true,
@@ -173,7 +228,7 @@ pub async fn run(
             let _ = controller.await;
             break Ok(());
         }
-        tracing::warn!(identity = %settings.identity, "lease lost; controller stopped until it is won back");
+        tracing::warn!(identity = %election.identity, "lease lost; controller stopped until it is won back");
     };
     // Dropping the receiver makes the lease task release the lease, so a standby takes over at
     // once instead of after the lease duration.
@@ -182,6 +237,5 @@ pub async fn run(
         Ok(Ok(Ok(_))) => tracing::info!("lease released"),
         other => tracing::warn!(outcome = ?other.map(|r| r.map(|r| r.map(|_| ()))), "lease release"),
     }
-    server.abort();
     result
 }

@@ -14,10 +14,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
@@ -52,6 +53,9 @@ pub struct Settings {
     pub instance: Option<String>,
     /// How long the cleanup Job may run before deletion gives up and leaves the rest behind.
     pub cleanup_deadline: Duration,
+    /// Reconciles in flight at once. Unbounded, a burst of new publishers floods the API
+    /// server with server-side applies until it answers 504 and everything retries.
+    pub concurrency: u16,
 }
 
 impl Default for Settings {
@@ -65,6 +69,7 @@ impl Default for Settings {
             status_timeout: Duration::from_secs(2),
             instance: None,
             cleanup_deadline: Duration::from_secs(300),
+            concurrency: 16,
         }
     }
 }
@@ -185,7 +190,8 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, 
         tracing::debug!(job, "waiting for the cleanup Job");
         return Action::requeue(Duration::from_secs(3));
     }
-    ctx.metrics.failed(error.metric_label());
+    ctx.metrics
+        .failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
     if error.is_transient() {
         tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
         Action::requeue(Duration::from_secs(5))
@@ -197,7 +203,7 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, 
 
 /// One reconcile of one EventPublisher.
 pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_started();
+    let _timer = ctx.metrics.reconcile_started(super::metrics::EVENT_PUBLISHER);
     let publisher = match &obj.0 {
         Ok(p) => p,
         Err(invalid) => {
@@ -217,7 +223,11 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Cont
     finalizer(&api, FINALIZER, Arc::new(publisher.clone()), |event| async {
         match event {
             FinalizerEvent::Apply(p) => reconcile_publisher(&p, &ctx).await.map(|()| Action::requeue(requeue)),
-            FinalizerEvent::Cleanup(p) => cleanup(&p, &ctx).await,
+            FinalizerEvent::Cleanup(p) => {
+                let released = cleanup(&p, &ctx).await?;
+                ctx.metrics.forget_publisher(&namespace, &p.name_any());
+                Ok(released)
+            }
         }
     })
     .instrument(span)
@@ -294,6 +304,13 @@ async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Er
             let deadline = i64::try_from(ctx.settings.cleanup_deadline.as_secs()).unwrap_or(300);
             let job = cleanup_job(&validated, &ctx.settings.build, &resources, deadline)?;
             ssa(&jobs, "Job", &name, &job).await?;
+            write_deleting(
+                publisher,
+                ctx,
+                conditions::reasons::CLEANUP_RUNNING,
+                format!("deletionPolicy Delete: cleanup Job {name} is removing {listed}"),
+            )
+            .await;
             event(
                 ctx,
                 publisher,
@@ -324,6 +341,14 @@ async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Er
         .find(|c| c.type_ == "Failed" && c.status == "True");
     if let Some(failed) = failed {
         let why = failed.message.unwrap_or_else(|| failed.reason.unwrap_or_default());
+        // Written just before the finalizer lets go: watchers see what stays on the broker.
+        write_deleting(
+            publisher,
+            ctx,
+            conditions::reasons::CLEANUP_FAILED,
+            format!("cleanup Job {name} failed ({why}); left behind: {listed}"),
+        )
+        .await;
         event(
             ctx,
             publisher,
@@ -335,6 +360,26 @@ async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
     Err(Error::CleanupPending { job: name })
+}
+
+/// Sets the Deleting condition, keeping the rest of the status; a failed write is only logged
+/// (the Event says the same, and deletion must not wait on it).
+async fn write_deleting(publisher: &EventPublisher, ctx: &Context, reason: &'static str, message: String) {
+    let (Some(name), Some(namespace)) = (publisher.metadata.name.clone(), publisher.namespace()) else {
+        return;
+    };
+    let mut status = publisher.status.clone().unwrap_or_default();
+    let deleting = conditions::settle(
+        &status.conditions,
+        vec![conditions::Observed::new(types::DELETING, true, reason, message)],
+        publisher.metadata.generation,
+        now(),
+    );
+    status.conditions.retain(|c| c.type_ != types::DELETING);
+    status.conditions.extend(deleting);
+    if let Err(error) = write_status(&name, &namespace, &status, ctx).await {
+        tracing::warn!(%error, "write the Deleting condition");
+    }
 }
 
 async fn event(ctx: &Context, publisher: &EventPublisher, type_: EventType, reason: &str, note: String) {
@@ -364,6 +409,12 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
     let previous = publisher.status.clone().unwrap_or_default();
     let status = compute(&validated, &observations, &previous, now());
     publish_transitions(publisher, &previous.conditions, &status, ctx).await;
+    ctx.metrics.set_workers(
+        &validated.namespace,
+        &validated.name,
+        i64::from(status.ready_workers),
+        i64::from(status.desired_workers),
+    );
     write_status(&validated.name, &validated.namespace, &status, ctx).await
 }
 
@@ -443,10 +494,16 @@ async fn dereference(p: &ValidatedPublisher, ready_replicas: i32, ctx: &Context)
             name: p.name.clone(),
             source,
         })?;
-    let provision = list
-        .items
+    let outcomes: Vec<(i64, ProvisionOutcome)> = list.items.iter().filter_map(provision_outcome).collect();
+    let created = outcomes
         .iter()
-        .filter_map(provision_outcome)
+        .flat_map(|(_, outcome)| match outcome {
+            ProvisionOutcome::Provisioned { created, .. } => created.clone(),
+            ProvisionOutcome::Failed { .. } => Vec::new(),
+        })
+        .collect();
+    let provision = outcomes
+        .into_iter()
         .max_by_key(|(at, _)| *at)
         .map(|(_, outcome)| outcome);
     // Only Pods past their init step can answer; owned values keep the stream 'static.
@@ -465,6 +522,7 @@ async fn dereference(p: &ValidatedPublisher, ready_replicas: i32, ctx: &Context)
     let mut seen = Observations {
         ready_replicas,
         provision,
+        created,
         ..Observations::default()
     };
     for answer in answers {
@@ -654,16 +712,26 @@ pub async fn run_with_metrics(
             None => Api::all(client.clone()),
         }
     }
+    let concurrency = settings.concurrency;
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics)?);
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=inventory-outbox-operator");
+    // Children only trigger reconciles (each reconcile reads what it needs): metadata-only
+    // watches and no cache of them, so memory does not grow with every child's full object.
     Controller::new(
         api::<DeserializeGuard<EventPublisher>>(&client, &namespace),
         watcher::Config::default(),
     )
-    .owns(api::<ConfigMap>(&client, &namespace), owned.clone())
-    .owns(api::<Deployment>(&client, &namespace), owned.clone())
-    .owns(api::<Service>(&client, &namespace), owned.clone())
-    .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+    .owns_stream(watcher(api::<PartialObjectMeta<ConfigMap>>(&client, &namespace), owned.clone()).touched_objects())
+    .owns_stream(watcher(api::<PartialObjectMeta<Deployment>>(&client, &namespace), owned.clone()).touched_objects())
+    .owns_stream(watcher(api::<PartialObjectMeta<Service>>(&client, &namespace), owned.clone()).touched_objects())
+    .owns_stream(
+        watcher(
+            api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace),
+            owned,
+        )
+        .touched_objects(),
+    )
+    .with_config(kube::runtime::Config::default().concurrency(concurrency))
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {

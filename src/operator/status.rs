@@ -32,6 +32,10 @@ pub struct Observations {
     pub unanswered: Vec<String>,
     pub ready_replicas: i32,
     pub provision: Option<ProvisionOutcome>,
+    /// What any relay Pod's provision step reported created: with several replicas the
+    /// first creates and the others find everything in place, so the latest report alone
+    /// would lose the record of what `deletionPolicy: Delete` must remove.
+    pub created: Vec<ProvisionedResource>,
 }
 
 fn circuit_word(state: &str) -> &'static str {
@@ -54,6 +58,7 @@ pub fn compute(
     if let Some(ProvisionOutcome::Provisioned { created, .. }) = &seen.provision {
         provisioned_resources.extend(created.iter().cloned());
     }
+    provisioned_resources.extend(seen.created.iter().cloned());
     provisioned_resources.sort();
     provisioned_resources.dedup();
     let previous = previous.conditions.as_slice();
@@ -308,6 +313,7 @@ mod tests {
                 }],
                 corrected: 0,
             }),
+            created: vec![],
         };
         let s = compute(&p, &seen, &EventPublisherStatus::default(), now(10));
         assert_eq!(condition(&s, types::READY).status, "True", "{:?}", s.conditions);
@@ -327,6 +333,28 @@ mod tests {
             ..seen
         };
         assert_eq!(compute(&p, &next, &s, now(20)).provisioned_resources.len(), 1);
+    }
+
+    #[test]
+    fn resources_created_by_any_replica_are_recorded_when_the_latest_created_none() {
+        let p = validate(&kafka_publisher()).expect("valid");
+        let topic = ProvisionedResource {
+            kind: "kafkaTopic".into(),
+            name: "inventory.events".into(),
+        };
+        let seen = Observations {
+            reports: vec![report("a", "closed"), report("b", "closed")],
+            ready_replicas: 2,
+            // The second replica's step ran last and found the topic in place.
+            provision: Some(ProvisionOutcome::Provisioned {
+                created: vec![],
+                corrected: 0,
+            }),
+            created: vec![topic.clone()],
+            ..Observations::default()
+        };
+        let s = compute(&p, &seen, &EventPublisherStatus::default(), now(10));
+        assert_eq!(s.provisioned_resources, vec![topic]);
     }
 
     #[test]

@@ -2,6 +2,13 @@
 //! agent) the reconciler end to end.
 
 mod crd_validation;
+mod e2e;
+mod e2e_brokers;
+mod e2e_kafka;
+mod e2e_leader;
+mod e2e_lifecycle;
+mod e2e_outage;
+mod in_cluster;
 mod leader;
 mod rbac;
 mod reconcile;
@@ -10,8 +17,17 @@ mod topology;
 
 use std::time::Duration;
 
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
+
+/// The operator's RBAC rules, the one source the chart's ClusterRole / Roles render.
+pub const OPERATOR_RULES: &str = include_str!("../../../charts/inventory-outbox/files/operator-rules.yaml");
+
+/// The chart's rules file as policy rules.
+pub fn operator_rules() -> Vec<PolicyRule> {
+    serde_saphyr::from_str(OPERATOR_RULES).expect("charts/inventory-outbox/files/operator-rules.yaml parses as rules")
+}
 
 /// Applies both CRDs (server-side apply, so concurrent tests agree) and waits until the API
 /// server serves them.

@@ -1,6 +1,8 @@
-//! The committed RBAC (`deploy/rbac/clusterrole.yaml`) is enough for the controller and gives
-//! no access to Secrets: the controller runs here as a ServiceAccount bound to exactly those
-//! rules (through impersonation) against the real API server.
+//! The chart's RBAC rules (`charts/inventory-outbox/files/operator-rules.yaml`, the one source)
+//! are enough for the controller and give no access to Secrets: the controller runs here as a
+//! ServiceAccount bound to exactly those rules (through impersonation) against the real API
+//! server. The in-cluster end-to-end tests run the operator Pod under the chart's rendering of
+//! the same file.
 
 use std::time::Duration;
 
@@ -13,22 +15,25 @@ use serde_json::json;
 use inventory_outbox::crd::EventPublisher;
 use inventory_outbox::operator::reconcile::{Settings, run};
 
-use super::install_crds;
+use super::{install_crds, operator_rules};
 use crate::support::kafka_bootstrap;
 use crate::support::kube::{admin_client, create_namespace, impersonating_client};
 
-const ROLE: &str = include_str!("../../../deploy/rbac/clusterrole.yaml");
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_controller_runs_with_only_the_committed_rbac_and_cannot_read_secrets() {
+async fn the_controller_runs_with_only_the_chart_rbac_rules_and_cannot_read_secrets() {
     let admin = admin_client().await;
     install_crds(&admin).await;
     let ns = create_namespace(&admin, "op-rbac").await;
 
-    let role: ClusterRole = serde_saphyr::from_str(ROLE).expect("clusterrole.yaml parses");
     let role_name = format!("inventory-outbox-operator-{ns}");
-    let mut role = role;
-    role.metadata.name = Some(role_name.clone());
+    let role = ClusterRole {
+        metadata: kube::api::ObjectMeta {
+            name: Some(role_name.clone()),
+            ..Default::default()
+        },
+        rules: Some(operator_rules()),
+        ..Default::default()
+    };
     let roles: Api<ClusterRole> = Api::all(admin.clone());
     roles
         .patch(
@@ -131,7 +136,7 @@ async fn the_controller_runs_with_only_the_committed_rbac_and_cannot_read_secret
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "under the committed RBAC: Deployment {}, status written {status_written}, finalizer {finalizer}; status {:?}",
+            "under the chart's RBAC rules: Deployment {}, status written {status_written}, finalizer {finalizer}; status {:?}",
             deployment.is_some(),
             p.status
         );
