@@ -4,26 +4,39 @@
 //!
 //! Records are keyed by `aggregateId`, so the events of one aggregate share a partition; with
 //! idempotence and at most 5 requests in flight, librdkafka keeps them in order across retries.
-//! Credentials never appear in the configuration: it names environment variables read at
-//! connect time.
+//! Credentials never appear in the configuration: it names files (mounted Secrets) or
+//! environment variables read at connect time. TLS (`ssl`, `sasl_ssl`) always verifies the
+//! brokers' certificates and host names unless `tls.insecureSkipVerify` says otherwise.
+//!
+//! librdkafka connects lazily and reports refused connections only through its log and error
+//! callbacks, once per reconnect. [`KafkaClientContext`] keeps the last such error (logged
+//! once per change, not per reconnect) so the health check can say which endpoint refused
+//! and why; a certificate failure, which librdkafka words the same way for every cause, is
+//! named by a handshake of our own (`tls::diagnose_server_certificate`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer as RdFutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::confluent::{self, ConfluentFraming, WireFormat};
 use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
 use crate::event::cloudevents::{self, KAFKA_PREFIX};
+use crate::tls::{TlsConfigError, TlsFiles};
+
+/// The producer type of this adapter: librdkafka's callbacks go to [`KafkaClientContext`].
+type FutureProducer = RdFutureProducer<KafkaClientContext>;
 
 /// `content-type` of a structured-mode record.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -125,6 +138,18 @@ pub struct KafkaConfig {
     /// a Secret); required with SASL. The value itself never goes in this document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_password_env: Option<String>,
+    /// File holding the SASL username (e.g. a mounted Secret key); with SASL, set this or
+    /// `saslUsernameEnv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_username_file: Option<PathBuf>,
+    /// File holding the SASL password (e.g. a mounted Secret key); with SASL, set this or
+    /// `saslPasswordEnv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_password_file: Option<PathBuf>,
+    /// TLS towards the brokers, for `ssl` and `sasl_ssl`: the CA file their certificates must
+    /// chain to (default: the system's roots) and a client certificate for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
     /// Extra librdkafka producer properties, e.g. `batch.size` or `ssl.ca.location`. `acks`,
     /// `enable.idempotence` and `bootstrap.servers` cannot be overridden, settings with a field
     /// of their own must use it, and secrets are refused.
@@ -151,6 +176,9 @@ impl Default for KafkaConfig {
             sasl_mechanism: None,
             sasl_username_env: None,
             sasl_password_env: None,
+            sasl_username_file: None,
+            sasl_password_file: None,
+            tls: None,
             producer_overrides: BTreeMap::new(),
         }
     }
@@ -210,6 +238,11 @@ impl KafkaSecurityProtocol {
             KafkaSecurityProtocol::SaslPlaintext => "sasl_plaintext",
             KafkaSecurityProtocol::SaslSsl => "sasl_ssl",
         }
+    }
+
+    /// True for the protocols that encrypt with TLS.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, KafkaSecurityProtocol::Ssl | KafkaSecurityProtocol::SaslSsl)
     }
 
     /// True for the protocols that authenticate with SASL.
@@ -277,6 +310,12 @@ pub enum KafkaConfigError {
         field: &'static str,
         protocol: KafkaSecurityProtocol,
     },
+    #[error("kafka.{env} and kafka.{file} are both set; use one")]
+    SaslSourceTwice { env: &'static str, file: &'static str },
+    #[error("kafka.tls is set but kafka.securityProtocol is {protocol}; TLS needs ssl or sasl_ssl")]
+    TlsUnused { protocol: KafkaSecurityProtocol },
+    #[error("kafka.{0}")]
+    Tls(#[from] TlsConfigError),
     #[error("kafka.{field} {name:?} is not a valid environment variable name")]
     InvalidEnvName { field: &'static str, name: String },
     #[error("kafka.topicConfig has an empty key")]
@@ -309,8 +348,14 @@ const DEDICATED_OVERRIDES: &[(&str, &str)] = &[
     ("security.protocol", "securityProtocol"),
     ("sasl.mechanism", "saslMechanism"),
     ("sasl.mechanisms", "saslMechanism"),
-    ("sasl.username", "saslUsernameEnv"),
-    ("sasl.password", "saslPasswordEnv"),
+    ("sasl.username", "saslUsernameFile"),
+    ("sasl.password", "saslPasswordFile"),
+    ("ssl.ca.location", "tls.caFile"),
+    ("ssl.certificate.location", "tls.certFile"),
+    ("ssl.key.location", "tls.keyFile"),
+    ("ssl.key.password", "tls.keyPasswordFile"),
+    ("enable.ssl.certificate.verification", "tls.insecureSkipVerify"),
+    ("ssl.endpoint.identification.algorithm", "tls.insecureSkipVerify"),
 ];
 
 /// Properties holding secrets, which never go in the configuration document.
@@ -368,10 +413,41 @@ impl KafkaConfig {
 
     fn validate_sasl(&self) -> Result<(), KafkaConfigError> {
         let protocol = self.security_protocol;
+        if let Some(tls) = &self.tls {
+            if !protocol.uses_tls() {
+                return Err(KafkaConfigError::TlsUnused { protocol });
+            }
+            tls.validate()?;
+        }
+        let pairs = [
+            (
+                "saslUsernameEnv",
+                self.sasl_username_env.is_some(),
+                "saslUsernameFile",
+                self.sasl_username_file.is_some(),
+            ),
+            (
+                "saslPasswordEnv",
+                self.sasl_password_env.is_some(),
+                "saslPasswordFile",
+                self.sasl_password_file.is_some(),
+            ),
+        ];
+        for (env, env_set, file, file_set) in pairs {
+            if env_set && file_set {
+                return Err(KafkaConfigError::SaslSourceTwice { env, file });
+            }
+        }
         let settings = [
             ("saslMechanism", self.sasl_mechanism.map(|_| "")),
-            ("saslUsernameEnv", self.sasl_username_env.as_deref()),
-            ("saslPasswordEnv", self.sasl_password_env.as_deref()),
+            (
+                "saslUsernameFile (or saslUsernameEnv)",
+                (self.sasl_username_env.is_some() || self.sasl_username_file.is_some()).then_some(""),
+            ),
+            (
+                "saslPasswordFile (or saslPasswordEnv)",
+                (self.sasl_password_env.is_some() || self.sasl_password_file.is_some()).then_some(""),
+            ),
         ];
         for (field, value) in settings {
             match (protocol.uses_sasl(), value) {
@@ -415,6 +491,34 @@ impl KafkaConfig {
         }
         if let Some(variable) = &self.sasl_password_env {
             config.set("sasl.password", read_env("saslPasswordEnv", variable)?);
+        }
+        if let Some(file) = &self.sasl_username_file {
+            config.set("sasl.username", read_file("kafka.saslUsernameFile", file)?);
+        }
+        if let Some(file) = &self.sasl_password_file {
+            config.set("sasl.password", read_file("kafka.saslPasswordFile", file)?);
+        }
+        if self.security_protocol.uses_tls() {
+            // librdkafka's default since 2.0, set so no override or older build can drop it.
+            config.set("ssl.endpoint.identification.algorithm", "https");
+            if let Some(tls) = &self.tls {
+                if let Some(ca) = &tls.ca_file {
+                    config.set("ssl.ca.location", ca.to_string_lossy());
+                }
+                if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                    config
+                        .set("ssl.certificate.location", cert.to_string_lossy())
+                        .set("ssl.key.location", key.to_string_lossy());
+                }
+                if let Some(file) = &tls.key_password_file {
+                    config.set("ssl.key.password", read_file("kafka.tls.keyPasswordFile", file)?);
+                }
+                if tls.insecure_skip_verify {
+                    config
+                        .set("enable.ssl.certificate.verification", "false")
+                        .set("ssl.endpoint.identification.algorithm", "none");
+                }
+            }
         }
         for (key, value) in &self.producer_overrides {
             config.set(key.trim(), value);
@@ -487,6 +591,10 @@ fn read_env(field: &'static str, variable: &str) -> Result<String, KafkaConnectE
     })
 }
 
+fn read_file(field: &'static str, path: &std::path::Path) -> Result<String, KafkaConnectError> {
+    crate::tls::read_secret_file(field, path).map_err(|e| KafkaConnectError::SecretFile(e.to_string()))
+}
+
 /// Why `KafkaBroker::connect` failed. Nothing here carries a credential.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KafkaConnectError {
@@ -498,6 +606,9 @@ pub enum KafkaConnectError {
         variable: String,
         problem: &'static str,
     },
+    /// A secret file could not be read (the message names the field and the path).
+    #[error("{0}")]
+    SecretFile(String),
     #[error("cannot create the Kafka {client}: {reason}")]
     Client { client: &'static str, reason: String },
 }
@@ -519,6 +630,114 @@ fn describe_client_error(error: &KafkaError) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// librdkafka's log lines and client errors for one adapter (shared by its producer and its
+/// admin client). It keeps the last connection error for the health check and logs each
+/// distinct error once, where librdkafka would repeat it on every reconnect.
+#[derive(Clone, Default)]
+pub struct KafkaClientContext {
+    state: Arc<Mutex<ContextState>>,
+}
+
+#[derive(Default)]
+struct ContextState {
+    /// The last error librdkafka reported, cleared when a health check gets through.
+    last_error: Option<String>,
+    /// When each distinct warning or error was last logged, to drop repeats.
+    logged: std::collections::HashMap<String, std::time::Instant>,
+}
+
+/// A repeated librdkafka warning or error is logged again after this long.
+const LOG_REPEAT_AFTER: Duration = Duration::from_secs(60);
+/// Distinct messages remembered for deduplication (librdkafka has a bounded vocabulary; this
+/// only bounds memory if a broker sends ever-changing text).
+const LOG_MEMORY: usize = 64;
+
+/// librdkafka appends " (after 12ms in state SSL_HANDSHAKE)" and the like; without it, repeats
+/// of one failure compare equal.
+fn without_timing(message: &str) -> &str {
+    match message.rfind(" (after ") {
+        Some(at) if message.ends_with(')') => &message[..at],
+        _ => message,
+    }
+}
+
+impl KafkaClientContext {
+    fn state(&self) -> std::sync::MutexGuard<'_, ContextState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The last connection error librdkafka reported since the last successful health check.
+    pub fn last_error(&self) -> Option<String> {
+        self.state().last_error.clone()
+    }
+
+    fn clear_error(&self) {
+        let mut state = self.state();
+        state.last_error = None;
+        state.logged.clear();
+    }
+
+    /// Records `message`; true when it was not logged within the last minute.
+    fn record(&self, message: &str, as_error: bool) -> bool {
+        let message = without_timing(message);
+        let mut state = self.state();
+        if as_error {
+            state.last_error = Some(message.to_owned());
+        }
+        let now = std::time::Instant::now();
+        if let Some(at) = state.logged.get(message)
+            && now.duration_since(*at) < LOG_REPEAT_AFTER
+        {
+            return false;
+        }
+        if state.logged.len() >= LOG_MEMORY {
+            state.logged.retain(|_, at| now.duration_since(*at) < LOG_REPEAT_AFTER);
+        }
+        state.logged.insert(message.to_owned(), now);
+        true
+    }
+}
+
+impl ClientContext for KafkaClientContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                if self.record(message, false) {
+                    tracing::warn!(target: "librdkafka", facility, "{message}");
+                }
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility, "{message}");
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // "1/1 brokers are down" follows every refused connection and says less than it.
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown))
+            && self.state().last_error.is_some()
+        {
+            return;
+        }
+        if self.record(reason, true) {
+            tracing::error!(target: "librdkafka", error = %error, "kafka connection failed: {reason}");
+        }
+    }
+}
+
+/// The `host:port` a librdkafka message is about (`sasl_ssl://host:port/bootstrap: …`).
+fn endpoint_in(message: &str) -> Option<&str> {
+    let rest = &message[message.find("://")? + 3..];
+    let end = rest.find(['/', ' ']).unwrap_or(rest.len());
+    let endpoint = rest[..end].trim_end_matches(':');
+    (!endpoint.is_empty()).then_some(endpoint)
 }
 
 /// Broker-side refusals that will repeat on every retry.
@@ -599,7 +818,9 @@ enum Enqueued {
 /// The Kafka adapter: one idempotent producer and one admin client.
 pub struct KafkaBroker {
     producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<KafkaClientContext>,
+    /// Receives librdkafka's callbacks of both clients; holds the last connection error.
+    context: KafkaClientContext,
     config: KafkaConfig,
     framing: Option<ConfluentFraming>,
 }
@@ -621,10 +842,16 @@ impl KafkaBroker {
     pub fn connect(config: &KafkaConfig) -> Result<KafkaBroker, KafkaConnectError> {
         config.validate()?;
         let base = config.client_config()?;
-        let admin: AdminClient<DefaultClientContext> = base.create().map_err(|e| KafkaConnectError::Client {
-            client: "admin client",
-            reason: describe_client_error(&e),
-        })?;
+        let context = KafkaClientContext::default();
+        if let Some(tls) = &config.tls {
+            tls.warn_if_insecure(&config.bootstrap_servers);
+        }
+        let admin: AdminClient<KafkaClientContext> =
+            base.create_with_context(context.clone())
+                .map_err(|e| KafkaConnectError::Client {
+                    client: "admin client",
+                    reason: describe_client_error(&e),
+                })?;
         let mut producer_config = base;
         // Java-compatible key hashing, so other producers agree on an aggregate's partition.
         if !config.producer_overrides.contains_key("partitioner") {
@@ -637,10 +864,13 @@ impl KafkaBroker {
             .set("linger.ms", config.linger_ms.to_string())
             .set("compression.type", config.compression.as_str())
             .set("message.timeout.ms", config.message_timeout_ms.to_string());
-        let producer: FutureProducer = producer_config.create().map_err(|e| KafkaConnectError::Client {
-            client: "producer",
-            reason: describe_client_error(&e),
-        })?;
+        let producer: FutureProducer =
+            producer_config
+                .create_with_context(context.clone())
+                .map_err(|e| KafkaConnectError::Client {
+                    client: "producer",
+                    reason: describe_client_error(&e),
+                })?;
         tracing::info!(
             bootstrap_servers = %config.bootstrap_servers,
             client_id = %config.client_id,
@@ -651,6 +881,7 @@ impl KafkaBroker {
         Ok(KafkaBroker {
             producer,
             admin,
+            context,
             config: config.clone(),
             framing: None,
         })
@@ -818,12 +1049,45 @@ impl KafkaBroker {
         .map_err(|e| SendError::Retriable(format!("Kafka metadata request did not complete: {e}")))?;
         match fetched {
             Ok(0) => Err(SendError::Retriable("Kafka metadata lists no brokers".to_owned())),
-            Ok(_) => Ok(()),
-            Err(error) => Err(SendError::Retriable(format!(
-                "Kafka cluster metadata unavailable from {}: {}",
-                self.config.bootstrap_servers,
-                describe_client_error(&error)
-            ))),
+            Ok(_) => {
+                self.context.clear_error();
+                Ok(())
+            }
+            Err(error) => Err(SendError::Retriable(self.unreachable_reason(&error).await)),
+        }
+    }
+
+    /// Why the cluster did not answer, naming the endpoint: librdkafka's last connection error
+    /// (SASL refusal, TLS failure, refused connection) rather than the generic metadata
+    /// timeout, with the certificate problem spelled out when librdkafka only says "certificate
+    /// verify failed".
+    async fn unreachable_reason(&self, error: &KafkaError) -> String {
+        let protocol = self.config.security_protocol;
+        let bootstrap = self.config.bootstrap_servers.trim();
+        let Some(cause) = self.context.last_error() else {
+            return format!(
+                "Kafka cluster metadata unavailable from {bootstrap} ({protocol}): {}",
+                describe_client_error(error)
+            );
+        };
+        let ca_file = self.config.tls.as_ref().and_then(|t| t.ca_file.clone());
+        let diagnosis = match ca_file {
+            Some(ca_file) if cause.contains("certificate verify failed") => {
+                let endpoint = endpoint_in(&cause)
+                    .or_else(|| bootstrap.split(',').next())
+                    .unwrap_or(bootstrap)
+                    .trim()
+                    .to_owned();
+                tokio::task::spawn_blocking(move || crate::tls::diagnose_server_certificate(&endpoint, &ca_file))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        match diagnosis {
+            Some(why) => format!("Kafka {bootstrap} ({protocol}): TLS handshake refused: {why} (librdkafka: {cause})"),
+            None => format!("Kafka {bootstrap} ({protocol}): {cause}"),
         }
     }
 }

@@ -10,6 +10,8 @@ use chrono::Utc;
 #[derive(Debug)]
 pub struct HealthState {
     broker_reachable: AtomicBool,
+    /// Why the last broker health check failed (endpoint and cause), for `/readyz`.
+    broker_error: std::sync::Mutex<Option<String>>,
     last_loop_at_ms: AtomicI64,
     failed_events: AtomicI64,
     /// Readiness fails when failed (retrying + dead-lettered) events exceed this.
@@ -26,6 +28,7 @@ impl HealthState {
     pub fn new(failed_threshold: i64, loop_stall_after: Duration) -> Self {
         Self {
             broker_reachable: AtomicBool::new(false),
+            broker_error: std::sync::Mutex::new(None),
             last_loop_at_ms: AtomicI64::new(0),
             failed_events: AtomicI64::new(0),
             failed_threshold,
@@ -35,6 +38,15 @@ impl HealthState {
 
     pub fn set_broker_reachable(&self, reachable: bool) {
         self.broker_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Records a broker health check: reachable, or why not (shown by `/readyz`).
+    pub fn set_broker_health(&self, result: Result<(), String>) {
+        self.set_broker_reachable(result.is_ok());
+        *self
+            .broker_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = result.err();
     }
 
     /// Called by the claim loop once per round.
@@ -61,7 +73,15 @@ impl HealthState {
             reasons.push("claim loop has not run recently".to_owned());
         }
         if !self.broker_reachable.load(Ordering::Relaxed) {
-            reasons.push("broker is not reachable".to_owned());
+            let why = self
+                .broker_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            reasons.push(match why {
+                Some(why) => format!("broker is not reachable: {why}"),
+                None => "broker is not reachable".to_owned(),
+            });
         }
         let failed = self.failed_events.load(Ordering::Relaxed);
         if failed > self.failed_threshold {

@@ -317,7 +317,11 @@ mod tests {
         let options = connect_options("postgres://u:p@db:5432/app?sslmode=disable", Some(&tls)).unwrap();
         assert_eq!(options.get_ssl_mode(), PgSslMode::VerifyFull);
         let plain = connect_options("postgres://u:p@db:5432/app?sslmode=verify-ca", None).unwrap();
-        assert_eq!(plain.get_ssl_mode(), PgSslMode::VerifyCa, "without outbox.tls the URL decides");
+        assert_eq!(
+            plain.get_ssl_mode(),
+            PgSslMode::VerifyCa,
+            "without outbox.tls the URL decides"
+        );
         let insecure = PostgresTls {
             insecure_skip_verify: true,
             ..PostgresTls::default()

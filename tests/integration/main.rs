@@ -8,3 +8,4 @@ mod registry;
 mod relay;
 mod smoke;
 mod support;
+mod tls;
