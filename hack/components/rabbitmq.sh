@@ -194,12 +194,22 @@ ensure_user() {
   fi
   ctl -q set_user_tags outbox administrator >/dev/null
   ctl -q set_permissions -p / outbox '.*' '.*' '.*' >/dev/null
+  if [[ $INSTANCE == tls ]]; then
+    # The TLS tests' user: its password lives in a file only, as a mounted Secret would.
+    local pwfile="$STATE_DIR/relay.password"
+    [[ -s $pwfile ]] || (umask 077; head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$pwfile")
+    if ! awk '{print $1}' <<<"$(ctl -q list_users 2>/dev/null)" | grep -qx relay; then
+      ctl -q add_user relay "$(cat "$pwfile")" >/dev/null
+    fi
+    ctl -q set_permissions -p / relay '.*' '.*' '.*' >/dev/null
+  fi
 }
 
 do_start() {
   do_install
   mkdir -p "$STATE_DIR"
   if is_running; then
+    if [[ $INSTANCE == tls ]]; then ensure_user; fi
     log "rabbitmq already running on 127.0.0.1:$AMQP_PORT"
     return 0
   fi
@@ -255,6 +265,8 @@ do_env() {
     echo "export AMQPS_URL=amqps://127.0.0.1:$AMQPS_PORT/%2f"
     echo "export AMQPS_LOCALHOST_URL=amqps://localhost:$AMQPS_PORT/%2f"
     echo "export RABBITMQ_TLS_MANAGEMENT_URL=http://127.0.0.1:$RABBITMQ_MGMT_PORT"
+    echo "export RABBITMQ_TLS_USERNAME=relay"
+    echo "export RABBITMQ_TLS_PASSWORD_FILE=$STATE_DIR/relay.password"
     return 0
   fi
   echo "export AMQP_URL=amqp://outbox:outbox@127.0.0.1:$AMQP_PORT/%2f"
