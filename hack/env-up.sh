@@ -3,7 +3,7 @@
 # file that tests and the demo source. Idempotent: running services are left alone.
 source "$(dirname "$0")/lib/common.sh"
 
-components=(${OUTBOX_COMPONENTS:-tls postgres kafka rabbitmq moto kubernetes})
+components=(${OUTBOX_COMPONENTS:-tls postgres kafka rabbitmq moto kubernetes process-node})
 
 run_step() {
   local component=$1 action=$2 started=$SECONDS

@@ -19,14 +19,14 @@ pub struct Cli {
 /// The roles this binary can play.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the Kubernetes operator (reconciles EventPublisher and ReplayJob resources).
-    Operator,
+    /// Run the Kubernetes operator (reconciles EventPublisher resources).
+    Operator(OperatorArgs),
     /// Run an outbox relay worker that publishes stored events to the broker.
     Relay(RelayArgs),
     /// Run one replay of historical events (started by the operator as a Job).
     Replay,
-    /// Print the CustomResourceDefinitions as YAML.
-    Crd,
+    /// Print the CustomResourceDefinitions as YAML (or write one file per CRD).
+    Crd(CrdArgs),
     /// Administer failed and dead-lettered events through a relay's admin API.
     Admin(crate::admin::client::AdminArgs),
     /// Apply the database migrations (event store, outbox state, schema registry) and
@@ -37,6 +37,85 @@ pub enum Command {
     /// Serve the schema registry over the Confluent-compatible REST API (for Kafka consumers'
     /// deserializers).
     Registry(crate::schema::server::RegistryArgs),
+    /// Migrate the outbox schema and create or correct the broker topology (topics, exchanges,
+    /// queues, dead-letter destinations) of one publisher; run before its relays start.
+    Provision(ProvisionArgs),
+    /// Remove broker resources a provision run created (EventPublisher deletionPolicy Delete).
+    Cleanup(CleanupArgs),
+}
+
+/// Secret values mounted as files, each read into an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecretFileArgs {
+    /// `NAME=PATH`: set environment variable NAME to the content of PATH (a mounted Secret
+    /// key) before starting. Repeatable, or comma-separated in the variable.
+    #[arg(long = "secret-env", env = "SECRET_ENV_FILES", value_delimiter = ',')]
+    pub secret_files: Vec<crate::relay::secret_watch::SecretFile>,
+}
+
+/// How to provision one publisher.
+#[derive(Debug, clap::Args)]
+pub struct ProvisionArgs {
+    /// The publisher's relay configuration document (YAML or JSON).
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// Destinations to create besides the dead-letter destination. Repeatable.
+    #[arg(long = "destination", env = "PROVISION_DESTINATIONS", value_delimiter = ',')]
+    pub destinations: Vec<String>,
+    /// Compatibility mode given to built-in event schema subjects that do not exist yet.
+    #[arg(long, default_value = "BACKWARD")]
+    pub compatibility: crate::schema::compatibility::CompatibilityMode,
+    /// File to write the JSON report to (the container's termination message, which the
+    /// operator reads: it has no access to the broker itself).
+    #[arg(long, env = "PROVISION_REPORT_FILE")]
+    pub report_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub secrets: SecretFileArgs,
+}
+
+/// What to remove.
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
+    /// The publisher's relay configuration document (YAML or JSON).
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+    /// JSON list of `{kind, name}` resources to delete, as provision reported them created.
+    #[arg(long, env = "CLEANUP_RESOURCES")]
+    pub resources: String,
+    /// File to write the JSON report to (the container's termination message).
+    #[arg(long, env = "CLEANUP_REPORT_FILE")]
+    pub report_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub secrets: SecretFileArgs,
+}
+
+/// How to run the operator.
+#[derive(Debug, clap::Args)]
+pub struct OperatorArgs {
+    /// Image of the relay, provision and cleanup containers; defaults to this release's image.
+    #[arg(long, env = "RELAY_IMAGE")]
+    pub relay_image: Option<String>,
+    /// Watch only this namespace (with Roles in it) instead of the whole cluster.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Seconds between reconciles of an unchanged EventPublisher (keeps the status fresh).
+    #[arg(long, env = "REQUEUE_SECONDS", default_value_t = 15)]
+    pub requeue_seconds: u64,
+    /// Listen address of /metrics, /livez and /readyz (the chart passes the Pod IP).
+    #[arg(long, env = "OPERATOR_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: std::net::SocketAddr,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "inventory-outbox-operator")]
+    pub lease_name: String,
+    /// Seconds after which a holder that stopped renewing loses the lease.
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// This replica's identity in the Lease (defaults to POD_NAME, then a random id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 /// How to run a relay worker.
@@ -48,6 +127,16 @@ pub struct RelayArgs {
     /// Worker id, unique among the publisher's replicas (defaults to POD_NAME, then the host name).
     #[arg(long, env = "POD_NAME")]
     pub worker_id: Option<String>,
+    /// Listen address of the HTTP server, overriding `http.listen` (the operator passes the
+    /// Pod IP here, so the relay is reachable on its Pod IP only).
+    #[arg(long, env = "RELAY_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// How often the secret files are compared with their content at start; a change stops
+    /// the relay so the container restarts with the new value, in milliseconds.
+    #[arg(long, env = "SECRET_CHECK_INTERVAL_MS", default_value_t = 2000)]
+    pub secret_check_interval_ms: u64,
+    #[command(flatten)]
+    pub secrets: SecretFileArgs,
 }
 
 /// Where the outbox lives.
@@ -64,6 +153,15 @@ pub struct MigrateArgs {
     pub compatibility: crate::schema::compatibility::CompatibilityMode,
 }
 
+/// Where the CRDs go.
+#[derive(Debug, clap::Args)]
+pub struct CrdArgs {
+    /// Directory to write `<crd name>.yaml` files into (the repository's `crds/`); prints all
+    /// CRDs as one multi-document YAML stream when absent.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
 /// Where to write the schema files.
 #[derive(Debug, clap::Args)]
 pub struct SchemasArgs {
@@ -76,31 +174,144 @@ impl Cli {
     /// Runs the selected subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Operator => not_implemented("operator"),
+            Command::Operator(args) => operator(args).await,
             Command::Relay(args) => relay(args).await,
             Command::Replay => not_implemented("replay"),
-            Command::Crd => not_implemented("crd"),
+            Command::Crd(args) => write_crds(args),
             Command::Admin(args) => crate::admin::client::run_cli(args).await,
             Command::Migrate(args) => migrate(args).await,
             Command::Schemas(args) => write_schemas(args),
             Command::Registry(args) => crate::schema::server::run(args, shutdown_signal()).await,
+            Command::Provision(args) => provision(args).await,
+            Command::Cleanup(args) => cleanup(args).await,
         }
     }
 }
 
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
-    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let secrets = crate::relay::secret_watch::load(&args.secrets.secret_files)?;
+    let mut config = crate::relay::config::RelayConfig::load(&args.config)?;
+    if let Some(listen) = args.http_listen {
+        config.http.listen = Some(listen);
+    }
     let worker_id = args
         .worker_id
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("worker-{}", uuid::Uuid::new_v4().simple()));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let every = std::time::Duration::from_millis(args.secret_check_interval_ms.max(100));
+    let watch_secrets = !args.secrets.secret_files.is_empty();
     tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested");
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("shutdown requested"),
+            variable = crate::relay::secret_watch::changed(secrets, every), if watch_secrets => {
+                tracing::info!(variable, "a mounted secret changed; stopping so the container restarts with it");
+            }
+        }
         let _ = stop.send(true);
     });
     crate::relay::run(config, &worker_id, shutdown).await
+}
+
+async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
+    // In-cluster configuration inside a Pod, the kubeconfig elsewhere.
+    let client = kube::Client::try_default().await?;
+    let identity = args
+        .identity
+        .unwrap_or_else(|| format!("operator-{}", uuid::Uuid::new_v4().simple()));
+    let mut settings = crate::operator::reconcile::Settings {
+        requeue_after: std::time::Duration::from_secs(args.requeue_seconds.max(1)),
+        instance: Some(identity.clone()),
+        ..Default::default()
+    };
+    if let Some(image) = args.relay_image {
+        settings.build.image = image;
+    }
+    tracing::info!(image = %settings.build.image, namespace = ?args.namespace, identity, "operator starting");
+    let lease_duration = std::time::Duration::from_secs(args.lease_duration_seconds.max(2));
+    let process = crate::operator::process::ProcessSettings {
+        controller: settings,
+        namespace: args.namespace,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
+        lease_duration,
+        lease_grace: (lease_duration / 3).max(std::time::Duration::from_secs(1)),
+        listen: args.listen,
+    };
+    crate::operator::process::run(client, process, shutdown_signal()).await?;
+    tracing::info!("operator stopped");
+    Ok(())
+}
+
+async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
+    crate::relay::secret_watch::load(&args.secrets.secret_files)?;
+    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let url_env = &config.outbox.database_url_env;
+    let url = std::env::var(url_env)
+        .map_err(|_| anyhow::anyhow!("environment variable {url_env} (outbox.databaseUrlEnv) is not set"))?;
+    let store = crate::store::Store::connect(&url, config.schema_name(), 2).await?;
+    store.migrate().await?;
+    crate::schema::registry::SchemaRegistry::new(store)
+        .register_builtin(args.compatibility)
+        .await?;
+    let mut destinations = args.destinations.clone();
+    if let crate::broker::routing::Routing::Single { destination } = &config.routing {
+        destinations.push(destination.clone());
+    }
+    destinations.sort();
+    destinations.dedup();
+    let result = crate::broker::topology::provision(&config.broker, &destinations).await;
+    let document = match &result {
+        Ok(report) => serde_json::json!({"outcome": "provisioned", "report": report}),
+        Err(e) => serde_json::json!({"outcome": "failed", "reason": e.reason(), "message": e.to_string()}),
+    };
+    write_report(args.report_file.as_deref(), &document)?;
+    let report = result?;
+    tracing::info!(
+        publisher = %config.publisher,
+        created = report.created.len(),
+        corrected = report.corrected.len(),
+        existing = report.existing.len(),
+        "outbox migrated and broker topology provisioned"
+    );
+    Ok(())
+}
+
+async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    crate::relay::secret_watch::load(&args.secrets.secret_files)?;
+    let config = crate::relay::config::RelayConfig::load(&args.config)?;
+    let resources: Vec<crate::broker::topology::Resource> = serde_json::from_str(&args.resources)
+        .map_err(|e| anyhow::anyhow!("--resources is not a JSON list of {{kind, name}}: {e}"))?;
+    let result = crate::broker::topology::cleanup(&config.broker, &resources).await;
+    let document = match &result {
+        Ok(report) => serde_json::json!({"outcome": "cleaned", "report": report}),
+        Err(e) => serde_json::json!({"outcome": "failed", "reason": e.reason(), "message": e.to_string()}),
+    };
+    write_report(args.report_file.as_deref(), &document)?;
+    let report = result?;
+    tracing::info!(
+        publisher = %config.publisher,
+        deleted = report.deleted.len(),
+        missing = report.missing.len(),
+        "broker resources removed"
+    );
+    Ok(())
+}
+
+/// Writes the step's outcome where Kubernetes takes the termination message from; kubelet
+/// caps the message at 4 KiB, so a long report is cut rather than lost.
+fn write_report(path: Option<&std::path::Path>, document: &serde_json::Value) -> anyhow::Result<()> {
+    let text = document.to_string();
+    println!("{text}");
+    if let Some(path) = path {
+        let mut end = text.len().min(4096);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        std::fs::write(path, &text[..end])?;
+    }
+    Ok(())
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.
@@ -129,6 +340,19 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .register_builtin(args.compatibility)
         .await?;
     tracing::info!(schema = %schema, "migrations applied and built-in schemas registered");
+    Ok(())
+}
+
+fn write_crds(args: CrdArgs) -> anyhow::Result<()> {
+    match args.out {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            for (file, text) in crate::crd::files()? {
+                std::fs::write(dir.join(file), text)?;
+            }
+        }
+        None => print!("{}", crate::crd::render_yaml()?),
+    }
     Ok(())
 }
 

@@ -17,7 +17,9 @@
 pub mod admin;
 pub mod broker;
 pub mod cli;
+pub mod crd;
 pub mod event;
+pub mod operator;
 pub mod publisher;
 pub mod relay;
 pub mod schema;

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Local Kubernetes control plane for development and tests: etcd + kube-apiserver +
-# kube-controller-manager (no scheduler, no kubelet), built from the Go module proxy.
+# kube-controller-manager (every default controller) + kube-scheduler, built from the Go
+# module proxy. The node agent that runs Pods is hack/components/process-node.sh.
 #
-#   kubernetes.sh install   build etcd, kube-apiserver, kube-controller-manager, kubectl, helm (cached)
-#   kubernetes.sh start     generate PKI once, start etcd/apiserver/controller-manager, wait for readiness
-#   kubernetes.sh stop      stop the three processes
+#   kubernetes.sh install   build etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm (cached)
+#   kubernetes.sh start     generate PKI once, start etcd/apiserver/controller-manager/scheduler, wait for readiness
+#   kubernetes.sh stop      stop the four processes
 #   kubernetes.sh status    one line per process, plus the kubeconfig path
 #   kubernetes.sh env       export lines for KUBECONFIG, KUBECTL, HELM, KUBE_BIN_DIR
 #
@@ -12,6 +13,7 @@
 source "$(dirname "$0")/../lib/common.sh"
 
 : "${KCM_PORT:=16257}"
+: "${SCHEDULER_PORT:=16259}"
 : "${KUBE_START_TIMEOUT:=120}"
 : "${ETCD_EXTRA_ARGS:=}"
 
@@ -31,9 +33,11 @@ PKI="$K8S_STATE/pki"
 ETCD_DATA="$K8S_STATE/etcd"
 ADMIN_KUBECONFIG="$K8S_STATE/admin.kubeconfig"
 KCM_KUBECONFIG="$K8S_STATE/controller-manager.kubeconfig"
+SCHEDULER_KUBECONFIG="$K8S_STATE/scheduler.kubeconfig"
 ETCD_PID="$K8S_STATE/etcd.pid"
 APISERVER_PID="$K8S_STATE/kube-apiserver.pid"
 KCM_PID="$K8S_STATE/kube-controller-manager.pid"
+SCHEDULER_PID="$K8S_STATE/kube-scheduler.pid"
 
 # ---------------------------------------------------------------------------------------------
 # install
@@ -243,7 +247,21 @@ EOF
   chmod 600 "$tmp"/*.key
   rm -rf "$PKI"; mv "$tmp" "$PKI"
   # kubeconfigs embed the old certificates: regenerate them
-  rm -f "$ADMIN_KUBECONFIG" "$KCM_KUBECONFIG"
+  rm -f "$ADMIN_KUBECONFIG" "$KCM_KUBECONFIG" "$SCHEDULER_KUBECONFIG" "$PKI/scheduler.crt" "$PKI/scheduler.key"
+}
+
+# ensure_client_cert NAME SUBJECT -> PKI/NAME.{crt,key} signed by the existing CA (added to
+# an existing PKI without regenerating the CA, which would invalidate every other client)
+ensure_client_cert() {
+  local name=$1 subj=$2 logfile="$OUTBOX_LOGS/kubernetes-pki.log"
+  [[ -s $PKI/$name.crt && -s $PKI/$name.key ]] && return 0
+  local ext="$PKI/.client.ext"
+  printf '%s\n' 'basicConstraints = critical, CA:FALSE' \
+    'keyUsage = critical, digitalSignature, keyEncipherment' \
+    'extendedKeyUsage = clientAuth' 'authorityKeyIdentifier = keyid' >"$ext"
+  sign_cert "$PKI" "$name" "$subj" "$ext" >>"$logfile" 2>&1 || die "signing the $name client certificate failed; see $logfile"
+  rm -f "$ext"
+  chmod 600 "$PKI/$name.key"
 }
 
 # write_kubeconfig FILE USER CERT KEY
@@ -279,6 +297,19 @@ write_kubeconfigs() {
   write_kubeconfig "$ADMIN_KUBECONFIG" admin "$PKI/admin.crt" "$PKI/admin.key"
   write_kubeconfig "$KCM_KUBECONFIG" system:kube-controller-manager \
     "$PKI/controller-manager.crt" "$PKI/controller-manager.key"
+  write_kubeconfig "$SCHEDULER_KUBECONFIG" system:kube-scheduler \
+    "$PKI/scheduler.crt" "$PKI/scheduler.key"
+}
+
+# args_changed NAME ARGS... -> 0 when the recorded command line of NAME differs from ARGS
+# (a running process is then restarted so a changed flag takes effect); records ARGS
+args_changed() {
+  local name=$1; shift
+  local file="$K8S_STATE/$name.args" want
+  want=$(printf '%s\n' "$@")
+  if [[ -f $file && $(cat "$file") == "$want" ]]; then return 1; fi
+  printf '%s' "$want" >"$file"
+  return 0
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -430,24 +461,39 @@ start_controller_manager() {
   # system:kube-controller-manager user alone may not delete arbitrary objects (GC, namespace
   # deletion) nor create kube-root-ca.crt ConfigMaps.
   # --authentication-skip-lookup: the apiserver has no front-proxy (requestheader) CA.
+  # --controllers='*': every controller enabled by default (deployment, replicaset, job,
+  # cronjob, statefulset, daemonset, disruption, endpointslice, garbagecollector, namespace,
+  # serviceaccount(-token), ttl-after-finished, podgc, nodelifecycle, ...); none of them needs
+  # a cloud provider. nodeipam stays idle (no --allocate-node-cidrs): the node agent assigns
+  # Pod IPs. The cluster CA also signs CSRs.
+  local args=(
+    --kubeconfig="$KCM_KUBECONFIG"
+    --authentication-kubeconfig="$KCM_KUBECONFIG"
+    --authorization-kubeconfig="$KCM_KUBECONFIG"
+    --authentication-skip-lookup=true
+    --bind-address=127.0.0.1
+    --secure-port="$KCM_PORT"
+    --cert-dir="$K8S_STATE/controller-manager"
+    "--controllers=*"
+    --cluster-signing-cert-file="$PKI/ca.crt"
+    --cluster-signing-key-file="$PKI/ca.key"
+    --service-account-private-key-file="$PKI/sa.key"
+    --root-ca-file="$PKI/ca.crt"
+    --use-service-account-credentials=true
+    --leader-elect=false
+    --profiling=false
+    --v=1
+  )
+  if args_changed kube-controller-manager "$KCM_BIN" "${args[@]}" && running "$KCM_PID" "$KCM_BIN"; then
+    log "kube-controller-manager flags changed: restarting it"
+    stop_pidfile kube-controller-manager "$KCM_PID"
+  fi
   if ! running "$KCM_PID" "$KCM_BIN"; then
+    local _w
+    for _w in $(seq 1 20); do port_open "$KCM_PORT" || break; sleep 0.5; done
     port_open "$KCM_PORT" && die "127.0.0.1:$KCM_PORT is already in use by another process (not our kube-controller-manager)"
     mkdir -p "$K8S_STATE/controller-manager"
-    launch kube-controller-manager "$KCM_PID" "$logfile" "$KCM_BIN" \
-      --kubeconfig="$KCM_KUBECONFIG" \
-      --authentication-kubeconfig="$KCM_KUBECONFIG" \
-      --authorization-kubeconfig="$KCM_KUBECONFIG" \
-      --authentication-skip-lookup=true \
-      --bind-address=127.0.0.1 \
-      --secure-port="$KCM_PORT" \
-      --cert-dir="$K8S_STATE/controller-manager" \
-      --controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation,root-ca-cert-publisher \
-      --service-account-private-key-file="$PKI/sa.key" \
-      --root-ca-file="$PKI/ca.crt" \
-      --use-service-account-credentials=true \
-      --leader-elect=false \
-      --profiling=false \
-      --v=1
+    launch kube-controller-manager "$KCM_PID" "$logfile" "$KCM_BIN" "${args[@]}"
   fi
   # the serviceaccount controller creating 'default' in namespace default proves it works
   local deadline=$((SECONDS + 60))
@@ -458,21 +504,49 @@ start_controller_manager() {
   done
 }
 
+scheduler_healthy() {
+  curl -ksf --max-time 3 "https://127.0.0.1:$SCHEDULER_PORT/healthz" >/dev/null 2>&1
+}
+
+start_scheduler() {
+  local logfile="$OUTBOX_LOGS/kube-scheduler.log"
+  local args=(
+    --kubeconfig="$SCHEDULER_KUBECONFIG"
+    --authentication-kubeconfig="$SCHEDULER_KUBECONFIG"
+    --authorization-kubeconfig="$SCHEDULER_KUBECONFIG"
+    --authentication-skip-lookup=true
+    --bind-address=127.0.0.1
+    --secure-port="$SCHEDULER_PORT"
+    --leader-elect=false
+    --profiling=false
+    --v=1
+  )
+  if args_changed kube-scheduler "$SCHEDULER_BIN" "${args[@]}" && running "$SCHEDULER_PID" "$SCHEDULER_BIN"; then
+    log "kube-scheduler flags changed: restarting it"
+    stop_pidfile kube-scheduler "$SCHEDULER_PID"
+  fi
+  if ! running "$SCHEDULER_PID" "$SCHEDULER_BIN"; then
+    port_open "$SCHEDULER_PORT" && die "127.0.0.1:$SCHEDULER_PORT is already in use by another process (not our kube-scheduler)"
+    launch kube-scheduler "$SCHEDULER_PID" "$logfile" "$SCHEDULER_BIN" "${args[@]}"
+  fi
+  local deadline=$((SECONDS + 60))
+  until scheduler_healthy; do
+    running "$SCHEDULER_PID" "$SCHEDULER_BIN" || fail_with_log kube-scheduler "$logfile" "process exited"
+    ((SECONDS < deadline)) || fail_with_log kube-scheduler "$logfile" "/healthz not ok within 60s"
+    sleep 0.5
+  done
+}
+
 cmd_start() {
   local t0=$SECONDS b
-  for b in "$ETCD_BIN" "$KUBE_APISERVER_BIN" "$KCM_BIN" "$KUBECTL_BIN"; do
+  for b in "$ETCD_BIN" "$KUBE_APISERVER_BIN" "$KCM_BIN" "$SCHEDULER_BIN" "$KUBECTL_BIN"; do
     [[ -x $b ]] || die "$b is missing; run '$0 install' first"
   done
   mkdir -p "$K8S_STATE"
   clean_stale etcd "$ETCD_PID" "$ETCD_BIN"
   clean_stale kube-apiserver "$APISERVER_PID" "$KUBE_APISERVER_BIN"
   clean_stale kube-controller-manager "$KCM_PID" "$KCM_BIN"
-
-  if running "$ETCD_PID" "$ETCD_BIN" && running "$APISERVER_PID" "$KUBE_APISERVER_BIN" &&
-    running "$KCM_PID" "$KCM_BIN" && apiserver_ready; then
-    log "kubernetes already running (apiserver https://127.0.0.1:$APISERVER_PORT)"
-    return 0
-  fi
+  clean_stale kube-scheduler "$SCHEDULER_PID" "$SCHEDULER_BIN"
 
   local before; before=$(cat "$PKI/ca.crt" 2>/dev/null || true)
   generate_pki
@@ -481,18 +555,23 @@ cmd_start() {
     stop_pidfile kube-controller-manager "$KCM_PID"
     stop_pidfile kube-apiserver "$APISERVER_PID"
   fi
+  ensure_client_cert scheduler "/CN=system:kube-scheduler"
   write_kubeconfigs
+  # each start_* leaves a healthy process with unchanged flags alone: a warm start is quick
   start_etcd
   start_apiserver
   start_controller_manager
+  start_scheduler
   log "kubernetes ready in $((SECONDS - t0))s: KUBECONFIG=$ADMIN_KUBECONFIG"
 }
 
 cmd_stop() {
   # never signal a pid that was reused by an unrelated process (e.g. after a machine restart)
+  clean_stale kube-scheduler "$SCHEDULER_PID" "$SCHEDULER_BIN"
   clean_stale kube-controller-manager "$KCM_PID" "$KCM_BIN"
   clean_stale kube-apiserver "$APISERVER_PID" "$KUBE_APISERVER_BIN"
   clean_stale etcd "$ETCD_PID" "$ETCD_BIN"
+  stop_pidfile kube-scheduler "$SCHEDULER_PID"
   stop_pidfile kube-controller-manager "$KCM_PID"
   stop_pidfile kube-apiserver "$APISERVER_PID"
   stop_pidfile etcd "$ETCD_PID"
@@ -510,6 +589,7 @@ cmd_status() {
 etcd $ETCD_PID $ETCD_BIN $ETCD_PORT
 kube-apiserver $APISERVER_PID $KUBE_APISERVER_BIN $APISERVER_PORT
 kube-controller-manager $KCM_PID $KCM_BIN $KCM_PORT
+kube-scheduler $SCHEDULER_PID $SCHEDULER_BIN $SCHEDULER_PORT
 EOF
   printf '%-24s %s\n' kubeconfig "$ADMIN_KUBECONFIG"
 }

@@ -902,7 +902,7 @@ pub fn openapi_document() -> serde_json::Value {
                 "responses": {"200": text("Alive (`ok`)."), "503": text("The claim loop has not run recently.")}
             }},
             "/readyz": {"get": {
-                "summary": "Readiness: alive, broker reachable, failed events under the threshold.",
+                "summary": "Readiness: the loop runs and the database and the broker answer (failed-event counts never affect it).",
                 "security": [], "operationId": "readyz",
                 "responses": {"200": text("Ready (`ok`)."), "503": text("Not ready: one reason per line.")}
             }},

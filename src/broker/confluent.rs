@@ -172,12 +172,12 @@ impl ConfluentFraming {
     async fn look_up(&self, subject: &str, event_type: &str, version: u32) -> Result<u32, SendError> {
         let missing = || {
             // Retriable: registering the version (e.g. `inventory-outbox migrate`) fixes it.
-            SendError::Retriable(format!(
+            SendError::Transient(format!(
                 "no schema for subject {event_type:?} version {version} in the registry, so the Confluent \
                  wire format has no schema id for this event"
             ))
         };
-        let store_failed = |e: RegistryError| SendError::Retriable(format!("schema id lookup failed: {e}"));
+        let store_failed = |e: RegistryError| SendError::Transient(format!("schema id lookup failed: {e}"));
         match self.strategy {
             SubjectNameStrategy::RecordName => self
                 .registry
@@ -200,7 +200,7 @@ impl ConfluentFraming {
                 match self.registry.register_version(subject, &source.schema, None).await {
                     Ok(registered) => Ok(registered.id),
                     Err(e @ (RegistryError::Incompatible { .. } | RegistryError::InvalidSchema { .. })) => {
-                        Err(SendError::Permanent(format!(
+                        Err(SendError::Message(format!(
                             "cannot register the schema of {event_type} version {version} under subject {subject:?} \
                              (TopicNameStrategy): {e}; use subjectNameStrategy recordName for topics carrying several \
                              event types"

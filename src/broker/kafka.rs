@@ -66,10 +66,6 @@ fn default_partitions() -> i32 {
     6
 }
 
-fn default_replication_factor() -> i32 {
-    1
-}
-
 fn default_message_timeout_ms() -> u32 {
     30_000
 }
@@ -105,9 +101,14 @@ pub struct KafkaConfig {
     /// Partition count of topics the publisher creates. Existing topics are left as they are.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
-    /// Replication factor of topics the publisher creates.
-    #[serde(default = "default_replication_factor")]
-    pub replication_factor: i32,
+    /// Replication factor of topics the publisher creates; unset uses the broker's
+    /// `default.replication.factor` (a production cluster's choice, not 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of topics the publisher creates (with acks=all, how many replicas
+    /// must have a record before it counts as published); unset uses the broker's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_insync_replicas: Option<i32>,
     /// Topic-level configuration of topics the publisher creates, e.g. `retention.ms`,
     /// `min.insync.replicas`, `max.message.bytes`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -167,7 +168,8 @@ impl Default for KafkaConfig {
             wire_format: WireFormat::default(),
             dead_letter_topic: String::new(),
             partitions: default_partitions(),
-            replication_factor: default_replication_factor(),
+            replication_factor: None,
+            min_insync_replicas: None,
             topic_config: BTreeMap::new(),
             message_timeout_ms: default_message_timeout_ms(),
             linger_ms: default_linger_ms(),
@@ -393,7 +395,12 @@ impl KafkaConfig {
             }
         })?;
         at_least("partitions", self.partitions.into(), 1)?;
-        at_least("replicationFactor", self.replication_factor.into(), 1)?;
+        if let Some(factor) = self.replication_factor {
+            at_least("replicationFactor", factor.into(), 1)?;
+        }
+        if let Some(replicas) = self.min_insync_replicas {
+            at_least("minInsyncReplicas", replicas.into(), 1)?;
+        }
         at_least("messageTimeoutMs", self.message_timeout_ms.into(), 1)?;
         if self.linger_ms >= self.message_timeout_ms {
             return Err(KafkaConfigError::LingerNotBelowTimeout {
@@ -420,18 +427,8 @@ impl KafkaConfig {
             tls.validate()?;
         }
         let pairs = [
-            (
-                "saslUsernameEnv",
-                self.sasl_username_env.is_some(),
-                "saslUsernameFile",
-                self.sasl_username_file.is_some(),
-            ),
-            (
-                "saslPasswordEnv",
-                self.sasl_password_env.is_some(),
-                "saslPasswordFile",
-                self.sasl_password_file.is_some(),
-            ),
+            ("saslUsernameEnv", self.sasl_username_env.is_some(), "saslUsernameFile", self.sasl_username_file.is_some()),
+            ("saslPasswordEnv", self.sasl_password_env.is_some(), "saslPasswordFile", self.sasl_password_file.is_some()),
         ];
         for (env, env_set, file, file_set) in pairs {
             if env_set && file_set {
@@ -477,7 +474,7 @@ impl KafkaConfig {
     }
 
     /// Connection settings shared by the producer and the admin client, credentials included.
-    fn client_config(&self) -> Result<ClientConfig, KafkaConnectError> {
+    pub(crate) fn client_config(&self) -> Result<ClientConfig, KafkaConnectError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", self.bootstrap_servers.trim())
@@ -535,7 +532,8 @@ fn at_least(field: &'static str, value: i64, min: i64) -> Result<(), KafkaConfig
 }
 
 /// Kafka's topic name rule; the error completes "topic name ... it".
-fn check_topic_name(name: &str) -> Result<(), &'static str> {
+/// Kafka's topic name rules (length, characters, not `.` or `..`); the error completes "it ...".
+pub(crate) fn check_topic_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("is empty");
     }
@@ -740,14 +738,23 @@ fn endpoint_in(message: &str) -> Option<&str> {
     (!endpoint.is_empty()).then_some(endpoint)
 }
 
-/// Broker-side refusals that will repeat on every retry.
-fn is_permanent(code: RDKafkaErrorCode) -> bool {
+/// Refusals of this one record that will repeat on every retry.
+fn is_message_level(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::MessageSizeTooLarge
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::MessageBatchTooLarge
-            | RDKafkaErrorCode::TopicAuthorizationFailed
+    )
+}
+
+/// Refusals of the whole topic: no record can go there until the topic is created or access
+/// granted, and the events are not at fault.
+fn is_destination_level(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
             | RDKafkaErrorCode::InvalidTopic
             // librdkafka reports these only once metadata shows the topic missing after
             // `topic.metadata.propagation.max.ms`, i.e. the broker did not auto-create it.
@@ -759,9 +766,12 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
 /// Classifies a produce error; the message names the librdkafka error code and the topic.
 fn classify(error: &KafkaError, topic: &str) -> SendError {
     match error.rdkafka_error_code() {
-        Some(code) if is_permanent(code) => SendError::Permanent(format!("Kafka {code:?} on topic {topic}: {code}")),
-        Some(code) => SendError::Retriable(format!("Kafka {code:?} on topic {topic}: {code}")),
-        None => SendError::Retriable(format!(
+        Some(code) if is_message_level(code) => SendError::Message(format!("Kafka {code:?} on topic {topic}: {code}")),
+        Some(code) if is_destination_level(code) => {
+            SendError::Destination(format!("Kafka {code:?} on topic {topic}: {code}"))
+        }
+        Some(code) => SendError::Transient(format!("Kafka {code:?} on topic {topic}: {code}")),
+        None => SendError::Transient(format!(
             "Kafka error on topic {topic}: {}",
             describe_client_error(error)
         )),
@@ -815,9 +825,31 @@ enum Enqueued {
     Pending { topic: String, delivery: DeliveryFuture },
 }
 
+/// The topic this publisher creates under `name`: its partitions, its replication factor
+/// (-1, the broker's default, when unset: KIP-464), `min.insync.replicas` (`min_insync`, the
+/// setting as text) and the configured topic entries. Shared by the relay and `provision`.
+pub(crate) fn new_topic<'a>(config: &'a KafkaConfig, name: &'a str, min_insync: Option<&'a str>) -> NewTopic<'a> {
+    let topic = NewTopic::new(
+        name,
+        config.partitions,
+        TopicReplication::Fixed(config.replication_factor.unwrap_or(-1)),
+    );
+    let topic = match min_insync {
+        Some(replicas) => topic.set("min.insync.replicas", replicas),
+        None => topic,
+    };
+    config
+        .topic_config
+        .iter()
+        .fold(topic, |topic, (key, value)| topic.set(key.trim(), value))
+}
+
 /// The Kafka adapter: one idempotent producer and one admin client.
 pub struct KafkaBroker {
-    producer: FutureProducer,
+    /// Replaced after a fatal error (an idempotent producer that lost its sequence state
+    /// refuses every further record); in-flight records of the old one fail, never "publish".
+    producer: std::sync::RwLock<FutureProducer>,
+    producer_config: ClientConfig,
     admin: AdminClient<KafkaClientContext>,
     /// Receives librdkafka's callbacks of both clients; holds the last connection error.
     context: KafkaClientContext,
@@ -846,12 +878,10 @@ impl KafkaBroker {
         if let Some(tls) = &config.tls {
             tls.warn_if_insecure(&config.bootstrap_servers);
         }
-        let admin: AdminClient<KafkaClientContext> =
-            base.create_with_context(context.clone())
-                .map_err(|e| KafkaConnectError::Client {
-                    client: "admin client",
-                    reason: describe_client_error(&e),
-                })?;
+        let admin: AdminClient<KafkaClientContext> = base.create_with_context(context.clone()).map_err(|e| KafkaConnectError::Client {
+            client: "admin client",
+            reason: describe_client_error(&e),
+        })?;
         let mut producer_config = base;
         // Java-compatible key hashing, so other producers agree on an aggregate's partition.
         if !config.producer_overrides.contains_key("partitioner") {
@@ -864,13 +894,10 @@ impl KafkaBroker {
             .set("linger.ms", config.linger_ms.to_string())
             .set("compression.type", config.compression.as_str())
             .set("message.timeout.ms", config.message_timeout_ms.to_string());
-        let producer: FutureProducer =
-            producer_config
-                .create_with_context(context.clone())
-                .map_err(|e| KafkaConnectError::Client {
-                    client: "producer",
-                    reason: describe_client_error(&e),
-                })?;
+        let producer: FutureProducer = producer_config.create_with_context(context.clone()).map_err(|e| KafkaConnectError::Client {
+            client: "producer",
+            reason: describe_client_error(&e),
+        })?;
         tracing::info!(
             bootstrap_servers = %config.bootstrap_servers,
             client_id = %config.client_id,
@@ -879,7 +906,8 @@ impl KafkaBroker {
             "kafka producer created"
         );
         Ok(KafkaBroker {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            producer_config,
             admin,
             context,
             config: config.clone(),
@@ -899,11 +927,39 @@ impl KafkaBroker {
         &self.config
     }
 
+    /// The current producer (cheap to clone: a handle).
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Recreates the producer when librdkafka reports a fatal error (e.g. an idempotence
+    /// sequence gap), so the next retry goes through a working one.
+    fn recover_from_fatal_error(&self) {
+        let Some((code, reason)) = self.producer().client().fatal_error() else {
+            return;
+        };
+        match self.producer_config.create_with_context::<_, FutureProducer>(self.context.clone()) {
+            Ok(fresh) => {
+                tracing::error!(?code, reason, "kafka producer hit a fatal error; recreated it");
+                *self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            }
+            Err(e) => tracing::error!(
+                ?code,
+                reason,
+                error = %describe_client_error(&e),
+                "kafka producer hit a fatal error and could not be recreated"
+            ),
+        }
+    }
+
     /// Headers and body of one event in the configured CloudEvents mode.
     fn encode(&self, message: &Message, topic: &str, extra: &[(&str, &str)]) -> Result<Outgoing, SendError> {
         let event = &message.event;
         let encoding_failed =
-            |e: serde_json::Error| SendError::Permanent(format!("cannot encode event {} as JSON: {e}", event.event_id));
+            |e: serde_json::Error| SendError::Message(format!("cannot encode event {} as JSON: {e}", event.event_id));
         let (mut headers, body) = match self.config.mode {
             CloudEventsMode::Binary => (
                 cloudevents::binary_headers(event, KAFKA_PREFIX),
@@ -934,8 +990,9 @@ impl KafkaBroker {
     /// `deadline`).
     async fn enqueue(&self, outgoing: &Outgoing, deadline: Instant) -> Enqueued {
         let mut record = outgoing.record();
+        let producer = self.producer();
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     return Enqueued::Pending {
                         topic: outgoing.topic.clone(),
@@ -968,7 +1025,7 @@ impl KafkaBroker {
         // librdkafka reports every record within message.timeout.ms of its enqueue; the grace
         // only guards against a report that never comes.
         let report_deadline = Instant::now() + timeout + DELIVERY_REPORT_GRACE;
-        join_all(enqueued.into_iter().map(|state| async move {
+        let results = join_all(enqueued.into_iter().map(|state| async move {
             let (topic, delivery) = match state {
                 Enqueued::Failed(error) => return Err(error),
                 Enqueued::Pending { topic, delivery } => (topic, delivery),
@@ -976,16 +1033,20 @@ impl KafkaBroker {
             match tokio::time::timeout_at(report_deadline, delivery).await {
                 Ok(Ok(Ok(_))) => Ok(()),
                 Ok(Ok(Err((error, _)))) => Err(classify(&error, &topic)),
-                Ok(Err(_canceled)) => Err(SendError::Retriable(format!(
+                Ok(Err(_canceled)) => Err(SendError::Transient(format!(
                     "delivery report for topic {topic} was canceled (producer shut down)"
                 ))),
-                Err(_elapsed) => Err(SendError::Retriable(format!(
+                Err(_elapsed) => Err(SendError::Transient(format!(
                     "no delivery report for topic {topic} within {} ms",
                     timeout.as_millis() + DELIVERY_REPORT_GRACE.as_millis()
                 ))),
             }
         }))
-        .await
+        .await;
+        if results.iter().any(Result::is_err) {
+            self.recover_from_fatal_error();
+        }
+        results
     }
 
     async fn create_topics(&self, destinations: &[String]) -> Result<(), SendError> {
@@ -996,26 +1057,18 @@ impl KafkaBroker {
             .collect();
         for name in &names {
             check_topic_name(name)
-                .map_err(|reason| SendError::Permanent(format!("topic name {name:?} is invalid: it {reason}")))?;
+                .map_err(|reason| SendError::Message(format!("topic name {name:?} is invalid: it {reason}")))?;
         }
+        let min_insync = self.config.min_insync_replicas.map(|r| r.to_string());
         let topics: Vec<NewTopic<'_>> = names
             .iter()
-            .map(|name| {
-                self.config.topic_config.iter().fold(
-                    NewTopic::new(
-                        name,
-                        self.config.partitions,
-                        TopicReplication::Fixed(self.config.replication_factor),
-                    ),
-                    |topic, (key, value)| topic.set(key.trim(), value),
-                )
-            })
+            .map(|name| new_topic(&self.config, name, min_insync.as_deref()))
             .collect();
         let options = AdminOptions::new()
             .operation_timeout(Some(ADMIN_OPERATION_TIMEOUT))
             .request_timeout(Some(ADMIN_REQUEST_TIMEOUT));
         let results = self.admin.create_topics(&topics, &options).await.map_err(|e| {
-            SendError::Retriable(format!(
+            SendError::Transient(format!(
                 "creating Kafka topics {names:?} failed: {}",
                 describe_client_error(&e)
             ))
@@ -1027,9 +1080,9 @@ impl KafkaBroker {
                 Err((name, code)) => {
                     let message = format!("creating Kafka topic {name} failed with {code:?}: {code}");
                     return Err(if is_permanent_admin(code) {
-                        SendError::Permanent(message)
+                        SendError::Message(message)
                     } else {
-                        SendError::Retriable(message)
+                        SendError::Transient(message)
                     });
                 }
             }
@@ -1038,7 +1091,7 @@ impl KafkaBroker {
     }
 
     async fn fetch_cluster_metadata(&self) -> Result<(), SendError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let fetched = tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -1046,14 +1099,14 @@ impl KafkaBroker {
                 .map(|metadata| metadata.brokers().len())
         })
         .await
-        .map_err(|e| SendError::Retriable(format!("Kafka metadata request did not complete: {e}")))?;
+        .map_err(|e| SendError::Transient(format!("Kafka metadata request did not complete: {e}")))?;
         match fetched {
-            Ok(0) => Err(SendError::Retriable("Kafka metadata lists no brokers".to_owned())),
+            Ok(0) => Err(SendError::Transient("Kafka metadata lists no brokers".to_owned())),
             Ok(_) => {
                 self.context.clear_error();
                 Ok(())
             }
-            Err(error) => Err(SendError::Retriable(self.unreachable_reason(&error).await)),
+            Err(error) => Err(SendError::Transient(self.unreachable_reason(&error).await)),
         }
     }
 
@@ -1121,7 +1174,7 @@ impl Broker for KafkaBroker {
             ];
             let record = self.encode(message, &self.config.dead_letter_topic, &extra);
             self.deliver(vec![record]).await.pop().unwrap_or_else(|| {
-                Err(SendError::Retriable(
+                Err(SendError::Transient(
                     "no delivery result for the dead letter".to_owned(),
                 ))
             })
@@ -1134,6 +1187,12 @@ impl Broker for KafkaBroker {
 
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.fetch_cluster_metadata())
+    }
+
+    fn send_budget(&self) -> Duration {
+        // Every record of a call is bounded by messageTimeoutMs; the margin covers the wait
+        // for the delivery reports after it.
+        self.config.message_timeout() + Duration::from_secs(10)
     }
 }
 
@@ -1162,7 +1221,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.client_id, "inventory-outbox");
         assert_eq!(config.mode, CloudEventsMode::Binary);
-        assert_eq!((config.partitions, config.replication_factor), (6, 1));
+        assert_eq!((config.partitions, config.replication_factor), (6, None));
         assert_eq!((config.message_timeout_ms, config.linger_ms), (30_000, 1));
         assert_eq!(config.compression, KafkaCompression::Lz4);
         assert_eq!(config.security_protocol, KafkaSecurityProtocol::Plaintext);
@@ -1227,7 +1286,7 @@ mod tests {
         config.partitions = 0;
         assert_eq!(error_of(config), "kafka.partitions is 0; it must be at least 1");
         let mut config = valid();
-        config.replication_factor = -1;
+        config.replication_factor = Some(-1);
         assert_eq!(error_of(config), "kafka.replicationFactor is -1; it must be at least 1");
         let mut config = valid();
         config.message_timeout_ms = 0;
@@ -1336,16 +1395,22 @@ mod tests {
             &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
             "t",
         );
-        assert!(matches!(&permanent, SendError::Permanent(m) if m.contains("MessageSizeTooLarge")));
+        assert!(matches!(&permanent, SendError::Message(m) if m.contains("MessageSizeTooLarge")));
+        for code in [RDKafkaErrorCode::InvalidRecord, RDKafkaErrorCode::MessageBatchTooLarge] {
+            assert!(
+                !classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                "{code:?}"
+            );
+        }
+        // A missing or forbidden topic is the destination's fault: never dead-letter for it.
         for code in [
-            RDKafkaErrorCode::InvalidRecord,
-            RDKafkaErrorCode::MessageBatchTooLarge,
             RDKafkaErrorCode::TopicAuthorizationFailed,
             RDKafkaErrorCode::InvalidTopic,
             RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::UnknownTopic,
         ] {
             assert!(
-                !classify(&KafkaError::MessageProduction(code), "t").is_retriable(),
+                classify(&KafkaError::MessageProduction(code), "t").is_destination(),
                 "{code:?}"
             );
         }

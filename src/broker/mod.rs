@@ -1,6 +1,6 @@
 //! Broker adapters behind one trait. Each adapter owns its configuration, its encoding of the
 //! envelope (CloudEvents binary or structured mode, see `event::cloudevents`) and a small
-//! classification of its errors into retriable and permanent; retries, timeouts and the
+//! classification of its errors into the three classes of [`SendError`]; retries, timeouts and the
 //! circuit breaker are one shared layer in the relay, not repeated per broker.
 //!
 //! A message counts as published only when `send_batch` returns `Ok` for it, which each
@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod rabbitmq;
 pub mod routing;
 pub mod sns_sqs;
+pub mod topology;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,25 +36,50 @@ pub struct Message {
     pub event: Arc<DomainEvent>,
 }
 
-/// Why a send failed.
+/// Why a send failed: the one error taxonomy of every adapter. The relay acts on the class,
+/// never on adapter-specific detail: a [`Message`](SendError::Message) error dead-letters that
+/// event; a [`Destination`](SendError::Destination) error trips the destination's circuit and
+/// retries without counting an attempt against the event (the event did nothing wrong); a
+/// [`Transient`](SendError::Transient) error is retried with backoff.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
     /// Worth retrying: broker unreachable, timeout, NACK, throttling, leader change.
-    #[error("retriable: {0}")]
-    Retriable(String),
-    /// Will fail the same way again (message too large, destination refuses it): dead-letter now.
-    #[error("permanent: {0}")]
-    Permanent(String),
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The destination refuses every message for now (unknown topic or exchange, authorization
+    /// failure): retry once it recovers; never dead-letter for this.
+    #[error("destination: {0}")]
+    Destination(String),
+    /// This message will fail the same way again (too large, cannot be encoded, fails its
+    /// schema): dead-letter it now.
+    #[error("message: {0}")]
+    Message(String),
 }
 
 impl SendError {
+    /// True for errors that say something about the destination's health (they feed its
+    /// circuit); a message-level error does not.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, SendError::Retriable(_))
+        !matches!(self, SendError::Message(_))
+    }
+
+    /// True when the destination, not the event, is at fault.
+    pub fn is_destination(&self) -> bool {
+        matches!(self, SendError::Destination(_))
     }
 
     pub fn message(&self) -> &str {
         match self {
-            SendError::Retriable(m) | SendError::Permanent(m) => m,
+            SendError::Transient(m) | SendError::Destination(m) | SendError::Message(m) => m,
+        }
+    }
+
+    /// Stable label for metrics and logs.
+    pub fn class(&self) -> &'static str {
+        match self {
+            SendError::Transient(_) => "transient",
+            SendError::Destination(_) => "destination",
+            SendError::Message(_) => "message",
         }
     }
 }
@@ -87,4 +113,10 @@ pub trait Broker: Send + Sync {
 
     /// A cheap round trip proving the broker is reachable, for readiness.
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>>;
+
+    /// The longest one `send_batch` call may take before its own timeouts end it; liveness
+    /// allows a call this long (a broker outage is a readiness matter, not a reason to restart).
+    fn send_budget(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(60)
+    }
 }

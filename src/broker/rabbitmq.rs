@@ -2,7 +2,7 @@
 //!
 //! One AMQP connection carries one publishing channel in confirm mode. Both live behind a
 //! mutex; when the broker restarts or closes the connection, the next call reconnects
-//! (connection failures are [`SendError::Retriable`]). A channel closed by the broker (e.g. a
+//! (connection failures are [`SendError::Transient`]). A channel closed by the broker (e.g. a
 //! publish to a deleted exchange) is reopened on the same connection.
 //!
 //! # Ordering
@@ -224,7 +224,7 @@ pub enum ConnectError {
     /// The configuration is unusable; fix it, retrying will not help.
     #[error(transparent)]
     Config(#[from] RabbitMqConfigError),
-    /// The broker could not be reached (always [`SendError::Retriable`]).
+    /// The broker could not be reached (always [`SendError::Transient`]).
     #[error("rabbitmq {0}")]
     Broker(#[from] SendError),
 }
@@ -445,7 +445,7 @@ struct Encoded {
 
 fn short(what: &str, value: &str) -> Result<ShortString, SendError> {
     ShortString::try_new(value).map_err(|_| {
-        SendError::Permanent(format!(
+        SendError::Message(format!(
             "{what} is {} bytes; AMQP allows at most {MAX_SHORT_STRING}",
             value.len()
         ))
@@ -477,12 +477,12 @@ fn encode(
                 }
             }
             let body = serde_json::to_vec(&event.payload)
-                .map_err(|e| SendError::Permanent(format!("payload cannot be serialized: {e}")))?;
+                .map_err(|e| SendError::Message(format!("payload cannot be serialized: {e}")))?;
             (body, cloudevents::CONTENT_TYPE)
         }
         CloudEventsMode::Structured => {
             let body = serde_json::to_vec(&cloudevents::to_structured(event))
-                .map_err(|e| SendError::Permanent(format!("CloudEvent cannot be serialized: {e}")))?;
+                .map_err(|e| SendError::Message(format!("CloudEvent cannot be serialized: {e}")))?;
             (body, STRUCTURED_CONTENT_TYPE)
         }
     };
@@ -493,7 +493,7 @@ fn encode(
     let size = body.len() as u64;
     if size > config.max_message_bytes {
         if !omit_large_body {
-            return Err(SendError::Permanent(format!(
+            return Err(SendError::Message(format!(
                 "message of {size} bytes for routing key {} exceeds rabbitmq.maxMessageBytes ({})",
                 message.destination, config.max_message_bytes
             )));
@@ -544,6 +544,41 @@ fn is_refusal(error: &lapin::Error) -> bool {
             AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
         )
     )
+}
+
+/// The exchange is missing or this user may not publish to it: no message can go there until
+/// an operator fixes the broker, and the events are not at fault.
+fn is_destination_refusal(error: &lapin::Error) -> bool {
+    matches!(
+        reply_code(error),
+        Some(code) if code == AMQPSoftError::NOTFOUND.get_id() || code == AMQPSoftError::ACCESSREFUSED.get_id()
+    )
+}
+
+/// Closes a session the adapter no longer uses with a proper AMQP close (channel, then
+/// connection), in the background and bounded, so the broker frees it at once instead of
+/// waiting for a heartbeat timeout. Already closed ones are skipped.
+fn close_session(session: Session) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let bound = Duration::from_secs(2);
+        if session.channel.status().connected() {
+            let _ = timeout(bound, session.channel.close(200, "replaced".into())).await;
+        }
+        if session.connection.status().connected() {
+            let _ = timeout(bound, session.connection.close(200, "replaced".into())).await;
+        }
+    });
+}
+
+impl Drop for RabbitMqBroker {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.get_mut().take() {
+            close_session(session);
+        }
+    }
 }
 
 /// The connection and its publishing channel (confirm mode).
@@ -650,8 +685,8 @@ impl RabbitMqBroker {
         };
         match timeout(self.rpc_timeout(), open).await {
             Ok(Ok(channel)) => Ok(channel),
-            Ok(Err(e)) => Err(SendError::Retriable(format!("opening a channel failed: {e}"))),
-            Err(_) => Err(SendError::Retriable(format!(
+            Ok(Err(e)) => Err(SendError::Transient(format!("opening a channel failed: {e}"))),
+            Err(_) => Err(SendError::Transient(format!(
                 "opening a channel took longer than {} ms",
                 self.config.connect_timeout_ms
             ))),
@@ -663,13 +698,13 @@ impl RabbitMqBroker {
         let connection = match timeout(self.rpc_timeout(), self.connect_connection(properties)).await {
             Ok(Ok(connection)) => Arc::new(connection),
             Ok(Err(e)) => {
-                return Err(SendError::Retriable(format!(
+                return Err(SendError::Transient(format!(
                     "connecting to {} failed: {e}",
                     self.target()
                 )));
             }
             Err(_) => {
-                return Err(SendError::Retriable(format!(
+                return Err(SendError::Transient(format!(
                     "connecting to {} took longer than {} ms",
                     self.target(),
                     self.config.connect_timeout_ms
@@ -715,8 +750,9 @@ impl RabbitMqBroker {
                 tracing::warn!(connection = %self.connection_name, "RabbitMQ connection lost; reconnecting");
             }
         }
-        // Dropping the old session closes its connection if it is still open.
-        *current = None;
+        if let Some(old) = current.take() {
+            close_session(old);
+        }
         let session = self.open_session().await?;
         *current = Some(session.clone());
         Ok(session)
@@ -728,8 +764,9 @@ impl RabbitMqBroker {
         if current
             .as_ref()
             .is_some_and(|s| Arc::ptr_eq(&s.connection, &session.connection))
+            && let Some(old) = current.take()
         {
-            *current = None;
+            close_session(old);
         }
     }
 
@@ -788,15 +825,17 @@ impl RabbitMqBroker {
             match timeout(self.confirm_timeout(), publish).await {
                 Ok(Ok(confirm)) => pending.push((i, encoded.routing_key, encoded.message_id, confirm)),
                 Ok(Err(e)) => {
-                    results[i] = Some(Err(SendError::Retriable(format!(
-                        "publishing to routing key {} failed: {e}",
-                        encoded.routing_key
-                    ))));
+                    let text = format!("publishing to routing key {} failed: {e}", encoded.routing_key);
+                    results[i] = Some(Err(if is_destination_refusal(&e) {
+                        SendError::Destination(text)
+                    } else {
+                        SendError::Transient(text)
+                    }));
                     broken = true;
                     break;
                 }
                 Err(_) => {
-                    results[i] = Some(Err(SendError::Retriable(format!(
+                    results[i] = Some(Err(SendError::Transient(format!(
                         "writing the message for routing key {} took longer than {} ms{}",
                         encoded.routing_key,
                         self.config.confirm_timeout_ms,
@@ -809,7 +848,7 @@ impl RabbitMqBroker {
         }
         // Stop at the first failure so later messages never overtake an unsent one.
         for (i, encoded) in items {
-            results[i] = Some(Err(SendError::Retriable(format!(
+            results[i] = Some(Err(SendError::Transient(format!(
                 "not published (routing key {}): an earlier message of the batch failed",
                 encoded.routing_key
             ))));
@@ -851,19 +890,19 @@ impl RabbitMqBroker {
                 }
                 Ok(Ok(Confirmation::NotRequested)) => {
                     broken = true;
-                    Err(SendError::Retriable(
+                    Err(SendError::Transient(
                         "the channel is not in confirm mode; no publisher confirm".to_owned(),
                     ))
                 }
                 Ok(Err(e)) => {
                     broken = true;
-                    Err(SendError::Retriable(format!(
+                    Err(SendError::Transient(format!(
                         "channel failed before the publisher confirm for routing key {routing_key}: {e}"
                     )))
                 }
                 Err(_) => {
                     broken = true;
-                    Err(SendError::Retriable(format!(
+                    Err(SendError::Transient(format!(
                         "no publisher confirm for routing key {routing_key} within {} ms{}",
                         self.config.confirm_timeout_ms,
                         self.blocked_hint(&session)
@@ -881,12 +920,12 @@ impl RabbitMqBroker {
                         .find(|(id, rk, _)| (id, rk) == (&key.0, &key.1))
                         .map(|(_, _, reply)| reply.as_str())
                         .unwrap_or("unroutable");
-                    Err(SendError::Retriable(format!(
+                    Err(SendError::Transient(format!(
                         "no queue bound for routing key {routing_key} on exchange {exchange} (broker returned the message: {reply})"
                     )))
                 }
                 Ok(true) => Ok(()),
-                Ok(false) => Err(SendError::Retriable(format!(
+                Ok(false) => Err(SendError::Transient(format!(
                     "broker NACKed the message for routing key {routing_key}"
                 ))),
                 Err(e) => Err(e),
@@ -917,9 +956,9 @@ impl RabbitMqBroker {
     async fn declare<T>(&self, what: &str, op: impl Future<Output = Result<T, lapin::Error>>) -> Result<T, SendError> {
         match timeout(self.rpc_timeout(), op).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if is_refusal(&e) => Err(SendError::Permanent(format!("{what} refused by the broker: {e}"))),
-            Ok(Err(e)) => Err(SendError::Retriable(format!("{what} failed: {e}"))),
-            Err(_) => Err(SendError::Retriable(format!(
+            Ok(Err(e)) if is_refusal(&e) => Err(SendError::Message(format!("{what} refused by the broker: {e}"))),
+            Ok(Err(e)) => Err(SendError::Transient(format!("{what} failed: {e}"))),
+            Err(_) => Err(SendError::Transient(format!(
                 "{what} took longer than {} ms",
                 self.config.connect_timeout_ms
             ))),
@@ -938,7 +977,7 @@ impl RabbitMqBroker {
         self.publish_confirmed(&self.exchange, items, &mut results).await;
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(SendError::Retriable("message was not published".to_owned()))))
+            .map(|r| r.unwrap_or_else(|| Err(SendError::Transient("message was not published".to_owned()))))
             .collect()
     }
 
@@ -953,7 +992,7 @@ impl RabbitMqBroker {
         self.publish_confirmed(&self.dead_letter_exchange, vec![(0, encoded)], &mut results)
             .await;
         let [result] = results;
-        result.unwrap_or_else(|| Err(SendError::Retriable("dead letter was not published".to_owned())))
+        result.unwrap_or_else(|| Err(SendError::Transient("dead letter was not published".to_owned())))
     }
 
     async fn ensure_destinations_impl(&self) -> Result<(), SendError> {
@@ -1037,13 +1076,13 @@ impl RabbitMqBroker {
             let check = channel.exchange_declare(exchange.clone(), ExchangeKind::Topic, passive, FieldTable::default());
             match timeout(self.rpc_timeout(), check).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) if reply_code(&e) == Some(AMQPSoftError::NOTFOUND.get_id()) => Err(SendError::Retriable(
+                Ok(Err(e)) if reply_code(&e) == Some(AMQPSoftError::NOTFOUND.get_id()) => Err(SendError::Transient(
                     format!("exchange {exchange} does not exist (ensure_destinations declares it)"),
                 )),
-                Ok(Err(e)) => Err(SendError::Retriable(format!(
+                Ok(Err(e)) => Err(SendError::Transient(format!(
                     "checking exchange {exchange} failed: {e}"
                 ))),
-                Err(_) => Err(SendError::Retriable(format!(
+                Err(_) => Err(SendError::Transient(format!(
                     "checking exchange {exchange} took longer than {} ms",
                     self.config.connect_timeout_ms
                 ))),
@@ -1074,6 +1113,11 @@ impl Broker for RabbitMqBroker {
 
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.check_health_impl())
+    }
+
+    fn send_budget(&self) -> Duration {
+        // Connecting, writing and waiting for the confirms are each bounded.
+        self.rpc_timeout() * 2 + self.confirm_timeout() * 2 + Duration::from_secs(5)
     }
 }
 
@@ -1300,7 +1344,7 @@ mod tests {
         let err = encode(&config(), &long_key, &[], false).err().unwrap();
         assert_eq!(
             err,
-            SendError::Permanent("routing key is 256 bytes; AMQP allows at most 255".into())
+            SendError::Message("routing key is 256 bytes; AMQP allows at most 255".into())
         );
     }
 

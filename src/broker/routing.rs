@@ -52,6 +52,37 @@ impl Routing {
         Ok(())
     }
 
+    /// Every destination this routing can name for the event types the library knows, at
+    /// every registered version up to the current one; for start-up validation and for creating
+    /// destinations ahead of the first send.
+    pub fn known_destinations(&self) -> Vec<String> {
+        let template = match self {
+            Routing::Single { destination } => return vec![destination.clone()],
+            Routing::PerAggregateType { template } | Routing::PerEventType { template } => template,
+        };
+        let mut names = Vec::new();
+        for event_type in crate::event::EventType::ALL {
+            for version in 1..=event_type.current_version() {
+                let name = template
+                    .replace("{eventType}", event_type.as_str())
+                    .replace("{aggregateType}", event_type.aggregate_type())
+                    .replace("{version}", &version.to_string());
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    /// The field a bad destination came from, for error messages.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Routing::Single { .. } => "routing.destination",
+            Routing::PerAggregateType { .. } | Routing::PerEventType { .. } => "routing.template",
+        }
+    }
+
     /// The destination of one event.
     pub fn destination(&self, event: &DomainEvent) -> String {
         match self {

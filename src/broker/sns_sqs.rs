@@ -246,7 +246,7 @@ impl SnsSqsConfig {
             destination
         };
         if stem.is_empty() {
-            return Err(SendError::Permanent(format!(
+            return Err(SendError::Message(format!(
                 "destination {destination:?} is not a usable topic or queue name"
             )));
         }
@@ -259,7 +259,7 @@ impl SnsSqsConfig {
             SnsSqsTarget::Sqs => MAX_QUEUE_NAME,
         };
         if name.len() > limit {
-            return Err(SendError::Permanent(format!(
+            return Err(SendError::Message(format!(
                 "destination {destination:?} is longer than the {limit} characters of an {} name",
                 match self.target {
                     SnsSqsTarget::Sns => "SNS topic",
@@ -392,14 +392,14 @@ fn entry_outcomes(
                     failure.message.unwrap_or_default()
                 );
                 Err(if failure.sender_fault {
-                    SendError::Permanent(text)
+                    SendError::Message(text)
                 } else {
-                    SendError::Retriable(text)
+                    SendError::Transient(text)
                 })
             } else if successes.contains(&id) {
                 Ok(())
             } else {
-                Err(SendError::Retriable(format!(
+                Err(SendError::Transient(format!(
                     "{target} returned no result for event {event_id}"
                 )))
             }
@@ -418,8 +418,28 @@ pub struct SnsSqsBroker {
     stats: Stats,
 }
 
-fn retriable(context: &str, error: impl std::error::Error) -> SendError {
-    SendError::Retriable(format!("{context}: {}", DisplayErrorContext(error)))
+/// Classifies a failed SNS/SQS call: a missing topic or queue and an authorization failure are
+/// the destination's fault (circuit and retry, never dead-letter); everything else is transient.
+fn retriable(context: &str, error: impl std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata) -> SendError {
+    let destination_level = matches!(
+        error.code(),
+        Some(
+            "NotFound"
+                | "NotFoundException"
+                | "AWS.SimpleQueueService.NonExistentQueue"
+                | "QueueDoesNotExist"
+                | "AuthorizationError"
+                | "AccessDenied"
+                | "AccessDeniedException"
+                | "InvalidClientTokenId"
+        )
+    );
+    let text = format!("{context}: {}", DisplayErrorContext(error));
+    if destination_level {
+        SendError::Destination(text)
+    } else {
+        SendError::Transient(text)
+    }
 }
 
 fn message_attributes(event: &DomainEvent, mode: CloudEventsMode) -> Vec<(&'static str, String)> {
@@ -480,7 +500,7 @@ fn body_of(event: &DomainEvent, mode: CloudEventsMode) -> Result<String, SendErr
         CloudEventsMode::Structured => serde_json::to_string(&cloudevents::to_structured(event)),
         CloudEventsMode::Binary => serde_json::to_string(&event.payload),
     };
-    encoded.map_err(|e| SendError::Permanent(format!("event {} cannot be encoded: {e}", event.event_id)))
+    encoded.map_err(|e| SendError::Message(format!("event {} cannot be encoded: {e}", event.event_id)))
 }
 
 fn is_missing_queue<R>(
@@ -598,7 +618,7 @@ impl SnsSqsBroker {
             .await
             .map_err(|e| retriable(&format!("creating SNS topic {name}"), e))?;
         out.topic_arn
-            .ok_or_else(|| SendError::Retriable(format!("creating SNS topic {name}: no topic ARN in the response")))
+            .ok_or_else(|| SendError::Transient(format!("creating SNS topic {name}: no topic ARN in the response")))
     }
 
     /// The URL of a queue, creating it when missing (FIFO attributes, redrive policy to the
@@ -608,7 +628,7 @@ impl SnsSqsBroker {
         match self.sqs.get_queue_url().queue_name(name).send().await {
             Ok(out) => {
                 let url = out.queue_url.ok_or_else(|| {
-                    SendError::Retriable(format!("looking up SQS queue {name}: no queue URL in the response"))
+                    SendError::Transient(format!("looking up SQS queue {name}: no queue URL in the response"))
                 })?;
                 if update_existing && wants_redrive {
                     let policy = self.redrive_policy().await?;
@@ -656,7 +676,7 @@ impl SnsSqsBroker {
             .await
             .map_err(|e| retriable(&format!("creating SQS queue {name}"), e))?;
         out.queue_url
-            .ok_or_else(|| SendError::Retriable(format!("creating SQS queue {name}: no queue URL in the response")))
+            .ok_or_else(|| SendError::Transient(format!("creating SQS queue {name}: no queue URL in the response")))
     }
 
     async fn redrive_policy(&self) -> Result<String, SendError> {
@@ -671,7 +691,7 @@ impl SnsSqsBroker {
     /// The dead-letter queue, created when missing; resolved once.
     async fn dead_letter_queue(&self) -> Result<&DeadLetterQueue, SendError> {
         let Some(name) = self.config.dead_letter_queue.as_deref() else {
-            return Err(SendError::Permanent(
+            return Err(SendError::Message(
                 "snsSqs.deadLetterQueue is not configured; the event stays recorded as dead-lettered in the store"
                     .to_owned(),
             ));
@@ -680,7 +700,7 @@ impl SnsSqsBroker {
             .get_or_try_init(|| async move {
                 let url = match self.sqs.get_queue_url().queue_name(name).send().await {
                     Ok(out) => out.queue_url.ok_or_else(|| {
-                        SendError::Retriable(format!("looking up SQS queue {name}: no queue URL in the response"))
+                        SendError::Transient(format!("looking up SQS queue {name}: no queue URL in the response"))
                     })?,
                     Err(e) if is_missing_queue(&e) => {
                         let mut attributes = self.queue_attributes();
@@ -702,7 +722,7 @@ impl SnsSqsBroker {
                     .map_err(|e| retriable(&format!("reading the ARN of SQS queue {name}"), e))?
                     .attributes
                     .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
-                    .ok_or_else(|| SendError::Retriable(format!("SQS queue {name} reports no QueueArn")))?;
+                    .ok_or_else(|| SendError::Transient(format!("SQS queue {name} reports no QueueArn")))?;
                 Ok(DeadLetterQueue {
                     name: name.to_owned(),
                     url,
@@ -719,7 +739,7 @@ impl SnsSqsBroker {
         let attributes = message_attributes(event, self.config.mode);
         let size = message_size(&body, &attributes);
         if size > MAX_BATCH_BYTES {
-            return Err(SendError::Permanent(format!(
+            return Err(SendError::Message(format!(
                 "event {} is {size} bytes, over the {MAX_BATCH_BYTES}-byte {} message limit",
                 event.event_id,
                 self.kind()
@@ -732,7 +752,7 @@ impl SnsSqsBroker {
             (None, None)
         };
         let build_error = |e: &dyn std::fmt::Display| {
-            SendError::Permanent(format!("event {} cannot be put in a batch entry: {e}", event.event_id))
+            SendError::Message(format!("event {} cannot be put in a batch entry: {e}", event.event_id))
         };
         let entry = match self.config.target {
             SnsSqsTarget::Sns => {
@@ -779,7 +799,7 @@ impl SnsSqsBroker {
         // Aggregates with a failed entry: their later entries are held back.
         let mut failed: HashSet<&str> = HashSet::new();
         let held = |aggregate: &str| {
-            SendError::Retriable(format!(
+            SendError::Transient(format!(
                 "not sent: an earlier event of aggregate {aggregate} to {destination} failed in this batch"
             ))
         };
@@ -835,7 +855,7 @@ impl SnsSqsBroker {
                     self.forget(destination);
                     results.extend(call.iter().map(|p| (p.index, Err(e.clone()))));
                     let skipped =
-                        SendError::Retriable(format!("not sent: an earlier call to {destination} failed: {e}"));
+                        SendError::Transient(format!("not sent: an earlier call to {destination} failed: {e}"));
                     results.extend(pending.drain(..).map(|p| (p.index, Err(skipped.clone()))));
                 }
             }
@@ -938,7 +958,7 @@ impl SnsSqsBroker {
         let mut request = self.sqs.send_message().queue_url(&dlq.url).message_body(body);
         for (name, value) in &attributes {
             let value = sqs_attribute(value)
-                .map_err(|e| SendError::Permanent(format!("dead letter of event {}: {e}", event.event_id)))?;
+                .map_err(|e| SendError::Message(format!("dead letter of event {}: {e}", event.event_id)))?;
             request = request.message_attributes(*name, value);
         }
         if self.config.fifo {
@@ -1018,7 +1038,7 @@ impl Broker for SnsSqsBroker {
             }
             results
                 .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(SendError::Retriable("no outcome recorded".to_owned()))))
+                .map(|r| r.unwrap_or_else(|| Err(SendError::Transient("no outcome recorded".to_owned()))))
                 .collect()
         })
     }
@@ -1116,8 +1136,8 @@ mod tests {
         c.fifo = true;
         assert_eq!(c.physical_name("orders").unwrap(), "orders.fifo");
         assert_eq!(c.physical_name("orders.fifo").unwrap(), "orders.fifo");
-        assert!(matches!(c.physical_name(""), Err(SendError::Permanent(_))));
-        assert!(matches!(c.physical_name(&"q".repeat(80)), Err(SendError::Permanent(_))));
+        assert!(matches!(c.physical_name(""), Err(SendError::Message(_))));
+        assert!(matches!(c.physical_name(&"q".repeat(80)), Err(SendError::Message(_))));
         c.target = SnsSqsTarget::Sns;
         assert!(c.physical_name(&"t".repeat(200)).is_ok());
     }
@@ -1198,9 +1218,9 @@ mod tests {
         let failures = HashMap::from([("1".to_owned(), failure(true)), ("2".to_owned(), failure(false))]);
         let outcomes = entry_outcomes("q", &ids, &successes, failures);
         assert_eq!(outcomes[0], Ok(()));
-        assert!(matches!(&outcomes[1], Err(SendError::Permanent(m)) if m.contains("Code: why")));
-        assert!(matches!(&outcomes[2], Err(SendError::Retriable(_))));
-        assert!(matches!(&outcomes[3], Err(SendError::Retriable(m)) if m.contains("no result")));
+        assert!(matches!(&outcomes[1], Err(SendError::Message(m)) if m.contains("Code: why")));
+        assert!(matches!(&outcomes[2], Err(SendError::Transient(_))));
+        assert!(matches!(&outcomes[3], Err(SendError::Transient(m)) if m.contains("no result")));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! The relay keeps one [`CircuitBreaker`] per destination. Before a send it calls
 //! [`CircuitBreaker::try_acquire`]; after an [`Permit::Allowed`] or [`Permit::Probe`] send it
 //! reports the outcome once with [`CircuitBreaker::record_success`] or
-//! [`CircuitBreaker::record_failure`]. Only [`SendError::Retriable`](crate::broker::SendError)
+//! [`CircuitBreaker::record_failure`]. Only [`SendError::Transient`](crate::broker::SendError)
 //! failures are recorded: a permanent error (a poison message the broker refuses) says nothing
 //! about the destination's health and must not open the circuit, so the relay dead-letters it and
 //! records neither outcome.

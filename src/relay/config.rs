@@ -42,6 +42,20 @@ pub struct RelayConfig {
     /// The HTTP server for probes, metrics and the admin API.
     #[serde(default)]
     pub http: HttpConfig,
+    /// What a dead letter means for the rest of its aggregate.
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+}
+
+/// Dead-letter behaviour.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Keep an aggregate blocked behind its dead-lettered event until an operator retries or
+    /// resolves it, for consumers that need strict per-aggregate order with no gaps. Off by
+    /// default: the aggregate's later events go on and consumers see a gap. Default false.
+    #[serde(default)]
+    pub block_aggregate: bool,
 }
 
 /// The PostgreSQL outbox.
@@ -88,6 +102,34 @@ pub enum BrokerConfig {
     SnsSqs(SnsSqsConfig),
 }
 
+impl BrokerConfig {
+    /// Checks that `name` is usable as a destination of this broker; the message names it.
+    pub fn check_destination(&self, name: &str) -> Result<(), String> {
+        match self {
+            BrokerConfig::Kafka(_) => crate::broker::kafka::check_topic_name(name)
+                .map_err(|reason| format!("Kafka topic name {name:?} is invalid: it {reason}")),
+            BrokerConfig::Rabbitmq(_) => {
+                if name.is_empty() || name.len() > 255 {
+                    Err(format!(
+                        "RabbitMQ routing key {name:?} must be 1 to 255 bytes (it is {})",
+                        name.len()
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            BrokerConfig::SnsSqs(c) => {
+                if !c.fifo && name.ends_with(".fifo") {
+                    return Err(format!(
+                        "destination {name:?} names a FIFO topic or queue but snsSqs.fifo is false"
+                    ));
+                }
+                c.physical_name(name).map(|_| ()).map_err(|e| e.message().to_owned())
+            }
+        }
+    }
+}
+
 /// Work sharing between replicas: each owns a share of the 64 shards under a lease.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -100,22 +142,29 @@ pub struct WorkersConfig {
     pub lease_duration_ms: u64,
 }
 
-/// Health thresholds.
+/// Health thresholds. Readiness never depends on them: it means "this worker can do its job"
+/// (database and broker reachable, loop running); failed events are counted in metrics and the
+/// publisher's status instead.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Readiness fails above this many retrying plus dead-lettered events.
+    /// Retrying plus dead-lettered events above which the worker logs a warning once per
+    /// backlog refresh; the counts themselves are the `outbox_relay_failed_events` gauge.
+    /// Never affects readiness. Default 1000.
     #[serde(default = "default_failed_threshold")]
     pub failed_event_threshold: i64,
 }
 
 /// The HTTP server.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Listen address for probes, metrics and the admin API.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
+    /// Listen address for probes, metrics and the admin API. When unset, the relay listens on
+    /// port 8080 of the address in the `POD_IP` environment variable (set from the downward
+    /// API `status.podIP`, so kubelet probes and the operator reach it), or on 127.0.0.1:8080
+    /// outside a Pod.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
     /// File holding the admin API bearer token (mounted from a Secret). No admin API without it.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
@@ -151,8 +200,29 @@ fn default_lease() -> u64 {
 fn default_failed_threshold() -> i64 {
     1000
 }
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
+/// Port of the HTTP server when `http.listen` is unset.
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+
+impl HttpConfig {
+    /// The address to bind: `listen`, else `POD_IP`:8080, else 127.0.0.1:8080.
+    pub fn listen_address(&self) -> Result<SocketAddr, ConfigError> {
+        if let Some(listen) = self.listen {
+            return Ok(listen);
+        }
+        match std::env::var("POD_IP") {
+            Ok(ip) if !ip.trim().is_empty() => ip
+                .trim()
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, DEFAULT_HTTP_PORT))
+                .map_err(|e| {
+                    invalid(
+                        "http.listen",
+                        format!("unset, and POD_IP {ip:?} is not an IP address: {e}"),
+                    )
+                }),
+            _ => Ok(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))),
+        }
+    }
 }
 
 impl Default for WorkersConfig {
@@ -168,15 +238,6 @@ impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             failed_event_threshold: default_failed_threshold(),
-        }
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_listen(),
-            admin_token_file: None,
         }
     }
 }
@@ -266,6 +327,12 @@ impl RelayConfig {
             BrokerConfig::SnsSqs(s) => s.validate().map_err(|e| invalid("broker.snsSqs", e))?,
         }
         self.routing.validate().map_err(|e| invalid("routing", e))?;
+        // A bad destination must fail the start, not make a ready relay that refuses every event.
+        for destination in self.routing.known_destinations() {
+            self.broker
+                .check_destination(&destination)
+                .map_err(|e| invalid(self.routing.field(), e))?;
+        }
         self.retry.validate().map_err(|e| invalid("retry", e))?;
         self.circuit_breaker
             .validate()

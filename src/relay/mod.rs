@@ -8,6 +8,8 @@ pub mod health;
 pub mod leases;
 pub mod metrics;
 pub mod retry;
+pub mod secret_watch;
+pub mod status;
 pub mod worker;
 
 use std::sync::Arc;
@@ -67,6 +69,12 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
     .await?;
     if config.outbox.migrate {
         store.migrate().await?;
+        // The relay validates every payload against its registered schema before sending, so a
+        // relay that owns its schema also registers the built-in ones (idempotent; the mode
+        // applies only to subjects that do not exist yet).
+        crate::schema::registry::SchemaRegistry::new(store.clone())
+            .register_builtin(crate::schema::compatibility::CompatibilityMode::Backward)
+            .await?;
     }
     let broker = connect_broker_with_registry(&config.broker, &store).await?;
     let token: Arc<str> = match &config.http.admin_token_file {
@@ -83,6 +91,7 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         anyhow::bail!("the admin token in http.adminTokenFile must be at least 16 characters");
     }
 
+    let status_store = store.clone();
     let relay = Arc::new(worker::Relay::new(config.clone(), store, broker, worker_id));
     let router = crate::admin::api::router(crate::admin::api::AdminState {
         failed: relay.failed_events(),
@@ -90,14 +99,23 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         token,
         health: relay.health(),
         metrics: relay.metrics(),
-    });
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
+    })
+    .merge(status::router(status::StatusState {
+        store: status_store,
+        publisher: config.publisher.clone(),
+        worker_id: worker_id.to_owned(),
+        health: relay.health(),
+        metrics: relay.metrics(),
+        alive_within: std::time::Duration::from_millis(config.workers.lease_duration_ms),
+    }));
+    let listen = config.http.listen_address()?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listen on http.listen {}", config.http.listen))?;
+        .with_context(|| format!("listen on {listen} (http.listen, or POD_IP:8080 when unset)"))?;
     tracing::info!(
         publisher = %config.publisher,
         worker = worker_id,
-        listen = %config.http.listen,
+        listen = %listen,
         broker = relay_kind(&config.broker),
         "relay starting"
     );

@@ -3,7 +3,9 @@
 //!
 //! Attempt numbers start at 1: after failed attempt `n` the policy either names the delay before
 //! attempt `n + 1` or, once `n` reaches `maxAttempts`, gives up so the message is dead-lettered.
-//! A [`SendError::Permanent`] error is dead-lettered at once, whatever the attempt number.
+//! A [`SendError::Message`] error is dead-lettered at once, whatever the attempt number; a
+//! [`SendError::Destination`] error, or a failed probe of a half-open circuit, never counts an
+//! attempt (see [`RetryPolicy::decide_after`]), so an outage cannot dead-letter events.
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
@@ -135,15 +137,36 @@ impl RetryPolicy {
     /// [`next_delay`](Self::next_delay) until `maxAttempts` attempts were made.
     pub fn decide(&self, attempt: u32, error: &SendError) -> RetryDecision {
         match error {
-            SendError::Permanent(message) => RetryDecision::DeadLetter {
+            SendError::Message(message) => RetryDecision::DeadLetter {
                 reason: format!("permanent error: {message}"),
             },
-            SendError::Retriable(message) => match self.next_delay(attempt) {
+            SendError::Transient(message) | SendError::Destination(message) => match self.next_delay(attempt) {
                 Some(delay) => RetryDecision::RetryAfter(delay),
                 None => RetryDecision::DeadLetter {
                     reason: format!("gave up after {attempt} attempts: {message}"),
                 },
             },
+        }
+    }
+
+    /// Decides what follows a failed send of an event that had made `attempts_before`
+    /// counted attempts. `counted` is false when the destination, not the event, was at fault
+    /// (its circuit was half-open and this was a probe): then, like for a
+    /// [`SendError::Destination`] error, the event is retried after the initial interval and
+    /// never dead-lettered for it. Returns the decision and whether the
+    /// attempt counts.
+    pub fn decide_after(&self, attempts_before: u32, error: &SendError, counted: bool) -> (RetryDecision, bool) {
+        match error {
+            SendError::Message(_) => (self.decide(attempts_before + 1, error), true),
+            SendError::Transient(_) if counted => (self.decide(attempts_before + 1, error), true),
+            // The destination's circuit is the backoff for destination trouble (no sends while
+            // open), so the event itself only waits the initial interval.
+            SendError::Transient(_) | SendError::Destination(_) => {
+                let delay = self
+                    .next_delay_with(0, random_unit())
+                    .unwrap_or_else(|| self.delay_without_jitter(1));
+                (RetryDecision::RetryAfter(delay), false)
+            }
         }
     }
 
@@ -295,7 +318,7 @@ mod tests {
         assert_eq!(policy.next_delay(3), None);
         assert_eq!(policy.next_delay(4), None);
 
-        let error = SendError::Retriable("broker down".into());
+        let error = SendError::Transient("broker down".into());
         assert_eq!(
             policy.decide(2, &error),
             RetryDecision::RetryAfter(Duration::from_millis(1000))
@@ -315,9 +338,30 @@ mod tests {
     }
 
     #[test]
+    fn destination_errors_and_probes_never_count_an_attempt() {
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            ..no_jitter()
+        };
+        let destination = SendError::Destination("unknown topic".into());
+        let transient = SendError::Transient("broker down".into());
+        for attempts in [0, 1, 5, 100] {
+            let (decision, counted) = policy.decide_after(attempts, &destination, true);
+            assert!(matches!(decision, RetryDecision::RetryAfter(_)), "{decision:?}");
+            assert!(!counted);
+            let (decision, counted) = policy.decide_after(attempts, &transient, false);
+            assert!(matches!(decision, RetryDecision::RetryAfter(_)), "{decision:?}");
+            assert!(!counted);
+        }
+        let (decision, counted) = policy.decide_after(1, &transient, true);
+        assert!(matches!(decision, RetryDecision::DeadLetter { .. }), "{decision:?}");
+        assert!(counted);
+    }
+
+    #[test]
     fn permanent_error_dead_letters_immediately() {
         let policy = RetryPolicy::default();
-        let error = SendError::Permanent("message too large".into());
+        let error = SendError::Message("message too large".into());
         assert_eq!(
             policy.decide(1, &error),
             RetryDecision::DeadLetter {

@@ -1,13 +1,19 @@
 //! The relay worker loop. Each round, for the shards this worker leases:
-//! 1. due retries: the head failed event of each blocked aggregate whose backoff elapsed;
+//! 1. due chains: for each blocked aggregate whose head is due, the head and the held events
+//!    behind it, sent in waves so a backlog built up during an outage drains at full speed in
+//!    order instead of one event per aggregate per round;
 //! 2. new events: a gap-free batch from the outbox; events of aggregates with a failed event
-//!    wait behind it ("held"); the rest go to the broker in one pipelined batch;
-//! 3. outcomes: acked → published; retriable → `failed_events` with the next retry time
-//!    (later events of the aggregate held); exhausted or permanent → dead-letter;
+//!    wait behind it ("held"); the rest go to the broker in pipelined waves;
+//! 3. outcomes: acked → published; a failure → `failed_events` with the next retry time (later
+//!    events of the aggregate held), or dead-lettered for a message-level error or after
+//!    `maxAttempts` counted attempts;
 //! 4. only then the cursor moves, so a crash at any point re-sends, never skips.
 //!
-//! A destination whose circuit is open gets no send attempts: the batch is not read further
-//! and stays in the outbox until the circuit lets a probe through.
+//! Each destination has its own circuit: an open one holds only its own events (parked as
+//! retrying heads without a counted attempt, or, with a single destination, left in the
+//! outbox), a half-open one lets single probe messages through. Attempts are counted only
+//! while the circuit is closed and never for destination-level errors, so an outage cannot
+//! dead-letter events that did nothing wrong.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -25,9 +31,11 @@ use super::metrics::RelayMetrics;
 use super::retry::RetryDecision;
 use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message, SendError};
+use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
 use crate::store::outbox::{CursorAdvance, OutboxReader, SHARDS};
+use crate::store::relay_queries::RelayQueries;
 use crate::store::{Store, StoreError, sql};
 
 /// Errors that stop a relay worker.
@@ -54,7 +62,12 @@ pub struct Relay {
     store: Store,
     reader: OutboxReader,
     failed: FailedEvents,
+    queries: RelayQueries,
+    /// Registered schemas: a payload that fails its (type, version) schema is never published.
+    registry: SchemaRegistry,
     broker: Arc<dyn Broker>,
+    /// Destinations already created (or found) on the broker by `ensure_destinations`.
+    ensured: Mutex<HashSet<String>>,
     leases: LeaseManager,
     circuits: Mutex<HashMap<String, CircuitBreaker>>,
     metrics: Arc<RelayMetrics>,
@@ -82,11 +95,16 @@ impl Relay {
         let reader = OutboxReader::new(store.clone(), consumer.clone()).with_owner(worker_id);
         let lease = Duration::from_millis(config.workers.lease_duration_ms);
         let leases = LeaseManager::new(store.clone(), consumer.clone(), worker_id, lease);
+        // Outside broker calls a round takes a few store round trips; broker calls are bounded by
+        // the adapter's own timeout and tracked separately, so an outage never fails liveness.
         let stall_after = Duration::from_millis(config.outbox.max_poll_interval_ms * 4 + 30_000);
-        let health = Arc::new(HealthState::new(config.health.failed_event_threshold, stall_after));
+        let health = Arc::new(HealthState::new(stall_after, broker.send_budget()));
         Self {
             reader,
             failed: FailedEvents::new(store.clone()),
+            queries: RelayQueries::new(store.clone()),
+            registry: SchemaRegistry::new(store.clone()),
+            ensured: Mutex::new(HashSet::new()),
             broker,
             leases,
             circuits: Mutex::new(HashMap::new()),
@@ -117,17 +135,26 @@ impl Relay {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), RelayError> {
         let all: Vec<i16> = (0..SHARDS).collect();
         self.reader.ensure_cursors(&all).await?;
-        let destinations = match &self.config.routing {
-            Routing::Single { destination } => vec![destination.clone()],
-            // Per-type destinations are created on first use by the adapters or by the operator.
-            _ => Vec::new(),
-        };
-        // Also creates the dead-letter destination and configured consumer queues.
-        if let Err(e) = self.broker.ensure_destinations(&destinations).await {
-            tracing::warn!(error = %e, "could not create destinations yet; sends will retry");
+        // Every destination the routing can name, plus the dead-letter destination and the
+        // configured consumer queues. A failure is an error, and those destinations are created
+        // again before their first send (whose events wait, never dead-lettered, until then).
+        let destinations = self.config.routing.known_destinations();
+        match self.broker.ensure_destinations(&destinations).await {
+            Ok(()) => {
+                if let Ok(mut ensured) = self.ensured.lock() {
+                    ensured.extend(destinations);
+                }
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                broker = self.broker.kind(),
+                "could not create destinations at start; they are created before their first send"
+            ),
         }
         *self.owned.write().await = self.leases.tick(&self.report()).await?;
+        self.health.set_database_reachable(true);
         let background = tokio::spawn(self.clone().background(shutdown.clone()));
+        let broker_watch = tokio::spawn(self.clone().watch_broker(shutdown.clone()));
         let listener = tokio::spawn(self.clone().listen_for_inserts());
 
         let min_poll = Duration::from_millis(self.config.outbox.min_poll_interval_ms);
@@ -168,6 +195,7 @@ impl Relay {
             }
         };
         background.abort();
+        broker_watch.abort();
         listener.abort();
         self.leases.release_all().await?;
         tracing::info!(
@@ -226,19 +254,38 @@ impl Relay {
                     }
                 }),
             };
+            // The heartbeat is the database round trip readiness relies on.
+            self.health.set_database_reachable(outcome.is_ok());
             if let Err(e) = outcome {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
-            if ticks % 5 == 1 {
-                let reachable = self.broker.check_health().await;
-                if let Err(e) = &reachable {
-                    tracing::warn!(error = %e, broker = self.broker.kind(), "broker health check failed");
-                }
-                self.health
-                    .set_broker_health(reachable.as_ref().map(|_| ()).map_err(|e| e.message().to_owned()));
-                if let Err(e) = self.refresh_backlog().await {
-                    tracing::warn!(error = %e, "backlog figures failed");
-                }
+            if ticks % 5 == 1
+                && let Err(e) = self.refresh_backlog().await
+            {
+                tracing::warn!(error = %e, "backlog figures failed");
+            }
+        }
+    }
+
+    /// Checks the broker every second while it is unreachable (so readiness returns within a
+    /// second of the broker) and every 5 s otherwise, in its own task so a slow check never
+    /// delays lease renewal.
+    async fn watch_broker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let reachable = self.broker.check_health().await;
+            if let Err(e) = &reachable {
+                tracing::warn!(error = %e, broker = self.broker.kind(), "broker health check failed");
+            }
+            self.health
+                .set_broker_health(reachable.as_ref().map(|_| ()).map_err(|e| e.message().to_owned()));
+            let wait = if reachable.is_ok() {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(1)
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -290,7 +337,14 @@ impl Relay {
             count(FailedStatus::DeadLettered),
         );
         self.metrics.set_failed_events(retrying, dead);
-        self.health.set_failed_events(retrying + dead);
+        if retrying + dead > self.config.health.failed_event_threshold {
+            tracing::warn!(
+                retrying,
+                dead_lettered = dead,
+                threshold = self.config.health.failed_event_threshold,
+                "failed events exceed health.failedEventThreshold"
+            );
+        }
         Ok(())
     }
 
@@ -309,79 +363,275 @@ impl Relay {
         if owned.is_empty() {
             return Ok(RoundOutcome::default());
         }
-        let retried = self.retry_due(&owned).await?;
+        let consumer = &self.config.publisher;
+        let block = self.config.dead_letter.block_aggregate;
+        let limit = i64::try_from(self.config.outbox.batch_size).unwrap_or(1000);
 
+        // 1. Blocked aggregates whose head is due: the head and the held events behind it.
+        let chains = self.queries.due_chains(consumer, &owned, limit, block).await?;
+        let chain_rows = chains.len();
+        let mut pending = Vec::with_capacity(chain_rows);
+        for chain in &chains {
+            pending.push(Pending {
+                stored: &chain.stored,
+                message: self.message(&chain.stored),
+                attempts: Some(chain.attempts),
+            });
+        }
+        let retried = self.deliver(pending, &mut HashSet::new()).await?;
+
+        // 2. New events. With one destination whose circuit is open nothing could be sent:
+        // leave them in the outbox (cursor unchanged) rather than park every one of them.
+        if let Routing::Single { destination } = &self.config.routing
+            && let Some(wait) = self.open_for(destination)
+        {
+            return Ok(RoundOutcome {
+                read: retried.delivered,
+                full: retried.delivered > 0,
+                blocked_by_circuit: (retried.delivered == 0).then_some(wait),
+            });
+        }
         let batch = self.reader.read(&owned, self.config.outbox.batch_size).await?;
         let read = batch.events.len();
         let full = read == self.config.outbox.batch_size;
         if read == 0 {
             self.commit_round(batch.advance, &owned).await?;
             return Ok(RoundOutcome {
-                read: retried,
-                ..Default::default()
+                read: retried.delivered,
+                full: retried.delivered > 0 || chain_rows as i64 == limit,
+                blocked_by_circuit: retried.rejected_for.filter(|_| retried.delivered == 0),
             });
         }
-        let messages: Vec<Message> = batch.events.iter().map(|e| self.message(e)).collect();
-        if let Some(retry_in) = self.circuits_reject(&messages) {
-            // Nothing sent, cursor unchanged: the events stay in the outbox.
-            return Ok(RoundOutcome {
-                read: 0,
-                full: false,
-                blocked_by_circuit: Some(retry_in),
-            });
-        }
-
         let mut blocked: HashSet<(String, String)> = self
-            .failed
-            .blocked_aggregates(&self.config.publisher)
+            .queries
+            .blocked_aggregates(consumer, block)
             .await?
             .into_iter()
             .collect();
-        let mut to_send = Vec::with_capacity(read);
-        let mut stored = Vec::with_capacity(read);
-        for (event, message) in batch.events.iter().zip(messages) {
-            if blocked.contains(&aggregate_key(event)) {
-                self.failed.hold(&self.config.publisher, event).await?;
-            } else {
-                to_send.push(message);
-                stored.push(event);
-            }
-        }
-        self.metrics.observe_batch(to_send.len());
-        // Waves: the k-th event of every aggregate goes in wave k, so when an event fails its
-        // successors in this batch have not been sent yet and are held behind it.
-        for wave in waves(&stored) {
-            let mut sending = Vec::with_capacity(wave.len());
-            let mut messages = Vec::with_capacity(wave.len());
+        let pending: Vec<Pending> = batch
+            .events
+            .iter()
+            .map(|e| Pending {
+                stored: e,
+                message: self.message(e),
+                attempts: None,
+            })
+            .collect();
+        self.metrics.observe_batch(read);
+        let fresh = self.deliver(pending, &mut blocked).await?;
+        self.commit_round(batch.advance, &owned).await?;
+        let delivered = retried.delivered + fresh.delivered;
+        Ok(RoundOutcome {
+            read: read + retried.delivered,
+            full: full || retried.delivered > 0 || chain_rows as i64 == limit,
+            blocked_by_circuit: None
+                .or(retried.rejected_for)
+                .or(fresh.rejected_for)
+                .filter(|_| delivered == 0),
+        })
+    }
+
+    /// Sends events in waves (wave k carries the k-th event of every aggregate, so when one
+    /// fails its successors have not been sent and wait behind it), asking each destination's
+    /// circuit per wave. `stopped` holds the aggregates that must not go on: those blocked
+    /// before, and those whose event failed here. An event read fresh from the outbox behind a
+    /// stopped aggregate is parked as held; an event of a chain already has its row.
+    async fn deliver(
+        &self,
+        events: Vec<Pending<'_>>,
+        stopped: &mut HashSet<(String, String)>,
+    ) -> Result<Delivered, StoreError> {
+        let consumer = &self.config.publisher;
+        let mut outcome = Delivered::default();
+        let refs: Vec<&StoredEvent> = events.iter().map(|p| p.stored).collect();
+        let mut delivered_ids = Vec::new();
+        for wave in waves(&refs) {
+            let mut hold = Vec::new();
+            let mut park: Vec<(&StoredEvent, Duration, &str)> = Vec::new();
+            let mut sending: Vec<(&Pending, Gate)> = Vec::with_capacity(wave.len());
+            let mut gates: HashMap<&str, Gate> = HashMap::new();
+            let mut invalid: Vec<(&Pending, SendError)> = Vec::new();
             for i in wave {
-                if blocked.contains(&aggregate_key(stored[i])) {
-                    self.failed.hold(&self.config.publisher, stored[i]).await?;
-                } else {
-                    sending.push(stored[i]);
-                    messages.push(to_send[i].clone());
+                let item = &events[i];
+                if stopped.contains(&aggregate_key(item.stored)) {
+                    if item.attempts.is_none() {
+                        hold.push(item.stored);
+                    }
+                    continue;
+                }
+                if let Err(error) = self.check_schema(item.stored).await? {
+                    invalid.push((item, error));
+                    continue;
+                }
+                let destination = item.message.destination.as_str();
+                let gate = match gates.get(destination) {
+                    Some(gate @ (Gate::Allowed | Gate::Rejected(_))) => *gate,
+                    _ => {
+                        let gate = self.acquire(destination);
+                        if !matches!(gate, Gate::Probe) {
+                            gates.insert(destination, gate);
+                        }
+                        gate
+                    }
+                };
+                match gate {
+                    Gate::Rejected(retry_in) => {
+                        outcome.rejected_for = Some(outcome.rejected_for.map_or(retry_in, |r| r.min(retry_in)));
+                        stopped.insert(aggregate_key(item.stored));
+                        if item.attempts.is_none() {
+                            park.push((item.stored, retry_in, destination));
+                        }
+                    }
+                    Gate::Allowed | Gate::Probe => sending.push((item, gate)),
                 }
             }
-            if messages.is_empty() {
+            for (item, error) in invalid {
+                let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
+                if self
+                    .on_failed(item.stored, &item.message, &error, attempts, true)
+                    .await?
+                {
+                    stopped.insert(aggregate_key(item.stored));
+                }
+            }
+            self.queries.park(consumer, &hold, None).await?;
+            let mut parked: HashMap<&str, (Duration, Vec<&StoredEvent>)> = HashMap::new();
+            for (event, retry_in, destination) in park {
+                parked
+                    .entry(destination)
+                    .or_insert((retry_in, Vec::new()))
+                    .1
+                    .push(event);
+            }
+            for (destination, (retry_in, events)) in parked {
+                let at = Utc::now() + chrono::Duration::from_std(retry_in).unwrap_or_default();
+                let reason = format!("circuit of destination {destination} is open");
+                self.queries
+                    .park(consumer, &events, Some((at, reason.as_str())))
+                    .await?;
+            }
+            if sending.is_empty() {
                 continue;
             }
-            let results = self.broker.send_batch(&messages).await;
-            for ((event, message), result) in sending.into_iter().zip(&messages).zip(results) {
-                match result {
-                    Ok(()) => self.on_published(event, message),
+            let results = self.send(&sending).await;
+            // One outcome per permit: a closed circuit's permit covers every message of the wave
+            // to that destination; each probe reports its own.
+            let mut wave_outcome: HashMap<&str, bool> = HashMap::new();
+            for ((item, gate), result) in sending.iter().zip(results) {
+                let destination = item.message.destination.as_str();
+                match &result {
+                    Ok(()) => {
+                        self.on_published(item.stored, &item.message);
+                        outcome.delivered += 1;
+                        if item.attempts.is_some() {
+                            delivered_ids.push(item.stored.event.event_id);
+                        }
+                    }
                     Err(error) => {
-                        if self.on_failed(event, message, &error, 0).await? {
-                            blocked.insert(aggregate_key(event));
+                        let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
+                        let counted = matches!(gate, Gate::Allowed);
+                        if self
+                            .on_failed(item.stored, &item.message, error, attempts, counted)
+                            .await?
+                        {
+                            stopped.insert(aggregate_key(item.stored));
                         }
                     }
                 }
+                let health = match &result {
+                    Ok(()) => Some(true),
+                    Err(e) if e.is_retriable() => Some(false),
+                    Err(_) => None,
+                };
+                match (gate, health) {
+                    (Gate::Probe, Some(ok)) => self.record_circuit(destination, ok),
+                    (Gate::Allowed, Some(ok)) => {
+                        let all_ok = wave_outcome.entry(destination).or_insert(true);
+                        *all_ok &= ok;
+                    }
+                    _ => {}
+                }
+            }
+            for (destination, ok) in wave_outcome {
+                self.record_circuit(destination, ok);
             }
         }
-        self.commit_round(batch.advance, &owned).await?;
-        Ok(RoundOutcome {
-            read: read + retried,
-            full,
-            blocked_by_circuit: None,
-        })
+        self.queries.mark_delivered(consumer, &delivered_ids).await?;
+        Ok(outcome)
+    }
+
+    /// One pipelined broker call, creating destinations seen for the first time before it.
+    /// A destination that cannot be created fails its messages (a destination-level error: the
+    /// circuit and retries take over, nothing is dead-lettered for it).
+    async fn send(&self, sending: &[(&Pending<'_>, Gate)]) -> Vec<Result<(), SendError>> {
+        let mut unknown: Vec<String> = Vec::new();
+        if let Ok(ensured) = self.ensured.lock() {
+            for (item, _) in sending {
+                let d = &item.message.destination;
+                if !ensured.contains(d) && !unknown.contains(d) {
+                    unknown.push(d.clone());
+                }
+            }
+        }
+        let mut refused: Option<SendError> = None;
+        if !unknown.is_empty() {
+            self.health.send_started();
+            match self.broker.ensure_destinations(&unknown).await {
+                Ok(()) => {
+                    if let Ok(mut ensured) = self.ensured.lock() {
+                        ensured.extend(unknown.iter().cloned());
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, destinations = ?unknown, "could not create destinations; their events wait");
+                    refused = Some(match e {
+                        SendError::Transient(m) => SendError::Transient(m),
+                        SendError::Destination(m) | SendError::Message(m) => SendError::Destination(m),
+                    });
+                }
+            }
+            self.health.send_finished();
+        }
+        let (to_send, positions): (Vec<Message>, Vec<usize>) = sending
+            .iter()
+            .enumerate()
+            .filter(|(_, (item, _))| refused.is_none() || !unknown.contains(&item.message.destination))
+            .map(|(i, (item, _))| (item.message.clone(), i))
+            .unzip();
+        let mut results: Vec<Result<(), SendError>> = match &refused {
+            Some(e) => vec![Err(e.clone()); sending.len()],
+            None => Vec::new(),
+        };
+        if to_send.is_empty() {
+            return results;
+        }
+        self.health.send_started();
+        let sent = self.broker.send_batch(&to_send).await;
+        self.health.send_finished();
+        if sent.iter().any(Result::is_ok) {
+            self.health.set_broker_reachable(true);
+        }
+        if refused.is_none() {
+            return sent;
+        }
+        for (i, result) in positions.into_iter().zip(sent) {
+            results[i] = result;
+        }
+        results
+    }
+
+    /// Checks the payload against the schema registered for its (type, version): Ok(Err) is a
+    /// message-level failure (dead-letter with the validation error), Err a store failure.
+    async fn check_schema(&self, event: &StoredEvent) -> Result<Result<(), SendError>, StoreError> {
+        let e = &event.event;
+        match self.registry.validator(&e.event_type, e.version).await {
+            Ok(validator) => Ok(crate::event::validate::check_payload(e, &validator)
+                .map_err(|v| SendError::Message(format!("payload fails its registered schema: {v}")))),
+            Err(RegistryError::Store(error)) => Err(error),
+            Err(error) => Ok(Err(SendError::Message(format!(
+                "payload cannot be checked against a registered schema: {error}"
+            )))),
+        }
     }
 
     /// Moves the cursors; shards whose move was refused were lost to another worker since
@@ -406,22 +656,32 @@ impl Relay {
         }
     }
 
-    /// Asks every destination's circuit for a permit; Some(wait) when one refuses.
-    fn circuits_reject(&self, messages: &[Message]) -> Option<Duration> {
+    /// Asks a destination's circuit for one permit.
+    fn acquire(&self, destination: &str) -> Gate {
         let now = Instant::now();
-        let destinations: HashSet<&str> = messages.iter().map(|m| m.destination.as_str()).collect();
-        let mut circuits = self.circuits.lock().ok()?;
-        for destination in destinations {
-            let circuit = circuits
-                .entry(destination.to_owned())
-                .or_insert_with(|| CircuitBreaker::new(self.config.circuit_breaker.clone()));
-            let permit = circuit.try_acquire(now);
-            self.report_transitions(destination, circuit);
-            if let Permit::Rejected { retry_in } = permit {
-                return Some(retry_in);
-            }
+        let Ok(mut circuits) = self.circuits.lock() else {
+            return Gate::Allowed;
+        };
+        let circuit = circuits
+            .entry(destination.to_owned())
+            .or_insert_with(|| CircuitBreaker::new(self.config.circuit_breaker.clone()));
+        let permit = circuit.try_acquire(now);
+        self.report_transitions(destination, circuit);
+        match permit {
+            Permit::Allowed => Gate::Allowed,
+            Permit::Probe => Gate::Probe,
+            Permit::Rejected { retry_in } => Gate::Rejected(retry_in),
         }
-        None
+    }
+
+    /// How long a destination's circuit stays open, when it is open (not half-open).
+    fn open_for(&self, destination: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let circuits = self.circuits.lock().ok()?;
+        match circuits.get(destination)?.state(now) {
+            CircuitState::Open { until } => Some(until.saturating_duration_since(now)),
+            CircuitState::Closed | CircuitState::HalfOpen => None,
+        }
     }
 
     fn record_circuit(&self, destination: &str, success: bool) {
@@ -460,7 +720,6 @@ impl Relay {
         self.totals
             .last_published_ms
             .store(now.timestamp_millis(), Ordering::Relaxed);
-        self.record_circuit(&message.destination, true);
         tracing::debug!(
             event_id = %event.event.event_id,
             aggregate_id = %event.event.aggregate_id,
@@ -470,38 +729,38 @@ impl Relay {
         );
     }
 
-    /// Records a failed attempt; returns true when the event now waits for a retry (its
-    /// aggregate is blocked), false when it was dead-lettered.
+    /// Records a failed send; returns true when the event's aggregate must now wait (the event
+    /// waits for a retry, or was dead-lettered with `deadLetter.blockAggregate` on). `counted`
+    /// is false for a probe of a half-open circuit: the destination was at fault, not the event.
     async fn on_failed(
         &self,
         event: &StoredEvent,
         message: &Message,
         error: &SendError,
         previous_attempts: u32,
+        counted: bool,
     ) -> Result<bool, StoreError> {
         let consumer = &self.config.publisher;
         let event_type = &event.event.event_type;
         self.metrics
             .failed(event_type, &message.destination, error.is_retriable());
         self.totals.failed.fetch_add(1, Ordering::Relaxed);
-        if error.is_retriable() {
-            self.record_circuit(&message.destination, false);
-        }
-        let attempt = previous_attempts + 1;
+        let (decision, counts) = self.config.retry.decide_after(previous_attempts, error, counted);
         let span = tracing::warn_span!(
             "delivery_failed",
             event_id = %event.event.event_id,
             aggregate_id = %event.event.aggregate_id,
             correlation_id = event.event.metadata.correlation_id.as_deref().unwrap_or_default(),
             destination = %message.destination,
-            attempt,
+            attempt = previous_attempts + u32::from(counts),
+            class = error.class(),
         );
         let _entered = span.enter();
-        match self.config.retry.decide(attempt, error) {
+        match decision {
             RetryDecision::RetryAfter(delay) => {
                 let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                self.failed
-                    .record_attempt(consumer, event, error.message(), Some(next))
+                self.queries
+                    .record_failure(consumer, event, error.message(), Some(next), counts)
                     .await?;
                 self.metrics.retried(event_type, &message.destination);
                 tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
@@ -512,42 +771,43 @@ impl Relay {
                     // The failed_events row below is the durable dead letter either way.
                     tracing::error!(error = %e, "dead-letter destination refused the event");
                 }
-                self.failed.record_attempt(consumer, event, &reason, None).await?;
+                self.queries
+                    .record_failure(consumer, event, &reason, None, true)
+                    .await?;
                 self.metrics.dead_lettered(event_type, &message.destination);
                 self.totals.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(reason = %reason, "event dead-lettered");
-                Ok(false)
+                Ok(self.config.dead_letter.block_aggregate)
             }
         }
     }
+}
 
-    /// Sends the due head of each blocked aggregate (one per aggregate keeps order).
-    async fn retry_due(&self, owned: &[i16]) -> Result<usize, StoreError> {
-        let consumer = &self.config.publisher;
-        let heads = self.failed.due_heads(consumer, owned, 100).await?;
-        if heads.is_empty() {
-            return Ok(0);
-        }
-        let messages: Vec<Message> = heads.iter().map(|e| self.message(e)).collect();
-        if self.circuits_reject(&messages).is_some() {
-            return Ok(0);
-        }
-        let results = self.broker.send_batch(&messages).await;
-        for ((event, message), result) in heads.iter().zip(&messages).zip(results) {
-            match result {
-                Ok(()) => {
-                    self.failed.mark_delivered(consumer, event.event.event_id).await?;
-                    self.on_published(event, message);
-                }
-                Err(error) => {
-                    let attempts = self.failed.attempts(consumer, event.event.event_id).await?;
-                    self.on_failed(event, message, &error, u32::try_from(attempts).unwrap_or(0))
-                        .await?;
-                }
-            }
-        }
-        Ok(heads.len())
-    }
+/// One event on its way, with what the store knows of its past.
+struct Pending<'a> {
+    stored: &'a StoredEvent,
+    message: Message,
+    /// Counted attempts so far; None for an event read fresh from the outbox (no row yet).
+    attempts: Option<i32>,
+}
+
+/// What a destination's circuit allows for one message of a wave.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Gate {
+    /// Closed: every message of the wave to this destination, one outcome for all.
+    Allowed,
+    /// Half-open: this one message is a probe.
+    Probe,
+    /// Open, or every probe in flight: ask again after this long.
+    Rejected(Duration),
+}
+
+/// What [`Relay::deliver`] did.
+#[derive(Debug, Default)]
+struct Delivered {
+    delivered: usize,
+    /// The shortest wait of a circuit that refused a message.
+    rejected_for: Option<Duration>,
 }
 
 /// Splits a batch (in position order) into waves: wave k holds the k-th event of each

@@ -10,6 +10,8 @@ pub mod failed;
 pub mod leases;
 pub mod outbox;
 pub mod registry;
+pub mod relay_queries;
+pub mod status;
 
 use std::fmt;
 use std::path::PathBuf;

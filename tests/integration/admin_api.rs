@@ -87,7 +87,7 @@ impl AdminServer {
                 .expect("record other consumer's failure");
         }
 
-        let health = Arc::new(HealthState::new(10, Duration::from_secs(30)));
+        let health = Arc::new(HealthState::new(Duration::from_secs(30), Duration::from_secs(60)));
         let state = AdminState {
             failed,
             consumer: CONSUMER.to_owned(),
@@ -581,23 +581,27 @@ async fn probes_metrics_and_the_openapi_document_answer_without_a_token() {
     let reasons = readyz.text().await.expect("readyz body");
     assert_eq!(
         reasons.lines().collect::<Vec<_>>(),
-        vec!["claim loop has not run recently", "broker is not reachable"]
+        vec![
+            "claim loop has not run recently",
+            "database is not reachable",
+            "broker is not reachable"
+        ]
     );
 
     server.health.loop_ran();
     server.health.set_broker_reachable(true);
+    server.health.set_database_reachable(true);
     for path in ["/livez", "/readyz"] {
         let response = get(path).await.expect("probe");
         assert_eq!(response.status().as_u16(), 200, "{path}");
         assert_eq!(response.text().await.expect("body").trim(), "ok");
     }
-    server.health.set_failed_events(11);
+    // Readiness is "can do its job": a database outage takes the worker out of the Service.
+    server.health.set_database_reachable(false);
     let readyz = get("/readyz").await.expect("readyz");
     assert_eq!(readyz.status().as_u16(), 503);
-    assert_eq!(
-        readyz.text().await.expect("body").trim(),
-        "11 failed events exceed the threshold of 10"
-    );
+    assert_eq!(readyz.text().await.expect("body").trim(), "database is not reachable");
+    server.health.set_database_reachable(true);
 
     let metrics = get("/metrics").await.expect("metrics");
     assert_eq!(metrics.status().as_u16(), 200);

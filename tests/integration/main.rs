@@ -3,7 +3,9 @@
 
 mod admin_api;
 mod broker;
+mod cluster;
 mod event_core;
+mod operator;
 mod registry;
 mod relay;
 mod smoke;

@@ -215,7 +215,7 @@ async fn a_message_over_the_topic_size_limit_is_permanent_while_a_small_one_in_t
     ];
     let results = within("send_batch", broker.send_batch(&messages)).await;
     match &results[0] {
-        Err(SendError::Permanent(reason)) => assert!(reason.contains("MessageSizeTooLarge"), "{reason}"),
+        Err(SendError::Message(reason)) => assert!(reason.contains("MessageSizeTooLarge"), "{reason}"),
         other => panic!("expected a permanent size error, got {other:?}"),
     }
     assert_eq!(results[1], Ok(()));
@@ -268,12 +268,12 @@ async fn an_unreachable_cluster_is_retriable_for_health_and_sends() {
     };
     let broker = KafkaBroker::connect(&config).expect("connect is lazy");
     let health = within("check_health", broker.check_health()).await;
-    assert!(matches!(health, Err(SendError::Retriable(_))), "{health:?}");
+    assert!(matches!(health, Err(SendError::Transient(_))), "{health:?}");
 
     let messages = [message(1, "unreachable", event("item-u", json!({"newQuantity": 1})))];
     let results = within("send_batch", broker.send_batch(&messages)).await;
     match &results[..] {
-        [Err(SendError::Retriable(reason))] => assert!(reason.contains("MessageTimedOut"), "{reason}"),
+        [Err(SendError::Transient(reason))] => assert!(reason.contains("MessageTimedOut"), "{reason}"),
         other => panic!("expected one retriable timeout, got {other:?}"),
     }
 }

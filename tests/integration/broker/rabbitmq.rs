@@ -283,7 +283,7 @@ async fn a_routing_key_without_a_bound_queue_fails_retriably_while_routable_mess
         }
         for (i, key) in [(1, "nowhere.StockLevelChanged"), (3, "elsewhere.StockReserved")] {
             match &results[i] {
-                Err(SendError::Retriable(m)) => {
+                Err(SendError::Transient(m)) => {
                     assert!(m.contains(&format!("no queue bound for routing key {key}")), "{m}")
                 }
                 other => panic!("message {i}: expected a retriable error, got {other:?}"),
@@ -379,7 +379,7 @@ async fn a_message_above_max_message_bytes_fails_permanently_without_being_sent(
         ];
         let results = broker.send_batch(&batch).await;
         match &results[0] {
-            Err(SendError::Permanent(m)) => assert!(m.contains("exceeds rabbitmq.maxMessageBytes (1024)"), "{m}"),
+            Err(SendError::Message(m)) => assert!(m.contains("exceeds rabbitmq.maxMessageBytes (1024)"), "{m}"),
             other => panic!("expected a permanent error, got {other:?}"),
         }
         assert_eq!(results[1], Ok(()));

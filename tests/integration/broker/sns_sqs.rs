@@ -355,13 +355,13 @@ async fn an_oversize_message_is_permanent_and_the_rest_of_the_batch_is_delivered
     let results = within("send", broker.send_batch(&sent)).await;
 
     assert!(
-        matches!(&results[2], Err(SendError::Permanent(m)) if m.contains("bytes")),
+        matches!(&results[2], Err(SendError::Message(m)) if m.contains("bytes")),
         "{results:?}"
     );
     for i in [0, 1, 3, 4] {
         assert_eq!(results[i], Ok(()), "entry {i}");
     }
-    assert!(matches!(&results[5], Err(SendError::Retriable(_))), "{:?}", results[5]);
+    assert!(matches!(&results[5], Err(SendError::Transient(_))), "{:?}", results[5]);
     let received = receive(&sqs, &queue_url(&sqs, &queue).await, 4).await;
     assert_round_trip(&[&sent[..2], &sent[3..5]].concat(), &received);
 }
@@ -447,16 +447,16 @@ async fn an_unreachable_endpoint_is_retriable_for_health_sends_and_dead_letters(
         let sent = messages("nowhere", (0..12).map(|n| event("item-1", n)));
 
         let health = within("health", broker.check_health()).await;
-        assert!(matches!(health, Err(SendError::Retriable(_))), "{health:?}");
+        assert!(matches!(health, Err(SendError::Transient(_))), "{health:?}");
         let results = within("send", broker.send_batch(&sent)).await;
         assert_eq!(results.len(), 12);
         assert!(
-            results.iter().all(|r| matches!(r, Err(SendError::Retriable(_)))),
+            results.iter().all(|r| matches!(r, Err(SendError::Transient(_)))),
             "{results:?}"
         );
         let dead = within("dead letter", broker.send_dead_letter(&sent[0], "reason")).await;
-        assert!(matches!(dead, Err(SendError::Retriable(_))), "{dead:?}");
+        assert!(matches!(dead, Err(SendError::Transient(_))), "{dead:?}");
         let ensure = within("ensure", broker.ensure_destinations(&["nowhere".to_owned()])).await;
-        assert!(matches!(ensure, Err(SendError::Retriable(_))), "{ensure:?}");
+        assert!(matches!(ensure, Err(SendError::Transient(_))), "{ensure:?}");
     }
 }

@@ -2,6 +2,8 @@
 
 mod config;
 mod crash;
+mod destinations;
+mod isolation;
 mod outage;
 mod poison;
 mod replicas;

@@ -7,7 +7,7 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-fn state_dir() -> PathBuf {
+pub fn state_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("OUTBOX_STATE") {
         return dir.into();
     }
@@ -60,5 +60,6 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+pub mod cluster;
 pub mod kube;
 pub mod postgres;

@@ -1,0 +1,156 @@
+//! Operator scale benchmark: creates N paused EventPublishers (no relay Pods start) in a fresh
+//! namespace, runs the real `inventory-outbox operator` binary against the local API server,
+//! and reports the time until every publisher is reconciled (status written for its current
+//! generation, ConfigMap, Deployment and Service created) and the operator's peak RSS.
+//! `source ~/.local/state/inventory-outbox/env.sh && cargo build && cargo run --example operator_scale -- 1000`
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use inventory_outbox::crd::EventPublisher;
+
+fn proc_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn count<K>(api: &Api<K>) -> anyhow::Result<usize>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api.list_metadata(&ListParams::default()).await?.items.len())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    inventory_outbox::tls::install_crypto_provider();
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let client = kube::Client::try_default().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in inventory_outbox::crd::definitions() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply("operator-scale").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+    }
+    let ns = format!("scale-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await?;
+
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|debug| debug.join("inventory-outbox"))
+        .ok_or_else(|| anyhow::anyhow!("cannot locate the inventory-outbox binary next to {}", exe.display()))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut operator = tokio::process::Command::new(&bin)
+        .args([
+            "operator",
+            "--namespace",
+            &ns,
+            "--lease-namespace",
+            &ns,
+            "--requeue-seconds",
+            "300",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = operator
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("operator exited at once"))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let api: Api<EventPublisher> = Api::namespaced(client.clone(), &ns);
+    let started = Instant::now();
+    let created: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let p: EventPublisher = serde_json::from_value(json!({
+                    "apiVersion": "outbox.inventory.io/v1alpha1", "kind": "EventPublisher",
+                    "metadata": {"name": format!("publisher-{i:04}")},
+                    "spec": {
+                        "outbox": {"databaseUrlSecretRef": {"name": "outbox-db", "key": "url"}},
+                        "broker": {"kafka": {"bootstrapServers": "127.0.0.1:19092"}},
+                        "routing": {"strategy": "single", "destination": format!("inventory.p{i:04}")},
+                        "paused": true
+                    }
+                }))?;
+                api.create(&PostParams::default(), &p).await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let failures = created.iter().filter(|r| r.is_err()).count();
+    let created_in = started.elapsed();
+    let (cms, deps, svcs): (Api<ConfigMap>, Api<Deployment>, Api<Service>) = (
+        Api::namespaced(client.clone(), &ns),
+        Api::namespaced(client.clone(), &ns),
+        Api::namespaced(client.clone(), &ns),
+    );
+    let mut peak_rss = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let reconciled_in = loop {
+        peak_rss = peak_rss.max(proc_kib(pid, "VmRSS:").unwrap_or(0));
+        let list = api.list(&ListParams::default()).await?;
+        let done = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.observed_generation == p.metadata.generation && s.workers.is_some())
+            })
+            .count();
+        if done == n && count(&cms).await? >= n && count(&deps).await? >= n && count(&svcs).await? >= n {
+            break started.elapsed();
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("only {done}/{n} reconciled after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let hwm = proc_kib(pid, "VmHWM:").unwrap_or(0);
+    println!(
+        "{n} EventPublishers ({failures} create failures): created in {:.1} s, all reconciled in {:.1} s; \
+         operator RSS peak {:.1} MiB (VmHWM {:.1} MiB)",
+        created_in.as_secs_f64(),
+        reconciled_in.as_secs_f64(),
+        peak_rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+
+    // Deleting the namespace needs the operator to release the finalizers (Retain: at once).
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while count(&api).await.unwrap_or(0) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), operator.wait()).await;
+    Ok(())
+}

@@ -1,0 +1,677 @@
+//! The reconcile shell for `EventPublisher`: a span, then the named steps — validate (pure),
+//! build (pure), apply (server-side apply under one field manager, orphans removed),
+//! dereference (the Deployment, the relay Pods' status endpoints over their Pod IP, the
+//! provision report), status (pure), then the status write and Events on transitions only.
+//! Every round recomputes from the current state; nothing is edge-triggered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+use super::build::{BuildContext, BuildError, Children, build, child_name, cleanup_job, cleanup_job_name};
+use super::conditions::{self, types};
+use super::status::{Observations, ProvisionOutcome, compute};
+use super::validate::{HTTP_PORT, InvalidSpec, ValidatedPublisher, validate};
+use crate::crd::event_publisher::DeletionPolicy;
+use crate::crd::{EventPublisher, EventPublisherStatus};
+use crate::relay::status::{PATH as STATUS_PATH, RelayStatus};
+
+/// The one field manager of every object and status this operator writes.
+pub const FIELD_MANAGER: &str = "inventory-outbox-operator";
+/// Finalizer that runs `deletionPolicy` before an EventPublisher goes.
+pub const FINALIZER: &str = "outbox.inventory.io/cleanup";
+/// Set to `"true"` on an EventPublisher to let its deletion go without (more) cleanup: the
+/// documented way out when the broker is gone for good.
+pub const SKIP_CLEANUP_ANNOTATION: &str = "outbox.inventory.io/skip-cleanup";
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub build: BuildContext,
+    /// How often a publisher is reconciled without a change, so the status stays fresh.
+    pub requeue_after: Duration,
+    /// Relay Pods asked at once.
+    pub status_concurrency: usize,
+    /// Timeout of one status request.
+    pub status_timeout: Duration,
+    /// Name this instance reports in Events.
+    pub instance: Option<String>,
+    /// How long the cleanup Job may run before deletion gives up and leaves the rest behind.
+    pub cleanup_deadline: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            build: BuildContext {
+                image: super::build::default_image(),
+            },
+            requeue_after: Duration::from_secs(15),
+            status_concurrency: 16,
+            status_timeout: Duration::from_secs(2),
+            instance: None,
+            cleanup_deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: kube::Client,
+    pub settings: Settings,
+    pub metrics: Arc<super::metrics::OperatorMetrics>,
+    http: reqwest::Client,
+    recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        settings: Settings,
+        metrics: Arc<super::metrics::OperatorMetrics>,
+    ) -> Result<Self, Error> {
+        crate::tls::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(settings.status_timeout)
+            .build()
+            .map_err(|e| Error::HttpClient(e.to_string()))?;
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: settings.instance.clone(),
+            },
+        );
+        Ok(Self {
+            client,
+            settings,
+            metrics,
+            http,
+            recorder,
+        })
+    }
+}
+
+/// A failed reconcile; the variant names the action.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the object cannot be read as an EventPublisher: {0}")]
+    InvalidObject(String),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[from] InvalidSpec),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("apply {kind} {name}: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("delete {kind} {name}: {source}")]
+    Delete {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("list the relay Pods of {name}: {source}")]
+    ListPods {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("write the status of {name}: {source}")]
+    WriteStatus {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("create the HTTP client for status polls: {0}")]
+    HttpClient(String),
+    #[error("cleanup Job {job} is still running")]
+    CleanupPending { job: String },
+    #[error("read cleanup Job {job}: {source}")]
+    ReadJob {
+        job: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// Stable label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidObject(_) => "invalid_object",
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Build(_) => "build",
+            Error::Apply { .. } => "apply",
+            Error::Delete { .. } => "delete",
+            Error::ListPods { .. } => "list_pods",
+            Error::WriteStatus { .. } => "write_status",
+            Error::HttpClient(_) => "http_client",
+            Error::CleanupPending { .. } => "cleanup_pending",
+            Error::ReadJob { .. } => "read_job",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+
+    /// Whether retrying without a change to the object can help.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Error::InvalidObject(_) | Error::InvalidSpec(_) | Error::Build(_))
+    }
+}
+
+/// An invalid object waits for its next change; anything else is retried soon.
+pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::CleanupPending { job } = error {
+        tracing::debug!(job, "waiting for the cleanup Job");
+        return Action::requeue(Duration::from_secs(3));
+    }
+    ctx.metrics.failed(error.metric_label());
+    if error.is_transient() {
+        tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
+        Action::requeue(Duration::from_secs(5))
+    } else {
+        tracing::warn!(error = %error, kind = error.metric_label(), "object needs a change before it can be reconciled");
+        Action::await_change()
+    }
+}
+
+/// One reconcile of one EventPublisher.
+pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    let publisher = match &obj.0 {
+        Ok(p) => p,
+        Err(invalid) => {
+            let name = invalid.metadata.name.clone().unwrap_or_default();
+            tracing::warn!(name, error = %invalid.error, "malformed EventPublisher skipped");
+            return Err(Error::InvalidObject(invalid.error.clone()));
+        }
+    };
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = publisher.namespace().unwrap_or_default(),
+        name = publisher.name_any()
+    );
+    let namespace = publisher.namespace().unwrap_or_default();
+    let api: Api<EventPublisher> = Api::namespaced(ctx.client.clone(), &namespace);
+    let requeue = ctx.settings.requeue_after;
+    finalizer(&api, FINALIZER, Arc::new(publisher.clone()), |event| async {
+        match event {
+            FinalizerEvent::Apply(p) => reconcile_publisher(&p, &ctx).await.map(|()| Action::requeue(requeue)),
+            FinalizerEvent::Cleanup(p) => cleanup(&p, &ctx).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// Applies `deletionPolicy`. Returning `Ok` releases the finalizer; `CleanupPending` keeps it
+/// while the cleanup Job runs.
+async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Error> {
+    let resources = publisher
+        .status
+        .as_ref()
+        .map(|s| s.provisioned_resources.clone())
+        .unwrap_or_default();
+    let listed = resources
+        .iter()
+        .map(|r| format!("{} {}", r.kind, r.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let skip = publisher
+        .annotations()
+        .get(SKIP_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    if publisher.spec.deletion_policy == DeletionPolicy::Retain || resources.is_empty() {
+        if !resources.is_empty() {
+            event(
+                ctx,
+                publisher,
+                EventType::Normal,
+                "ResourcesRetained",
+                format!("deletionPolicy Retain: left in place: {listed}"),
+            )
+            .await;
+        }
+        return Ok(Action::await_change());
+    }
+    if skip {
+        event(
+            ctx,
+            publisher,
+            EventType::Warning,
+            "CleanupSkipped",
+            format!("{SKIP_CLEANUP_ANNOTATION} is set; left behind: {listed}"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let validated = match validate(publisher) {
+        Ok(v) => v,
+        Err(invalid) => {
+            event(
+                ctx,
+                publisher,
+                EventType::Warning,
+                "CleanupFailed",
+                format!("cannot build the cleanup Job ({invalid}); left behind: {listed}"),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &validated.namespace);
+    let name = cleanup_job_name(&validated.name);
+    let job = match jobs.get_opt(&name).await.map_err(|source| Error::ReadJob {
+        job: name.clone(),
+        source,
+    })? {
+        Some(job) => job,
+        None => {
+            let deadline = i64::try_from(ctx.settings.cleanup_deadline.as_secs()).unwrap_or(300);
+            let job = cleanup_job(&validated, &ctx.settings.build, &resources, deadline)?;
+            ssa(&jobs, "Job", &name, &job).await?;
+            event(
+                ctx,
+                publisher,
+                EventType::Normal,
+                "CleanupStarted",
+                format!("deletionPolicy Delete: removing {listed}"),
+            )
+            .await;
+            return Err(Error::CleanupPending { job: name });
+        }
+    };
+    let status = job.status.unwrap_or_default();
+    if status.succeeded.unwrap_or_default() > 0 {
+        event(
+            ctx,
+            publisher,
+            EventType::Normal,
+            "CleanupSucceeded",
+            format!("removed {listed}"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let failed = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Failed" && c.status == "True");
+    if let Some(failed) = failed {
+        let why = failed.message.unwrap_or_else(|| failed.reason.unwrap_or_default());
+        event(
+            ctx,
+            publisher,
+            EventType::Warning,
+            "CleanupFailed",
+            format!("cleanup Job {name} failed ({why}); deletion goes on and leaves behind: {listed}"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    Err(Error::CleanupPending { job: name })
+}
+
+async fn event(ctx: &Context, publisher: &EventPublisher, type_: EventType, reason: &str, note: String) {
+    let e = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&e, &publisher.object_ref(&())).await {
+        tracing::warn!(%error, "publish Event");
+    }
+}
+
+async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Result<(), Error> {
+    let validated = match validate(publisher) {
+        Ok(v) => v,
+        Err(invalid) => {
+            write_invalid_status(publisher, ctx, &invalid).await?;
+            return Err(invalid.into());
+        }
+    };
+    let children = build(&validated, &ctx.settings.build)?;
+    let ready_replicas = apply(&validated, &children, ctx).await?;
+    let observations = dereference(&validated, ready_replicas, ctx).await?;
+    let previous = publisher.status.clone().unwrap_or_default();
+    let status = compute(&validated, &observations, &previous, now());
+    publish_transitions(publisher, &previous.conditions, &status, ctx).await;
+    write_status(&validated.name, &validated.namespace, &status, ctx).await
+}
+
+fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+async fn ssa<K>(api: &Api<K>, kind: &'static str, name: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Apply {
+            kind,
+            name: name.to_owned(),
+            source,
+        })
+}
+
+/// Applies every child and removes the ones no longer wanted; returns the Deployment's ready
+/// replicas as the API server reports them.
+async fn apply(p: &ValidatedPublisher, children: &Children, ctx: &Context) -> Result<i32, Error> {
+    let ns = &p.namespace;
+    let name = child_name(&p.name);
+    let client = ctx.client.clone();
+    ssa(
+        &Api::<ConfigMap>::namespaced(client.clone(), ns),
+        "ConfigMap",
+        &name,
+        &children.config_map,
+    )
+    .await?;
+    let deployment = ssa(
+        &Api::<Deployment>::namespaced(client.clone(), ns),
+        "Deployment",
+        &name,
+        &children.deployment,
+    )
+    .await?;
+    ssa(
+        &Api::<Service>::namespaced(client.clone(), ns),
+        "Service",
+        &name,
+        &children.service,
+    )
+    .await?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, ns);
+    match &children.pdb {
+        Some(pdb) => {
+            ssa(&pdbs, "PodDisruptionBudget", &name, pdb).await?;
+        }
+        None => match pdbs.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(pdb = name, "PodDisruptionBudget no longer wanted; removed"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind: "PodDisruptionBudget",
+                    name,
+                    source,
+                });
+            }
+        },
+    }
+    Ok(deployment.status.and_then(|s| s.ready_replicas).unwrap_or_default())
+}
+
+/// Reads what the relay Pods say: their status endpoints (bounded concurrency) and the
+/// provision step's termination message.
+async fn dereference(p: &ValidatedPublisher, ready_replicas: i32, ctx: &Context) -> Result<Observations, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.namespace);
+    let selector = format!("{}={}", super::build::PUBLISHER_LABEL, p.name);
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::ListPods {
+            name: p.name.clone(),
+            source,
+        })?;
+    let provision = list
+        .items
+        .iter()
+        .filter_map(provision_outcome)
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, outcome)| outcome);
+    // Only Pods past their init step can answer; owned values keep the stream 'static.
+    let running: Vec<(String, Option<String>)> = list
+        .items
+        .iter()
+        .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .map(|pod| (pod.name_any(), pod.status.as_ref().and_then(|s| s.pod_ip.clone())))
+        .collect();
+    let http = ctx.http.clone();
+    let answers: Vec<Result<RelayStatus, String>> = futures::stream::iter(running)
+        .map(move |(name, ip)| poll(http.clone(), name, ip))
+        .buffer_unordered(ctx.settings.status_concurrency.max(1))
+        .collect()
+        .await;
+    let mut seen = Observations {
+        ready_replicas,
+        provision,
+        ..Observations::default()
+    };
+    for answer in answers {
+        match answer {
+            Ok(report) => seen.reports.push(report),
+            Err(why) => seen.unanswered.push(why),
+        }
+    }
+    Ok(seen)
+}
+
+async fn poll(http: reqwest::Client, name: String, ip: Option<String>) -> Result<RelayStatus, String> {
+    let ip = ip.ok_or_else(|| format!("{name}: no Pod IP yet"))?;
+    let url = format!("http://{}/{}", socket(&ip), STATUS_PATH.trim_start_matches('/'));
+    let response = http.get(&url).send().await.map_err(|e| format!("{name} ({ip}): {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("{name} ({ip}): HTTP {}", response.status()));
+    }
+    response
+        .json::<RelayStatus>()
+        .await
+        .map_err(|e| format!("{name} ({ip}): unreadable status: {e}"))
+}
+
+fn socket(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{HTTP_PORT}")
+    } else {
+        format!("{ip}:{HTTP_PORT}")
+    }
+}
+
+/// The provision init container's last report in `pod`, with when it finished.
+fn provision_outcome(pod: &Pod) -> Option<(i64, ProvisionOutcome)> {
+    let status = pod
+        .status
+        .as_ref()?
+        .init_container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == "provision")?;
+    let terminated = status
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.clone())
+        .or_else(|| status.last_state.as_ref().and_then(|s| s.terminated.clone()))?;
+    let at = terminated.finished_at.as_ref().map_or(0, |t| t.0.as_second());
+    let document: serde_json::Value = serde_json::from_str(terminated.message.as_deref()?).ok()?;
+    let outcome = match document["outcome"].as_str()? {
+        "provisioned" => {
+            let created = document["report"]["created"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| {
+                            Some(crate::crd::event_publisher::ProvisionedResource {
+                                kind: r["kind"].as_str()?.to_owned(),
+                                name: r["name"].as_str()?.to_owned(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            ProvisionOutcome::Provisioned {
+                created,
+                corrected: document["report"]["corrected"].as_array().map_or(0, Vec::len),
+            }
+        }
+        _ => ProvisionOutcome::Failed {
+            reason: document["reason"].as_str().unwrap_or("ProvisionFailed").to_owned(),
+            message: document["message"]
+                .as_str()
+                .unwrap_or("the provision step failed")
+                .to_owned(),
+        },
+    };
+    Some((at, outcome))
+}
+
+async fn write_status(name: &str, namespace: &str, status: &EventPublisherStatus, ctx: &Context) -> Result<(), Error> {
+    let api: Api<EventPublisher> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION),
+        "kind": "EventPublisher",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::WriteStatus {
+            name: name.to_owned(),
+            source,
+        })
+}
+
+async fn write_invalid_status(publisher: &EventPublisher, ctx: &Context, invalid: &InvalidSpec) -> Result<(), Error> {
+    let (Some(name), Some(namespace)) = (publisher.metadata.name.clone(), publisher.namespace()) else {
+        return Ok(());
+    };
+    let previous = publisher
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let status = EventPublisherStatus {
+        observed_generation: publisher.metadata.generation,
+        conditions: conditions::settle(
+            &previous,
+            vec![conditions::Observed::new(
+                types::READY,
+                false,
+                conditions::reasons::INVALID_SPEC,
+                invalid.to_string(),
+            )],
+            publisher.metadata.generation,
+            now(),
+        ),
+        ..EventPublisherStatus::default()
+    };
+    write_status(&name, &namespace, &status, ctx).await
+}
+
+/// One Event per condition that changed, for the conditions people act on.
+async fn publish_transitions(
+    publisher: &EventPublisher,
+    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    status: &EventPublisherStatus,
+    ctx: &Context,
+) {
+    let reference = publisher.object_ref(&());
+    for changed in conditions::transitions(previous, &status.conditions) {
+        let worth_telling = matches!(
+            changed.type_.as_str(),
+            types::CIRCUIT_CLOSED | types::BROKER_READY | types::TOPOLOGY_PROVISIONED | types::READY
+        );
+        // A first Unknown is not news; it only says nobody has answered yet.
+        if !worth_telling || changed.status == "Unknown" {
+            continue;
+        }
+        let event = Event {
+            type_: if changed.status == "True" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: format!(
+                "{}{}",
+                changed.type_,
+                if changed.status == "True" { "" } else { "False" }
+            ),
+            note: Some(changed.message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, "publish Event");
+        }
+    }
+}
+
+/// Runs the EventPublisher controller until `shutdown` resolves. `namespace` limits it to one
+/// namespace (the Roles-per-namespace mode); all namespaces otherwise.
+pub async fn run(
+    client: kube::Client,
+    namespace: Option<String>,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    run_with_metrics(client, namespace, settings, Arc::default(), shutdown).await
+}
+
+/// [`run`], recording into `metrics`.
+pub async fn run_with_metrics(
+    client: kube::Client,
+    namespace: Option<String>,
+    settings: Settings,
+    metrics: Arc<super::metrics::OperatorMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    fn api<K>(client: &kube::Client, namespace: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ctx = Arc::new(Context::new(client.clone(), settings, metrics)?);
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=inventory-outbox-operator");
+    Controller::new(
+        api::<DeserializeGuard<EventPublisher>>(&client, &namespace),
+        watcher::Config::default(),
+    )
+    .owns(api::<ConfigMap>(&client, &namespace), owned.clone())
+    .owns(api::<Deployment>(&client, &namespace), owned.clone())
+    .owns(api::<Service>(&client, &namespace), owned.clone())
+    .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((object, _)) => tracing::debug!(name = %object.name, namespace = ?object.namespace, "reconciled"),
+            Err(e) => tracing::debug!(error = %e, "reconcile round failed"),
+        }
+    })
+    .await;
+    Ok(())
+}

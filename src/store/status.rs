@@ -1,0 +1,107 @@
+//! The figures a relay serves on its status endpoint (and the operator copies into the
+//! EventPublisher status): backlog, failed events and the workers' heartbeats of one publisher.
+
+use chrono::{DateTime, Utc};
+
+use super::{Store, StoreError, sql};
+
+/// One publisher's delivery figures, read in one call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PublisherFigures {
+    /// Committed events above the publisher's cursors (not yet published).
+    pub pending_events: i64,
+    /// Commit time of the oldest of them.
+    pub oldest_pending_at: Option<DateTime<Utc>>,
+    /// Failed events waiting for their next attempt.
+    pub retrying: i64,
+    /// Events held behind an earlier failed event of their aggregate.
+    pub held: i64,
+    /// Events that exhausted their retries and are not redelivered or resolved.
+    pub dead_lettered: i64,
+    /// Workers whose heartbeat is recent enough to count as alive.
+    pub workers: Vec<WorkerFigures>,
+}
+
+/// One live worker's heartbeat.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerFigures {
+    pub worker_id: String,
+    /// `closed`, `half_open` or `open`: the worst of the worker's destinations.
+    pub circuit_state: String,
+    pub last_seen_at: DateTime<Utc>,
+    pub published_total: i64,
+    pub failed_total: i64,
+    pub dead_lettered_total: i64,
+    pub last_published_at: Option<DateTime<Utc>>,
+}
+
+/// Reads the figures of `consumer`; workers count as alive when seen within `alive_within`.
+pub async fn publisher_figures(
+    store: &Store,
+    consumer: &str,
+    alive_within: std::time::Duration,
+) -> Result<PublisherFigures, StoreError> {
+    let schema = store.schema();
+    let pool = store.pool();
+    let pending = format!(
+        "SELECT count(e.position), min(e.recorded_at) FROM {schema}.relay_cursors c \
+         JOIN {schema}.events e ON e.shard = c.shard AND e.position > c.position WHERE c.consumer = $1"
+    );
+    let (pending_events, oldest_pending_at): (i64, Option<DateTime<Utc>>) = sqlx::query_as(sql(pending))
+        .bind(consumer)
+        .fetch_one(pool)
+        .await
+        .map_err(StoreError::query("count pending events"))?;
+    let failed = format!(
+        "SELECT count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'held'), \
+         count(*) FILTER (WHERE status = 'dead_lettered') FROM {schema}.failed_events WHERE consumer = $1"
+    );
+    let (retrying, held, dead_lettered): (i64, i64, i64) = sqlx::query_as(sql(failed))
+        .bind(consumer)
+        .fetch_one(pool)
+        .await
+        .map_err(StoreError::query("count failed events"))?;
+    let workers = format!(
+        "SELECT worker_id, circuit_state, last_seen_at, published_total, failed_total, dead_lettered_total, \
+         last_published_at FROM {schema}.worker_heartbeats \
+         WHERE consumer = $1 AND last_seen_at > now() - make_interval(secs => $2) ORDER BY worker_id"
+    );
+    type Row = (String, String, DateTime<Utc>, i64, i64, i64, Option<DateTime<Utc>>);
+    let rows: Vec<Row> = sqlx::query_as(sql(workers))
+        .bind(consumer)
+        .bind(alive_within.as_secs_f64())
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::query("read worker heartbeats"))?;
+    Ok(PublisherFigures {
+        pending_events,
+        oldest_pending_at,
+        retrying,
+        held,
+        dead_lettered,
+        workers: rows
+            .into_iter()
+            .map(
+                |(
+                    worker_id,
+                    circuit_state,
+                    last_seen_at,
+                    published_total,
+                    failed_total,
+                    dead_lettered_total,
+                    last_published_at,
+                )| {
+                    WorkerFigures {
+                        worker_id,
+                        circuit_state,
+                        last_seen_at,
+                        published_total,
+                        failed_total,
+                        dead_lettered_total,
+                        last_published_at,
+                    }
+                },
+            )
+            .collect(),
+    })
+}

@@ -1,0 +1,43 @@
+//! The operator against the real kube-apiserver: the CRDs' validation, and (with the node
+//! agent) the reconciler end to end.
+
+mod crd_validation;
+mod leader;
+mod rbac;
+mod reconcile;
+mod relay_process;
+mod topology;
+
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+
+/// Applies both CRDs (server-side apply, so concurrent tests agree) and waits until the API
+/// server serves them.
+pub async fn install_crds(client: &kube::Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("inventory-outbox-tests").force();
+    for crd in inventory_outbox::crd::definitions() {
+        let name = crd.metadata.name.clone().expect("CRD has a name");
+        api.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let current = api.get(&name).await.expect("read CRD");
+            let conditions = current.status.and_then(|s| s.conditions).unwrap_or_default();
+            if conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "CRD {name} not established within 30 s; conditions: {conditions:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
