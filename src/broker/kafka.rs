@@ -427,8 +427,18 @@ impl KafkaConfig {
             tls.validate()?;
         }
         let pairs = [
-            ("saslUsernameEnv", self.sasl_username_env.is_some(), "saslUsernameFile", self.sasl_username_file.is_some()),
-            ("saslPasswordEnv", self.sasl_password_env.is_some(), "saslPasswordFile", self.sasl_password_file.is_some()),
+            (
+                "saslUsernameEnv",
+                self.sasl_username_env.is_some(),
+                "saslUsernameFile",
+                self.sasl_username_file.is_some(),
+            ),
+            (
+                "saslPasswordEnv",
+                self.sasl_password_env.is_some(),
+                "saslPasswordFile",
+                self.sasl_password_file.is_some(),
+            ),
         ];
         for (env, env_set, file, file_set) in pairs {
             if env_set && file_set {
@@ -878,10 +888,12 @@ impl KafkaBroker {
         if let Some(tls) = &config.tls {
             tls.warn_if_insecure(&config.bootstrap_servers);
         }
-        let admin: AdminClient<KafkaClientContext> = base.create_with_context(context.clone()).map_err(|e| KafkaConnectError::Client {
-            client: "admin client",
-            reason: describe_client_error(&e),
-        })?;
+        let admin: AdminClient<KafkaClientContext> =
+            base.create_with_context(context.clone())
+                .map_err(|e| KafkaConnectError::Client {
+                    client: "admin client",
+                    reason: describe_client_error(&e),
+                })?;
         let mut producer_config = base;
         // Java-compatible key hashing, so other producers agree on an aggregate's partition.
         if !config.producer_overrides.contains_key("partitioner") {
@@ -894,10 +906,13 @@ impl KafkaBroker {
             .set("linger.ms", config.linger_ms.to_string())
             .set("compression.type", config.compression.as_str())
             .set("message.timeout.ms", config.message_timeout_ms.to_string());
-        let producer: FutureProducer = producer_config.create_with_context(context.clone()).map_err(|e| KafkaConnectError::Client {
-            client: "producer",
-            reason: describe_client_error(&e),
-        })?;
+        let producer: FutureProducer =
+            producer_config
+                .create_with_context(context.clone())
+                .map_err(|e| KafkaConnectError::Client {
+                    client: "producer",
+                    reason: describe_client_error(&e),
+                })?;
         tracing::info!(
             bootstrap_servers = %config.bootstrap_servers,
             client_id = %config.client_id,
@@ -941,7 +956,10 @@ impl KafkaBroker {
         let Some((code, reason)) = self.producer().client().fatal_error() else {
             return;
         };
-        match self.producer_config.create_with_context::<_, FutureProducer>(self.context.clone()) {
+        match self
+            .producer_config
+            .create_with_context::<_, FutureProducer>(self.context.clone())
+        {
             Ok(fresh) => {
                 tracing::error!(?code, reason, "kafka producer hit a fatal error; recreated it");
                 *self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
@@ -1314,7 +1332,7 @@ mod tests {
         config.sasl_username_env = Some("KAFKA_USER".into());
         assert_eq!(
             error_of(config.clone()),
-            "kafka.saslPasswordEnv is required when kafka.securityProtocol is sasl_ssl"
+            "kafka.saslPasswordFile (or saslPasswordEnv) is required when kafka.securityProtocol is sasl_ssl"
         );
         config.sasl_password_env = Some("KAFKA=PASSWORD".into());
         assert_eq!(
@@ -1328,6 +1346,95 @@ mod tests {
             error_of(config),
             "kafka.saslMechanism is set but kafka.securityProtocol is ssl; SASL needs sasl_plaintext or sasl_ssl"
         );
+    }
+
+    #[test]
+    fn tls_needs_a_tls_protocol_and_sasl_takes_a_file_or_a_variable_not_both() {
+        let mut config = valid();
+        config.tls = Some(TlsFiles {
+            ca_file: Some("/etc/kafka-ca/ca.crt".into()),
+            ..TlsFiles::default()
+        });
+        assert_eq!(
+            error_of(config.clone()),
+            "kafka.tls is set but kafka.securityProtocol is plaintext; TLS needs ssl or sasl_ssl"
+        );
+        config.security_protocol = KafkaSecurityProtocol::SaslSsl;
+        config.sasl_mechanism = Some(KafkaSaslMechanism::ScramSha512);
+        config.sasl_username_file = Some("/etc/kafka/username".into());
+        config.sasl_password_file = Some("/etc/kafka/password".into());
+        assert_eq!(config.validate(), Ok(()));
+        config.sasl_password_env = Some("KAFKA_PASSWORD".into());
+        assert_eq!(
+            error_of(config.clone()),
+            "kafka.saslPasswordEnv and kafka.saslPasswordFile are both set; use one"
+        );
+        config.sasl_password_env = None;
+        config.tls = Some(TlsFiles {
+            cert_file: Some("/etc/kafka-client/tls.crt".into()),
+            ..TlsFiles::default()
+        });
+        assert_eq!(
+            error_of(config),
+            "kafka.tls.certFile and tls.keyFile go together: keyFile is missing"
+        );
+    }
+
+    #[test]
+    fn tls_settings_become_librdkafka_properties_that_always_check_the_host_name() {
+        let dir = std::env::temp_dir().join(format!("kafka-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("password"), "scram-secret\n").unwrap();
+        let config = KafkaConfig {
+            security_protocol: KafkaSecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(KafkaSaslMechanism::ScramSha256),
+            sasl_username_file: Some(dir.join("password")),
+            sasl_password_file: Some(dir.join("password")),
+            tls: Some(TlsFiles {
+                ca_file: Some("/etc/kafka-ca/ca.crt".into()),
+                ..TlsFiles::default()
+            }),
+            ..valid()
+        };
+        let client = config.client_config().unwrap();
+        assert_eq!(client.get("ssl.ca.location"), Some("/etc/kafka-ca/ca.crt"));
+        assert_eq!(client.get("ssl.endpoint.identification.algorithm"), Some("https"));
+        assert_eq!(
+            client.get("sasl.password"),
+            Some("scram-secret"),
+            "the trailing newline is dropped"
+        );
+        assert_eq!(client.get("enable.ssl.certificate.verification"), None);
+        let insecure = KafkaConfig {
+            tls: Some(TlsFiles {
+                insecure_skip_verify: true,
+                ..TlsFiles::default()
+            }),
+            ..config
+        };
+        let client = insecure.client_config().unwrap();
+        assert_eq!(client.get("enable.ssl.certificate.verification"), Some("false"));
+        assert_eq!(client.get("ssl.endpoint.identification.algorithm"), Some("none"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn connection_errors_name_their_endpoint_and_repeat_without_their_timing() {
+        let message = "sasl_ssl://kafka-0.kafka:9093/bootstrap: SASL authentication error: Authentication failed (after 309ms in state AUTH_REQ)";
+        assert_eq!(endpoint_in(message), Some("kafka-0.kafka:9093"));
+        assert_eq!(
+            without_timing(message),
+            "sasl_ssl://kafka-0.kafka:9093/bootstrap: SASL authentication error: Authentication failed"
+        );
+        let context = KafkaClientContext::default();
+        assert!(context.record(message, true));
+        assert!(
+            !context.record(&message.replace("309ms", "311ms"), true),
+            "a repeat is not logged again"
+        );
+        assert_eq!(context.last_error().as_deref(), Some(without_timing(message)));
+        context.clear_error();
+        assert_eq!(context.last_error(), None);
     }
 
     #[test]
@@ -1356,7 +1463,9 @@ mod tests {
             refused("linger.ms"),
             "kafka.producerOverrides may not set \"linger.ms\": set kafka.lingerMs instead"
         );
-        assert!(refused("ssl.key.password").contains("secrets never go in the configuration document"));
+        assert!(refused("ssl.keystore.password").contains("secrets never go in the configuration document"));
+        assert!(refused("ssl.key.password").ends_with("set kafka.tls.keyPasswordFile instead"));
+        assert!(refused("enable.ssl.certificate.verification").ends_with("set kafka.tls.insecureSkipVerify instead"));
         let mut config = valid();
         config.producer_overrides.insert("batch.size".into(), "65536".into());
         assert_eq!(config.validate(), Ok(()));

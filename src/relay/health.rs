@@ -55,7 +55,10 @@ impl HealthState {
     /// Records a broker health check: reachable, or why not (shown by `/readyz`).
     pub fn set_broker_health(&self, result: Result<(), String>) {
         self.set_broker_reachable(result.is_ok());
-        *self.broker_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = result.err();
+        *self
+            .broker_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = result.err();
     }
 
     pub fn broker_reachable(&self) -> bool {
