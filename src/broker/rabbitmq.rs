@@ -1286,6 +1286,49 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_amqps_and_credentials_from_files_replace_the_urls() {
+        assert_eq!(
+            invalid(|c| c.username_file = Some("/etc/amqp/username".into())),
+            "rabbitmq.usernameFile and rabbitmq.passwordFile go together"
+        );
+        assert_eq!(
+            invalid(|c| {
+                c.url_env = None;
+                c.url = Some("amqp://rabbit:5672/%2f".into());
+                c.tls = Some(TlsFiles::default());
+            }),
+            "rabbitmq.tls is set but the URL is not amqps://"
+        );
+        assert_eq!(
+            invalid(|c| {
+                c.tls = Some(TlsFiles {
+                    insecure_skip_verify: true,
+                    ..TlsFiles::default()
+                })
+            }),
+            "rabbitmq.tls.insecureSkipVerify is not supported for RabbitMQ"
+        );
+        let dir = std::env::temp_dir().join(format!("amqp-files-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("username"), "relay\n").unwrap();
+        std::fs::write(dir.join("password"), "from-a-file\n").unwrap();
+        let mut c = config();
+        c.username_file = Some(dir.join("username"));
+        c.password_file = Some(dir.join("password"));
+        c.tls = Some(TlsFiles::default());
+        let from_env = |_: &str| Some("amqps://u:p@rabbit:5671/v".to_owned());
+        let uri = c.resolve_uri(from_env).unwrap();
+        assert_eq!(uri.authority.userinfo.username, "relay");
+        assert_eq!(uri.authority.userinfo.password, "from-a-file");
+        let plain = |_: &str| Some("amqp://u:p@rabbit:5672/v".to_owned());
+        assert_eq!(
+            c.resolve_uri(plain).unwrap_err().to_string(),
+            "rabbitmq.tls is set but the URL is not amqps://"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn binary_mode_puts_attributes_in_headers_and_content_type_in_the_properties() {
         let m = message("inventory.StockLevelChanged", serde_json::json!({"newQuantity": 3}));
         let e = encode(&config(), &m, &[], false).unwrap();

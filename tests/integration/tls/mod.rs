@@ -289,3 +289,20 @@ pub async fn exposed_state(relay: &RelayProcess, db: &TestDatabase) -> Vec<(&'st
 pub async fn write(publisher: &InventoryEventPublisher, db: &TestDatabase, count: usize) -> Vec<DomainEvent> {
     crate::relay::write_events(publisher, db, 4, count / 4, 20).await
 }
+
+#[test]
+fn the_tls_example_configs_are_valid_relay_configs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/relay");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/relay") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.contains("tls") && name.ends_with(".yaml") {
+            if let Err(e) = inventory_outbox::relay::config::RelayConfig::load(&path) {
+                panic!("{name}: {e}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "the three TLS examples");
+}
