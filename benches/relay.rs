@@ -274,6 +274,74 @@ fn kafka_broker_doc_linger(env: &Env, topic: &str, linger_ms: u32) -> serde_json
                      "partitions": PARTITIONS, "clientId": "outbox-bench", "lingerMs": linger_ms}})
 }
 
+/// The local Kafka TLS node (hack/components/kafka.sh): its plaintext and SASL_SSL listeners.
+struct TlsNode {
+    plaintext: String,
+    sasl_ssl: String,
+    password_file: String,
+    ca_file: String,
+}
+
+impl TlsNode {
+    fn from_env() -> Option<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        // The username is read through saslUsernameEnv, so it must be set too.
+        var("KAFKA_SASL_USERNAME")?;
+        Some(Self {
+            plaintext: var("KAFKA_TLS_NODE_PLAINTEXT_BOOTSTRAP_SERVERS")?,
+            sasl_ssl: var("KAFKA_SASL_SSL_BOOTSTRAP_SERVERS")?,
+            password_file: var("KAFKA_SASL_PASSWORD_FILE")?,
+            ca_file: var("OUTBOX_TLS_CA_FILE")?,
+        })
+    }
+}
+
+/// Relay → Kafka on the TLS node, plaintext then SASL_SSL, batch 1000; prints both and the ratio.
+async fn tls_comparison(env: &Env, pool: &sqlx::PgPool, node: &TlsNode, goal: u64) -> anyhow::Result<()> {
+    const BATCH: usize = 1000;
+    let mut rates = Vec::new();
+    let mut created = Vec::new();
+    for (name, secure) in [("plaintext", false), ("sasl-ssl", true)] {
+        let topic = format!("bench-relay-{}-tls-{name}", env.tag);
+        created.push(topic.clone());
+        let mut kafka = json!({"bootstrapServers": node.plaintext, "deadLetterTopic": format!("{topic}-dlq"),
+                               "partitions": PARTITIONS, "clientId": "outbox-bench", "lingerMs": 5});
+        if secure {
+            kafka["bootstrapServers"] = json!(node.sasl_ssl);
+            kafka["securityProtocol"] = json!("sasl_ssl");
+            kafka["saslMechanism"] = json!("SCRAM-SHA-512");
+            kafka["saslUsernameEnv"] = json!("KAFKA_SASL_USERNAME");
+            kafka["saslPasswordFile"] = json!(node.password_file);
+            kafka["tls"] = json!({"caFile": node.ca_file});
+        }
+        let publisher = format!("bench-kafka-tls-{name}");
+        let config = relay_config(&publisher, BATCH, json!({ "kafka": kafka }), &topic);
+        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
+        let timed = TimedBroker::new(inner, env.base, goal, false);
+        let run = relay_until(env, config, timed, format!("relay → Kafka TLS node, {name}"), goal).await?;
+        check_cursors(pool, &publisher).await?;
+        eprintln!("{}", run.breakdown());
+        rates.push(run.rate);
+    }
+    println!(
+        "relay → Kafka TLS node, batch {BATCH}: plaintext {:.0} events/s, SASL_SSL SCRAM-SHA-512 {:.0} events/s ({:.2}× plaintext)",
+        rates[0],
+        rates[1],
+        rates[1] / rates[0]
+    );
+    // The TLS node is another cluster: its topics are deleted here, not with the others.
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &node.plaintext).create()?;
+    let mut names: Vec<String> = created.iter().map(|t| format!("{t}-dlq")).collect();
+    names.extend(created);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {
+        eprintln!("deleting TLS node topics {names:?}: {e}");
+    }
+    Ok(())
+}
+
 /// Starts a relay on a store of its own, waits until `goal` events are acknowledged, stops it.
 async fn relay_until(
     env: &Env,
@@ -886,6 +954,16 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         EVENTS as f64 / fill.as_secs_f64()
     );
     let goal = EVENTS as u64;
+
+    // 0. TLS cost: relay → Kafka over SASL_SSL (SCRAM-SHA-512) next to plaintext, both on the
+    // local Kafka TLS node, so TLS and SASL are the only difference. Runs when the TLS node is
+    // in the environment (`make env-up`); RELAY_BENCH_TLS_ONLY=1 stops after it.
+    if let Some(node) = TlsNode::from_env() {
+        tls_comparison(env, &pool, &node, goal).await?;
+        if std::env::var("RELAY_BENCH_TLS_ONLY").is_ok_and(|v| v == "1") {
+            return Ok(());
+        }
+    }
 
     // 1. Relay → Kafka, per batch size.
     let mut kafka_runs = Vec::new();

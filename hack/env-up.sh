@@ -3,7 +3,7 @@
 # file that tests and the demo source. Idempotent: running services are left alone.
 source "$(dirname "$0")/lib/common.sh"
 
-components=(${OUTBOX_COMPONENTS:-postgres kafka rabbitmq moto kubernetes process-node})
+components=(${OUTBOX_COMPONENTS:-tls postgres kafka rabbitmq moto kubernetes process-node})
 
 run_step() {
   local component=$1 action=$2 started=$SECONDS
@@ -13,6 +13,10 @@ run_step() {
   fi
   log "$component $action: done in $((SECONDS - started))s"
 }
+
+# What cargo needs to build the product: librdkafka is built with cmake against the system
+# OpenSSL (rdkafka's `ssl` feature). Present on the project's machines; a no-op then.
+apt_install cmake pkg-config libssl-dev
 
 # Installs first (CPU-heavy builds), then starts, so a failure shows up before anything runs.
 for c in "${components[@]}"; do run_step "$c" install; done

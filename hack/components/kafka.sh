@@ -8,23 +8,56 @@
 # with kafka-tools-api) is resolved with `mvn dependency:copy-dependencies` into
 # $OUTBOX_CACHE/kafka/$KAFKA_VERSION/libs.
 #
+# A second single-node cluster, the TLS node, serves the TLS and SASL tests (hack/components/tls.sh makes its
+# certificates): SASL_SSL on $KAFKA_SASL_SSL_PORT (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), SSL with a required
+# client certificate on $KAFKA_MTLS_PORT, and two SASL_SSL listeners presenting an expired certificate
+# ($KAFKA_EXPIRED_PORT) and one for the wrong host name ($KAFKA_WRONGHOST_PORT); a plaintext listener on
+# $KAFKA_TLS_INTERNAL_PORT is for the node itself and for tools. It is a separate process, not extra
+# listeners on the plain broker, because a KRaft broker cannot add listeners without a restart and the plain
+# broker on $KAFKA_PORT must keep running for everyone else. KAFKA_TLS_NODE=0 leaves it out.
+#
 # Usage: kafka.sh install|start|stop|status|env
 #        kafka.sh run CLASS ARGS...   (runs a Kafka tool class with the cached jars, e.g.
 #                                      kafka.sh run org.apache.kafka.tools.TopicCommand --bootstrap-server ... --list)
+#        KAFKA_INSTANCE=tls kafka.sh start|stop|status|env   (only the TLS node)
 source "$(dirname "$0")/../lib/common.sh"
+
+: "${KAFKA_SASL_SSL_PORT:=19094}"
+: "${KAFKA_MTLS_PORT:=19095}"
+: "${KAFKA_EXPIRED_PORT:=19096}"
+: "${KAFKA_WRONGHOST_PORT:=19097}"
+: "${KAFKA_TLS_INTERNAL_PORT:=19098}"
+: "${KAFKA_TLS_CONTROLLER_PORT:=19099}"
+: "${KAFKA_TLS_NODE:=1}"
+INSTANCE=${KAFKA_INSTANCE:-plain}
+TLS_DIR="$OUTBOX_STATE/tls"
 
 LOG4J_VERSION=2.24.3 # the log4j2 version Kafka 4.1 is built against
 KAFKA_HOME="$OUTBOX_CACHE/kafka/$KAFKA_VERSION"
 LIBS="$KAFKA_HOME/libs"
-STATE_DIR="$OUTBOX_STATE/kafka"
+if [[ $INSTANCE == tls ]]; then
+  STATE_DIR="$OUTBOX_STATE/kafka-tls"
+  LISTEN_PORT=$KAFKA_TLS_INTERNAL_PORT
+  CONTROLLER_PORT=$KAFKA_TLS_CONTROLLER_PORT
+  HEAP=(-Xms256m -Xmx512m)
+  LOG="$OUTBOX_LOGS/kafka-tls.log"
+else
+  STATE_DIR="$OUTBOX_STATE/kafka"
+  LISTEN_PORT=$KAFKA_PORT
+  CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT
+  HEAP=(-Xms512m -Xmx1g)
+  LOG="$OUTBOX_LOGS/kafka.log"
+fi
 DATA_DIR="$STATE_DIR/data"
 CONF="$STATE_DIR/server.properties"
 LOG4J_CONF="$STATE_DIR/log4j2.properties"
 TOOLS_LOG4J_CONF="$STATE_DIR/tools-log4j2.properties"
 CLUSTER_ID_FILE="$STATE_DIR/cluster.id"
 PIDFILE="$STATE_DIR/kafka.pid"
-LOG="$OUTBOX_LOGS/kafka.log"
-BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+BOOTSTRAP="127.0.0.1:$LISTEN_PORT"
+# SASL user of the TLS node (SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN); its password is made once.
+SASL_USER=relay
+SASL_PASSWORD_FILE="$OUTBOX_STATE/kafka-tls/relay.password"
 
 do_install() {
   command -v java >/dev/null || die "java not found (Java 17+ is required)"
@@ -69,18 +102,63 @@ tool() {
     -Dlog4j2.configurationFile="$TOOLS_LOG4J_CONF" -cp "$LIBS/*" "$@"
 }
 
-write_config() {
-  mkdir -p "$STATE_DIR" "$DATA_DIR"
-  cat >"$CONF" <<EOF
-# Managed by hack/components/kafka.sh; rewritten on every start.
-node.id=1
-process.roles=broker,controller
+# listener_config -> the listener lines of this instance
+listener_config() {
+  if [[ $INSTANCE != tls ]]; then
+    cat <<EOF
 listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
 advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+EOF
+    return 0
+  fi
+  local pw listeners
+  pw=$("$HACK_DIR/components/tls.sh" password)
+  listeners="INTERNAL://127.0.0.1:$KAFKA_TLS_INTERNAL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT,MTLS://127.0.0.1:$KAFKA_MTLS_PORT"
+  listeners+=",EXPIRED://127.0.0.1:$KAFKA_EXPIRED_PORT,WRONGHOST://127.0.0.1:$KAFKA_WRONGHOST_PORT"
+  cat <<EOF
+listeners=$listeners,CONTROLLER://127.0.0.1:$KAFKA_TLS_CONTROLLER_PORT
+advertised.listeners=$listeners,CONTROLLER://127.0.0.1:$KAFKA_TLS_CONTROLLER_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=INTERNAL
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT,SASL_SSL:SASL_SSL,MTLS:SSL,EXPIRED:SASL_SSL,WRONGHOST:SASL_SSL
+ssl.keystore.type=PKCS12
+ssl.keystore.password=$pw
+ssl.key.password=$pw
+listener.name.sasl_ssl.ssl.keystore.location=$TLS_DIR/server.p12
+listener.name.mtls.ssl.keystore.location=$TLS_DIR/server.p12
+listener.name.expired.ssl.keystore.location=$TLS_DIR/expired.p12
+listener.name.wronghost.ssl.keystore.location=$TLS_DIR/wronghost.p12
+listener.name.mtls.ssl.client.auth=required
+listener.name.mtls.ssl.truststore.type=PEM
+listener.name.mtls.ssl.truststore.location=$TLS_DIR/ca.crt
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+EOF
+  local l
+  for l in sasl_ssl expired wronghost; do
+    cat <<EOF
+listener.name.$l.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.$l.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.$l.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER="$(cat "$SASL_PASSWORD_FILE")";
+EOF
+  done
+}
+
+write_config() {
+  mkdir -p "$STATE_DIR" "$DATA_DIR"
+  if [[ $INSTANCE == tls ]]; then
+    "$HACK_DIR/components/tls.sh" start
+    [[ -s $SASL_PASSWORD_FILE ]] ||
+      (umask 077; head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$SASL_PASSWORD_FILE")
+  fi
+  (umask 077; cat >"$CONF" <<EOF
+# Managed by hack/components/kafka.sh; rewritten on every start.
+node.id=1
+process.roles=broker,controller
+$(listener_config)
+controller.quorum.bootstrap.servers=127.0.0.1:$CONTROLLER_PORT
 log.dirs=$DATA_DIR
 num.partitions=3
 auto.create.topics.enable=true
@@ -92,6 +170,7 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.hours=168
 EOF
+  )
   cat >"$LOG4J_CONF" <<'EOF'
 # Managed by hack/components/kafka.sh: everything to stdout, which start redirects into $OUTBOX_LOGS/kafka.log.
 status = warn
@@ -134,7 +213,15 @@ format_storage() {
     echo "$cid" >"$CLUSTER_ID_FILE"
   fi
   log "formatting Kafka storage in $DATA_DIR (cluster id $cid)"
-  tool kafka.tools.StorageTool format --standalone --ignore-formatted -t "$cid" -c "$CONF" \
+  local scram=()
+  if [[ $INSTANCE == tls ]]; then
+    # SCRAM credentials go into the first metadata records, so the node never runs without them.
+    local m
+    for m in SCRAM-SHA-256 SCRAM-SHA-512; do
+      scram+=(--add-scram "$m=[name=$SASL_USER,password=$(cat "$SASL_PASSWORD_FILE")]")
+    done
+  fi
+  tool kafka.tools.StorageTool format --standalone --ignore-formatted -t "$cid" -c "$CONF" "${scram[@]}" \
     >"$OUTBOX_LOGS/kafka-format.log" 2>&1 ||
     { tail -n 20 "$OUTBOX_LOGS/kafka-format.log" >&2; die "kafka storage format failed"; }
 }
@@ -153,7 +240,7 @@ metadata_ok() {
   tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" --list >/dev/null 2>&1
 }
 
-is_running() { our_pid >/dev/null && port_open "$KAFKA_PORT"; }
+is_running() { our_pid >/dev/null && port_open "$LISTEN_PORT"; }
 
 do_start() {
   do_install
@@ -164,18 +251,20 @@ do_start() {
   fi
   if our_pid >/dev/null; then
     # Alive but not listening yet (starting?): wait for it before deciding.
-    wait_for kafka 60 port_open "$KAFKA_PORT" && return 0
+    wait_for kafka 60 port_open "$LISTEN_PORT" && return 0
     log "kafka process is alive but not listening; restarting it"
     do_stop
   fi
   rm -f "$PIDFILE" # stale (e.g. after a machine restart)
-  port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is already in use by another process"
-  port_open "$KAFKA_CONTROLLER_PORT" && die "port $KAFKA_CONTROLLER_PORT is already in use by another process"
+  local p
+  for p in "$LISTEN_PORT" "$CONTROLLER_PORT"; do
+    port_open "$p" && die "port $p is already in use by another process"
+  done
 
   write_config
   format_storage
   log "starting kafka on $BOOTSTRAP"
-  setsid nohup java -Xms512m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true \
+  setsid nohup java "${HEAP[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true \
     -Dlog4j2.configurationFile="$LOG4J_CONF" -cp "$LIBS/*" kafka.Kafka "$CONF" >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
   if ! wait_for kafka 120 started || ! metadata_ok; then
@@ -186,7 +275,7 @@ do_start() {
   log "kafka ready: $BOOTSTRAP"
 }
 
-started() { our_pid >/dev/null && port_open "$KAFKA_PORT" && grep -q 'Kafka Server started' "$LOG"; }
+started() { our_pid >/dev/null && port_open "$LISTEN_PORT" && grep -q 'Kafka Server started' "$LOG"; }
 
 do_stop() {
   if our_pid >/dev/null; then stop_pidfile kafka "$PIDFILE"; fi
@@ -194,19 +283,37 @@ do_stop() {
 }
 
 do_status() {
-  if is_running; then echo "kafka running $KAFKA_PORT"; else echo "kafka stopped $KAFKA_PORT"; fi
+  local name=kafka
+  [[ $INSTANCE == tls ]] && name=kafka-tls
+  if is_running; then echo "$name running $LISTEN_PORT"; else echo "$name stopped $LISTEN_PORT"; fi
 }
 
 do_env() {
-  echo "export KAFKA_BOOTSTRAP_SERVERS=$BOOTSTRAP"
+  if [[ $INSTANCE != tls ]]; then
+    echo "export KAFKA_BOOTSTRAP_SERVERS=$BOOTSTRAP"
+    return 0
+  fi
+  echo "export KAFKA_TLS_NODE_PLAINTEXT_BOOTSTRAP_SERVERS=$BOOTSTRAP"
+  echo "export KAFKA_SASL_SSL_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_SASL_SSL_PORT"
+  echo "export KAFKA_MTLS_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_MTLS_PORT"
+  echo "export KAFKA_EXPIRED_CERT_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_EXPIRED_PORT"
+  echo "export KAFKA_WRONG_HOST_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_WRONGHOST_PORT"
+  echo "export KAFKA_SASL_USERNAME=$SASL_USER"
+  echo "export KAFKA_SASL_PASSWORD_FILE=$SASL_PASSWORD_FILE"
+}
+
+# both ACTION -> ACTION on the plain broker, then on the TLS node (unless KAFKA_TLS_NODE=0)
+both() {
+  "do_$1"
+  if [[ $INSTANCE == plain && $KAFKA_TLS_NODE == 1 ]]; then KAFKA_INSTANCE=tls "$0" "$1"; fi
 }
 
 case "${1:-}" in
   install) do_install ;;
-  start) do_start ;;
-  stop) do_stop ;;
-  status) do_status ;;
-  env) do_env ;;
+  start) both start ;;
+  stop) both stop ;;
+  status) both status ;;
+  env) both env ;;
   run) shift; do_install >&2; write_tools_log4j; tool "$@" ;;
   *) echo "usage: $0 install|start|stop|status|env|run CLASS ARGS..." >&2; exit 2 ;;
 esac

@@ -98,8 +98,28 @@ init_cluster() {
     echo "include_if_exists = 'outbox.conf'" >>"$PGDATA_DIR/postgresql.conf"
   fi
 
-  # Our settings, rewritten on every start so edits here take effect after a restart.
-  cat >"$PGDATA_DIR/outbox.conf" <<EOF
+  write_conf >/dev/null
+  return 0
+}
+
+# install_server_cert -> copies the local CA's server certificate and key (hack/components/tls.sh) where the
+# server user can read them: PostgreSQL refuses a key that others can read.
+install_server_cert() {
+  local tls_dir="$OUTBOX_STATE/tls" dest="$PG_DIR/tls"
+  "$HACK_DIR/components/tls.sh" start
+  mkdir -p "$dest"
+  install -m 644 "$tls_dir/server.crt" "$dest/server.crt"
+  install -m 600 "$tls_dir/server.key" "$dest/server.key"
+  install -m 644 "$tls_dir/ca.crt" "$dest/ca.crt"
+  if ((EUID == 0)); then chown -R postgres:postgres "$dest"; fi
+}
+
+# write_conf -> our settings, rewritten on every start so edits here take effect (the ssl ones on a reload,
+# the rest after a restart); prints "changed" when the file is new or different
+write_conf() {
+  install_server_cert
+  local conf="$PGDATA_DIR/outbox.conf"
+  cat >"$conf.new" <<EOF
 # Managed by hack/components/postgres.sh; rewritten on every start.
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
@@ -108,8 +128,20 @@ max_connections = 300
 shared_buffers = 256MB
 fsync = on
 logging_collector = off
+# TLS on the same port (plain connections still work): sslmode=verify-full with the local CA
+# for host 127.0.0.1 or localhost.
+ssl = on
+ssl_cert_file = '$PG_DIR/tls/server.crt'
+ssl_key_file = '$PG_DIR/tls/server.key'
+ssl_ca_file = '$PG_DIR/tls/ca.crt'
 EOF
-  ((EUID == 0)) && chown postgres:postgres "$PGDATA_DIR/outbox.conf"
+  if cmp -s "$conf.new" "$conf"; then
+    rm -f "$conf.new"
+  else
+    mv "$conf.new" "$conf"
+    echo changed
+  fi
+  if ((EUID == 0)); then chown postgres:postgres "$conf"; fi
   return 0
 }
 
@@ -132,6 +164,11 @@ do_start() {
   mkdir -p "$STATE_DIR"
   if is_running; then
     postmaster_pid >"$PIDFILE"
+    # The ssl settings take effect on a reload: a running server gains TLS without a restart.
+    if [[ $(write_conf) == changed ]]; then
+      log "postgres settings changed; reloading"
+      psql_admin -c "SELECT pg_reload_conf()" >/dev/null
+    fi
     ensure_role_and_db
     log "postgres already running on 127.0.0.1:$PG_PORT"
     return 0
@@ -188,6 +225,8 @@ do_status() {
 
 do_env() {
   echo "export DATABASE_URL=postgres://outbox:outbox@127.0.0.1:$PG_PORT/outbox"
+  # The same server over TLS, verifying the certificate chain and the host name.
+  echo "export DATABASE_TLS_URL='postgres://outbox:outbox@127.0.0.1:$PG_PORT/outbox?sslmode=verify-full&sslrootcert=$OUTBOX_STATE/tls/ca.crt'"
 }
 
 case "${1:-}" in

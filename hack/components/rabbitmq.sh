@@ -9,15 +9,38 @@
 # user's Erlang cookie (/var/lib/rabbitmq/.erlang.cookie). That way the stock CLI, which as root switches to the
 # rabbitmq user, works too: `rabbitmqctl -n outbox@localhost list_queues`.
 #
+# A second node, the TLS node `outbox-tls@localhost`, serves the TLS tests: amqps on 127.0.0.1:$AMQPS_PORT with
+# the local CA's server certificate (hack/components/tls.sh), client certificates verified when presented,
+# plus plain AMQP on $AMQP_TLS_NODE_PORT and management on $RABBITMQ_TLS_MGMT_PORT. It is a separate node
+# because a listener cannot be added to a running node, and the plain node must keep running for everyone
+# else. RABBITMQ_TLS_NODE=0 leaves it out.
+#
 # Usage: rabbitmq.sh install|start|stop|status|env
 #        rabbitmq.sh ctl ARGS...   (rabbitmqctl against our node)
+#        RABBITMQ_INSTANCE=tls rabbitmq.sh start|stop|status|env|ctl   (only the TLS node)
 source "$(dirname "$0")/../lib/common.sh"
 
-NODE=${RABBITMQ_NODE:-outbox@localhost}
+: "${AMQPS_PORT:=15676}"
+: "${AMQP_TLS_NODE_PORT:=15675}"
+: "${RABBITMQ_TLS_MGMT_PORT:=15677}"
+: "${RABBITMQ_TLS_DIST_PORT:=25680}"
+: "${RABBITMQ_TLS_NODE:=1}"
+INSTANCE=${RABBITMQ_INSTANCE:-plain}
+TLS_DIR="$OUTBOX_STATE/tls"
 RMQ_BIN=/usr/lib/rabbitmq/bin
-STATE_DIR="$OUTBOX_STATE/rabbitmq"
+if [[ $INSTANCE == tls ]]; then
+  NODE=outbox-tls@localhost
+  STATE_DIR="$OUTBOX_STATE/rabbitmq-tls"
+  LOG="$OUTBOX_LOGS/rabbitmq-tls.log"
+  AMQP_PORT=$AMQP_TLS_NODE_PORT
+  RABBITMQ_MGMT_PORT=$RABBITMQ_TLS_MGMT_PORT
+  RABBITMQ_DIST_PORT=$RABBITMQ_TLS_DIST_PORT
+else
+  NODE=${RABBITMQ_NODE:-outbox@localhost}
+  STATE_DIR="$OUTBOX_STATE/rabbitmq"
+  LOG="$OUTBOX_LOGS/rabbitmq.log"
+fi
 PIDFILE="$STATE_DIR/rabbitmq.pid"
-LOG="$OUTBOX_LOGS/rabbitmq.log"
 SYSTEM_COOKIE=/var/lib/rabbitmq/.erlang.cookie
 
 # Environment of our node and of the CLI calls made by this script.
@@ -114,6 +137,20 @@ management.tcp.ip = 127.0.0.1
 management.tcp.port = $RABBITMQ_MGMT_PORT
 loopback_users = none
 EOF
+  if [[ $INSTANCE == tls ]]; then
+    "$HACK_DIR/components/tls.sh" start
+    cat >>"$RABBITMQ_CONFIG_FILE" <<EOF
+listeners.ssl.default = 127.0.0.1:$AMQPS_PORT
+ssl_options.cacertfile = $TLS_DIR/ca.crt
+ssl_options.certfile = $TLS_DIR/server.crt
+ssl_options.keyfile = $TLS_DIR/server.key
+# A client certificate is optional, and checked against the CA when one is presented.
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+ssl_options.versions.1 = tlsv1.3
+ssl_options.versions.2 = tlsv1.2
+EOF
+  fi
   echo '[rabbitmq_management].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
   echo '[].' >"$RABBITMQ_ADVANCED_CONFIG_FILE"
   echo '# Intentionally empty: hack/components/rabbitmq.sh sets everything through the environment.' \
@@ -157,12 +194,22 @@ ensure_user() {
   fi
   ctl -q set_user_tags outbox administrator >/dev/null
   ctl -q set_permissions -p / outbox '.*' '.*' '.*' >/dev/null
+  if [[ $INSTANCE == tls ]]; then
+    # The TLS tests' user: its password lives in a file only, as a mounted Secret would.
+    local pwfile="$STATE_DIR/relay.password"
+    [[ -s $pwfile ]] || (umask 077; head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$pwfile")
+    if ! awk '{print $1}' <<<"$(ctl -q list_users 2>/dev/null)" | grep -qx relay; then
+      ctl -q add_user relay "$(cat "$pwfile")" >/dev/null
+    fi
+    ctl -q set_permissions -p / relay '.*' '.*' '.*' >/dev/null
+  fi
 }
 
 do_start() {
   do_install
   mkdir -p "$STATE_DIR"
   if is_running; then
+    if [[ $INSTANCE == tls ]]; then ensure_user; fi
     log "rabbitmq already running on 127.0.0.1:$AMQP_PORT"
     return 0
   fi
@@ -173,7 +220,9 @@ do_start() {
   fi
   rm -f "$PIDFILE" "$RABBITMQ_PID_FILE" # stale (e.g. after a machine restart)
   local p
-  for p in "$AMQP_PORT" "$RABBITMQ_MGMT_PORT" "$RABBITMQ_DIST_PORT"; do
+  local ports=("$AMQP_PORT" "$RABBITMQ_MGMT_PORT" "$RABBITMQ_DIST_PORT")
+  if [[ $INSTANCE == tls ]]; then ports+=("$AMQPS_PORT"); fi
+  for p in "${ports[@]}"; do
     port_open "$p" && die "port $p is already in use by another process"
   done
 
@@ -205,20 +254,37 @@ do_stop() {
 }
 
 do_status() {
-  if is_running; then echo "rabbitmq running $AMQP_PORT"; else echo "rabbitmq stopped $AMQP_PORT"; fi
+  local name=rabbitmq
+  [[ $INSTANCE == tls ]] && name=rabbitmq-tls
+  if is_running; then echo "$name running $AMQP_PORT"; else echo "$name stopped $AMQP_PORT"; fi
 }
 
 do_env() {
+  if [[ $INSTANCE == tls ]]; then
+    # Without credentials: the relay reads them from files (tests write them).
+    echo "export AMQPS_URL=amqps://127.0.0.1:$AMQPS_PORT/%2f"
+    echo "export AMQPS_LOCALHOST_URL=amqps://localhost:$AMQPS_PORT/%2f"
+    echo "export RABBITMQ_TLS_MANAGEMENT_URL=http://127.0.0.1:$RABBITMQ_MGMT_PORT"
+    echo "export RABBITMQ_TLS_USERNAME=relay"
+    echo "export RABBITMQ_TLS_PASSWORD_FILE=$STATE_DIR/relay.password"
+    return 0
+  fi
   echo "export AMQP_URL=amqp://outbox:outbox@127.0.0.1:$AMQP_PORT/%2f"
   echo "export RABBITMQ_MANAGEMENT_URL=http://127.0.0.1:$RABBITMQ_MGMT_PORT"
 }
 
+# both ACTION -> ACTION on the plain node, then on the TLS node (unless RABBITMQ_TLS_NODE=0)
+both() {
+  "do_$1"
+  if [[ $INSTANCE == plain && $RABBITMQ_TLS_NODE == 1 ]]; then RABBITMQ_INSTANCE=tls "$0" "$1"; fi
+}
+
 case "${1:-}" in
   install) do_install ;;
-  start) do_start ;;
-  stop) do_stop ;;
-  status) do_status ;;
-  env) do_env ;;
+  start) both start ;;
+  stop) both stop ;;
+  status) both status ;;
+  env) both env ;;
   ctl) shift; ctl "$@" ;;
   *) echo "usage: $0 install|start|stop|status|env|ctl ARGS..." >&2; exit 2 ;;
 esac

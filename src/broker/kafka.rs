@@ -4,26 +4,39 @@
 //!
 //! Records are keyed by `aggregateId`, so the events of one aggregate share a partition; with
 //! idempotence and at most 5 requests in flight, librdkafka keeps them in order across retries.
-//! Credentials never appear in the configuration: it names environment variables read at
-//! connect time.
+//! Credentials never appear in the configuration: it names files (mounted Secrets) or
+//! environment variables read at connect time. TLS (`ssl`, `sasl_ssl`) always verifies the
+//! brokers' certificates and host names unless `tls.insecureSkipVerify` says otherwise.
+//!
+//! librdkafka connects lazily and reports refused connections only through its log and error
+//! callbacks, once per reconnect. [`KafkaClientContext`] keeps the last such error (logged
+//! once per change, not per reconnect) so the health check can say which endpoint refused
+//! and why; a certificate failure, which librdkafka words the same way for every cause, is
+//! named by a handshake of our own (`tls::diagnose_server_certificate`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer as RdFutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::confluent::{self, ConfluentFraming, WireFormat};
 use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
 use crate::event::cloudevents::{self, KAFKA_PREFIX};
+use crate::tls::{TlsConfigError, TlsFiles};
+
+/// The producer type of this adapter: librdkafka's callbacks go to [`KafkaClientContext`].
+type FutureProducer = RdFutureProducer<KafkaClientContext>;
 
 /// `content-type` of a structured-mode record.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -126,6 +139,18 @@ pub struct KafkaConfig {
     /// a Secret); required with SASL. The value itself never goes in this document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_password_env: Option<String>,
+    /// File holding the SASL username (e.g. a mounted Secret key); with SASL, set this or
+    /// `saslUsernameEnv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_username_file: Option<PathBuf>,
+    /// File holding the SASL password (e.g. a mounted Secret key); with SASL, set this or
+    /// `saslPasswordEnv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_password_file: Option<PathBuf>,
+    /// TLS towards the brokers, for `ssl` and `sasl_ssl`: the CA file their certificates must
+    /// chain to (default: the system's roots) and a client certificate for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
     /// Extra librdkafka producer properties, e.g. `batch.size` or `ssl.ca.location`. `acks`,
     /// `enable.idempotence` and `bootstrap.servers` cannot be overridden, settings with a field
     /// of their own must use it, and secrets are refused.
@@ -153,6 +178,9 @@ impl Default for KafkaConfig {
             sasl_mechanism: None,
             sasl_username_env: None,
             sasl_password_env: None,
+            sasl_username_file: None,
+            sasl_password_file: None,
+            tls: None,
             producer_overrides: BTreeMap::new(),
         }
     }
@@ -212,6 +240,11 @@ impl KafkaSecurityProtocol {
             KafkaSecurityProtocol::SaslPlaintext => "sasl_plaintext",
             KafkaSecurityProtocol::SaslSsl => "sasl_ssl",
         }
+    }
+
+    /// True for the protocols that encrypt with TLS.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, KafkaSecurityProtocol::Ssl | KafkaSecurityProtocol::SaslSsl)
     }
 
     /// True for the protocols that authenticate with SASL.
@@ -279,6 +312,12 @@ pub enum KafkaConfigError {
         field: &'static str,
         protocol: KafkaSecurityProtocol,
     },
+    #[error("kafka.{env} and kafka.{file} are both set; use one")]
+    SaslSourceTwice { env: &'static str, file: &'static str },
+    #[error("kafka.tls is set but kafka.securityProtocol is {protocol}; TLS needs ssl or sasl_ssl")]
+    TlsUnused { protocol: KafkaSecurityProtocol },
+    #[error("kafka.{0}")]
+    Tls(#[from] TlsConfigError),
     #[error("kafka.{field} {name:?} is not a valid environment variable name")]
     InvalidEnvName { field: &'static str, name: String },
     #[error("kafka.topicConfig has an empty key")]
@@ -311,8 +350,14 @@ const DEDICATED_OVERRIDES: &[(&str, &str)] = &[
     ("security.protocol", "securityProtocol"),
     ("sasl.mechanism", "saslMechanism"),
     ("sasl.mechanisms", "saslMechanism"),
-    ("sasl.username", "saslUsernameEnv"),
-    ("sasl.password", "saslPasswordEnv"),
+    ("sasl.username", "saslUsernameFile"),
+    ("sasl.password", "saslPasswordFile"),
+    ("ssl.ca.location", "tls.caFile"),
+    ("ssl.certificate.location", "tls.certFile"),
+    ("ssl.key.location", "tls.keyFile"),
+    ("ssl.key.password", "tls.keyPasswordFile"),
+    ("enable.ssl.certificate.verification", "tls.insecureSkipVerify"),
+    ("ssl.endpoint.identification.algorithm", "tls.insecureSkipVerify"),
 ];
 
 /// Properties holding secrets, which never go in the configuration document.
@@ -375,10 +420,41 @@ impl KafkaConfig {
 
     fn validate_sasl(&self) -> Result<(), KafkaConfigError> {
         let protocol = self.security_protocol;
+        if let Some(tls) = &self.tls {
+            if !protocol.uses_tls() {
+                return Err(KafkaConfigError::TlsUnused { protocol });
+            }
+            tls.validate()?;
+        }
+        let pairs = [
+            (
+                "saslUsernameEnv",
+                self.sasl_username_env.is_some(),
+                "saslUsernameFile",
+                self.sasl_username_file.is_some(),
+            ),
+            (
+                "saslPasswordEnv",
+                self.sasl_password_env.is_some(),
+                "saslPasswordFile",
+                self.sasl_password_file.is_some(),
+            ),
+        ];
+        for (env, env_set, file, file_set) in pairs {
+            if env_set && file_set {
+                return Err(KafkaConfigError::SaslSourceTwice { env, file });
+            }
+        }
         let settings = [
             ("saslMechanism", self.sasl_mechanism.map(|_| "")),
-            ("saslUsernameEnv", self.sasl_username_env.as_deref()),
-            ("saslPasswordEnv", self.sasl_password_env.as_deref()),
+            (
+                "saslUsernameFile (or saslUsernameEnv)",
+                (self.sasl_username_env.is_some() || self.sasl_username_file.is_some()).then_some(""),
+            ),
+            (
+                "saslPasswordFile (or saslPasswordEnv)",
+                (self.sasl_password_env.is_some() || self.sasl_password_file.is_some()).then_some(""),
+            ),
         ];
         for (field, value) in settings {
             match (protocol.uses_sasl(), value) {
@@ -422,6 +498,34 @@ impl KafkaConfig {
         }
         if let Some(variable) = &self.sasl_password_env {
             config.set("sasl.password", read_env("saslPasswordEnv", variable)?);
+        }
+        if let Some(file) = &self.sasl_username_file {
+            config.set("sasl.username", read_file("kafka.saslUsernameFile", file)?);
+        }
+        if let Some(file) = &self.sasl_password_file {
+            config.set("sasl.password", read_file("kafka.saslPasswordFile", file)?);
+        }
+        if self.security_protocol.uses_tls() {
+            // librdkafka's default since 2.0, set so no override or older build can drop it.
+            config.set("ssl.endpoint.identification.algorithm", "https");
+            if let Some(tls) = &self.tls {
+                if let Some(ca) = &tls.ca_file {
+                    config.set("ssl.ca.location", ca.to_string_lossy());
+                }
+                if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                    config
+                        .set("ssl.certificate.location", cert.to_string_lossy())
+                        .set("ssl.key.location", key.to_string_lossy());
+                }
+                if let Some(file) = &tls.key_password_file {
+                    config.set("ssl.key.password", read_file("kafka.tls.keyPasswordFile", file)?);
+                }
+                if tls.insecure_skip_verify {
+                    config
+                        .set("enable.ssl.certificate.verification", "false")
+                        .set("ssl.endpoint.identification.algorithm", "none");
+                }
+            }
         }
         for (key, value) in &self.producer_overrides {
             config.set(key.trim(), value);
@@ -495,6 +599,10 @@ fn read_env(field: &'static str, variable: &str) -> Result<String, KafkaConnectE
     })
 }
 
+fn read_file(field: &'static str, path: &std::path::Path) -> Result<String, KafkaConnectError> {
+    crate::tls::read_secret_file(field, path).map_err(|e| KafkaConnectError::SecretFile(e.to_string()))
+}
+
 /// Why `KafkaBroker::connect` failed. Nothing here carries a credential.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KafkaConnectError {
@@ -506,6 +614,9 @@ pub enum KafkaConnectError {
         variable: String,
         problem: &'static str,
     },
+    /// A secret file could not be read (the message names the field and the path).
+    #[error("{0}")]
+    SecretFile(String),
     #[error("cannot create the Kafka {client}: {reason}")]
     Client { client: &'static str, reason: String },
 }
@@ -527,6 +638,114 @@ fn describe_client_error(error: &KafkaError) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// librdkafka's log lines and client errors for one adapter (shared by its producer and its
+/// admin client). It keeps the last connection error for the health check and logs each
+/// distinct error once, where librdkafka would repeat it on every reconnect.
+#[derive(Clone, Default)]
+pub struct KafkaClientContext {
+    state: Arc<Mutex<ContextState>>,
+}
+
+#[derive(Default)]
+struct ContextState {
+    /// The last error librdkafka reported, cleared when a health check gets through.
+    last_error: Option<String>,
+    /// When each distinct warning or error was last logged, to drop repeats.
+    logged: std::collections::HashMap<String, std::time::Instant>,
+}
+
+/// A repeated librdkafka warning or error is logged again after this long.
+const LOG_REPEAT_AFTER: Duration = Duration::from_secs(60);
+/// Distinct messages remembered for deduplication (librdkafka has a bounded vocabulary; this
+/// only bounds memory if a broker sends ever-changing text).
+const LOG_MEMORY: usize = 64;
+
+/// librdkafka appends " (after 12ms in state SSL_HANDSHAKE)" and the like; without it, repeats
+/// of one failure compare equal.
+fn without_timing(message: &str) -> &str {
+    match message.rfind(" (after ") {
+        Some(at) if message.ends_with(')') => &message[..at],
+        _ => message,
+    }
+}
+
+impl KafkaClientContext {
+    fn state(&self) -> std::sync::MutexGuard<'_, ContextState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The last connection error librdkafka reported since the last successful health check.
+    pub fn last_error(&self) -> Option<String> {
+        self.state().last_error.clone()
+    }
+
+    fn clear_error(&self) {
+        let mut state = self.state();
+        state.last_error = None;
+        state.logged.clear();
+    }
+
+    /// Records `message`; true when it was not logged within the last minute.
+    fn record(&self, message: &str, as_error: bool) -> bool {
+        let message = without_timing(message);
+        let mut state = self.state();
+        if as_error {
+            state.last_error = Some(message.to_owned());
+        }
+        let now = std::time::Instant::now();
+        if let Some(at) = state.logged.get(message)
+            && now.duration_since(*at) < LOG_REPEAT_AFTER
+        {
+            return false;
+        }
+        if state.logged.len() >= LOG_MEMORY {
+            state.logged.retain(|_, at| now.duration_since(*at) < LOG_REPEAT_AFTER);
+        }
+        state.logged.insert(message.to_owned(), now);
+        true
+    }
+}
+
+impl ClientContext for KafkaClientContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                if self.record(message, false) {
+                    tracing::warn!(target: "librdkafka", facility, "{message}");
+                }
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility, "{message}");
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // "1/1 brokers are down" follows every refused connection and says less than it.
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown))
+            && self.state().last_error.is_some()
+        {
+            return;
+        }
+        if self.record(reason, true) {
+            tracing::error!(target: "librdkafka", error = %error, "kafka connection failed: {reason}");
+        }
+    }
+}
+
+/// The `host:port` a librdkafka message is about (`sasl_ssl://host:port/bootstrap: …`).
+fn endpoint_in(message: &str) -> Option<&str> {
+    let rest = &message[message.find("://")? + 3..];
+    let end = rest.find(['/', ' ']).unwrap_or(rest.len());
+    let endpoint = rest[..end].trim_end_matches(':');
+    (!endpoint.is_empty()).then_some(endpoint)
 }
 
 /// Refusals of this one record that will repeat on every retry.
@@ -641,7 +860,9 @@ pub struct KafkaBroker {
     /// refuses every further record); in-flight records of the old one fail, never "publish".
     producer: std::sync::RwLock<FutureProducer>,
     producer_config: ClientConfig,
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<KafkaClientContext>,
+    /// Receives librdkafka's callbacks of both clients; holds the last connection error.
+    context: KafkaClientContext,
     config: KafkaConfig,
     framing: Option<ConfluentFraming>,
 }
@@ -663,10 +884,16 @@ impl KafkaBroker {
     pub fn connect(config: &KafkaConfig) -> Result<KafkaBroker, KafkaConnectError> {
         config.validate()?;
         let base = config.client_config()?;
-        let admin: AdminClient<DefaultClientContext> = base.create().map_err(|e| KafkaConnectError::Client {
-            client: "admin client",
-            reason: describe_client_error(&e),
-        })?;
+        let context = KafkaClientContext::default();
+        if let Some(tls) = &config.tls {
+            tls.warn_if_insecure(&config.bootstrap_servers);
+        }
+        let admin: AdminClient<KafkaClientContext> =
+            base.create_with_context(context.clone())
+                .map_err(|e| KafkaConnectError::Client {
+                    client: "admin client",
+                    reason: describe_client_error(&e),
+                })?;
         let mut producer_config = base;
         // Java-compatible key hashing, so other producers agree on an aggregate's partition.
         if !config.producer_overrides.contains_key("partitioner") {
@@ -679,10 +906,13 @@ impl KafkaBroker {
             .set("linger.ms", config.linger_ms.to_string())
             .set("compression.type", config.compression.as_str())
             .set("message.timeout.ms", config.message_timeout_ms.to_string());
-        let producer: FutureProducer = producer_config.create().map_err(|e| KafkaConnectError::Client {
-            client: "producer",
-            reason: describe_client_error(&e),
-        })?;
+        let producer: FutureProducer =
+            producer_config
+                .create_with_context(context.clone())
+                .map_err(|e| KafkaConnectError::Client {
+                    client: "producer",
+                    reason: describe_client_error(&e),
+                })?;
         tracing::info!(
             bootstrap_servers = %config.bootstrap_servers,
             client_id = %config.client_id,
@@ -694,6 +924,7 @@ impl KafkaBroker {
             producer: std::sync::RwLock::new(producer),
             producer_config,
             admin,
+            context,
             config: config.clone(),
             framing: None,
         })
@@ -732,7 +963,10 @@ impl KafkaBroker {
         let Some((code, reason)) = self.producer().client().fatal_error() else {
             return;
         };
-        match self.producer_config.create::<FutureProducer>() {
+        match self
+            .producer_config
+            .create_with_context::<_, FutureProducer>(self.context.clone())
+        {
             Ok(fresh) => {
                 tracing::error!(?code, reason, "kafka producer hit a fatal error; recreated it");
                 *self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
@@ -893,12 +1127,45 @@ impl KafkaBroker {
         .map_err(|e| SendError::Transient(format!("Kafka metadata request did not complete: {e}")))?;
         match fetched {
             Ok(0) => Err(SendError::Transient("Kafka metadata lists no brokers".to_owned())),
-            Ok(_) => Ok(()),
-            Err(error) => Err(SendError::Transient(format!(
-                "Kafka cluster metadata unavailable from {}: {}",
-                self.config.bootstrap_servers,
-                describe_client_error(&error)
-            ))),
+            Ok(_) => {
+                self.context.clear_error();
+                Ok(())
+            }
+            Err(error) => Err(SendError::Transient(self.unreachable_reason(&error).await)),
+        }
+    }
+
+    /// Why the cluster did not answer, naming the endpoint: librdkafka's last connection error
+    /// (SASL refusal, TLS failure, refused connection) rather than the generic metadata
+    /// timeout, with the certificate problem spelled out when librdkafka only says "certificate
+    /// verify failed".
+    async fn unreachable_reason(&self, error: &KafkaError) -> String {
+        let protocol = self.config.security_protocol;
+        let bootstrap = self.config.bootstrap_servers.trim();
+        let Some(cause) = self.context.last_error() else {
+            return format!(
+                "Kafka cluster metadata unavailable from {bootstrap} ({protocol}): {}",
+                describe_client_error(error)
+            );
+        };
+        let ca_file = self.config.tls.as_ref().and_then(|t| t.ca_file.clone());
+        let diagnosis = match ca_file {
+            Some(ca_file) if cause.contains("certificate verify failed") => {
+                let endpoint = endpoint_in(&cause)
+                    .or_else(|| bootstrap.split(',').next())
+                    .unwrap_or(bootstrap)
+                    .trim()
+                    .to_owned();
+                tokio::task::spawn_blocking(move || crate::tls::diagnose_server_certificate(&endpoint, &ca_file))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        match diagnosis {
+            Some(why) => format!("Kafka {bootstrap} ({protocol}): TLS handshake refused: {why} (librdkafka: {cause})"),
+            None => format!("Kafka {bootstrap} ({protocol}): {cause}"),
         }
     }
 }
@@ -1072,7 +1339,7 @@ mod tests {
         config.sasl_username_env = Some("KAFKA_USER".into());
         assert_eq!(
             error_of(config.clone()),
-            "kafka.saslPasswordEnv is required when kafka.securityProtocol is sasl_ssl"
+            "kafka.saslPasswordFile (or saslPasswordEnv) is required when kafka.securityProtocol is sasl_ssl"
         );
         config.sasl_password_env = Some("KAFKA=PASSWORD".into());
         assert_eq!(
@@ -1086,6 +1353,95 @@ mod tests {
             error_of(config),
             "kafka.saslMechanism is set but kafka.securityProtocol is ssl; SASL needs sasl_plaintext or sasl_ssl"
         );
+    }
+
+    #[test]
+    fn tls_needs_a_tls_protocol_and_sasl_takes_a_file_or_a_variable_not_both() {
+        let mut config = valid();
+        config.tls = Some(TlsFiles {
+            ca_file: Some("/etc/kafka-ca/ca.crt".into()),
+            ..TlsFiles::default()
+        });
+        assert_eq!(
+            error_of(config.clone()),
+            "kafka.tls is set but kafka.securityProtocol is plaintext; TLS needs ssl or sasl_ssl"
+        );
+        config.security_protocol = KafkaSecurityProtocol::SaslSsl;
+        config.sasl_mechanism = Some(KafkaSaslMechanism::ScramSha512);
+        config.sasl_username_file = Some("/etc/kafka/username".into());
+        config.sasl_password_file = Some("/etc/kafka/password".into());
+        assert_eq!(config.validate(), Ok(()));
+        config.sasl_password_env = Some("KAFKA_PASSWORD".into());
+        assert_eq!(
+            error_of(config.clone()),
+            "kafka.saslPasswordEnv and kafka.saslPasswordFile are both set; use one"
+        );
+        config.sasl_password_env = None;
+        config.tls = Some(TlsFiles {
+            cert_file: Some("/etc/kafka-client/tls.crt".into()),
+            ..TlsFiles::default()
+        });
+        assert_eq!(
+            error_of(config),
+            "kafka.tls.certFile and tls.keyFile go together: keyFile is missing"
+        );
+    }
+
+    #[test]
+    fn tls_settings_become_librdkafka_properties_that_always_check_the_host_name() {
+        let dir = std::env::temp_dir().join(format!("kafka-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("password"), "scram-secret\n").unwrap();
+        let config = KafkaConfig {
+            security_protocol: KafkaSecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(KafkaSaslMechanism::ScramSha256),
+            sasl_username_file: Some(dir.join("password")),
+            sasl_password_file: Some(dir.join("password")),
+            tls: Some(TlsFiles {
+                ca_file: Some("/etc/kafka-ca/ca.crt".into()),
+                ..TlsFiles::default()
+            }),
+            ..valid()
+        };
+        let client = config.client_config().unwrap();
+        assert_eq!(client.get("ssl.ca.location"), Some("/etc/kafka-ca/ca.crt"));
+        assert_eq!(client.get("ssl.endpoint.identification.algorithm"), Some("https"));
+        assert_eq!(
+            client.get("sasl.password"),
+            Some("scram-secret"),
+            "the trailing newline is dropped"
+        );
+        assert_eq!(client.get("enable.ssl.certificate.verification"), None);
+        let insecure = KafkaConfig {
+            tls: Some(TlsFiles {
+                insecure_skip_verify: true,
+                ..TlsFiles::default()
+            }),
+            ..config
+        };
+        let client = insecure.client_config().unwrap();
+        assert_eq!(client.get("enable.ssl.certificate.verification"), Some("false"));
+        assert_eq!(client.get("ssl.endpoint.identification.algorithm"), Some("none"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn connection_errors_name_their_endpoint_and_repeat_without_their_timing() {
+        let message = "sasl_ssl://kafka-0.kafka:9093/bootstrap: SASL authentication error: Authentication failed (after 309ms in state AUTH_REQ)";
+        assert_eq!(endpoint_in(message), Some("kafka-0.kafka:9093"));
+        assert_eq!(
+            without_timing(message),
+            "sasl_ssl://kafka-0.kafka:9093/bootstrap: SASL authentication error: Authentication failed"
+        );
+        let context = KafkaClientContext::default();
+        assert!(context.record(message, true));
+        assert!(
+            !context.record(&message.replace("309ms", "311ms"), true),
+            "a repeat is not logged again"
+        );
+        assert_eq!(context.last_error().as_deref(), Some(without_timing(message)));
+        context.clear_error();
+        assert_eq!(context.last_error(), None);
     }
 
     #[test]
@@ -1114,7 +1470,9 @@ mod tests {
             refused("linger.ms"),
             "kafka.producerOverrides may not set \"linger.ms\": set kafka.lingerMs instead"
         );
-        assert!(refused("ssl.key.password").contains("secrets never go in the configuration document"));
+        assert!(refused("ssl.keystore.password").contains("secrets never go in the configuration document"));
+        assert!(refused("ssl.key.password").ends_with("set kafka.tls.keyPasswordFile instead"));
+        assert!(refused("enable.ssl.certificate.verification").ends_with("set kafka.tls.insecureSkipVerify instead"));
         let mut config = valid();
         config.producer_overrides.insert("batch.size".into(), "65536".into());
         assert_eq!(config.validate(), Ok(()));

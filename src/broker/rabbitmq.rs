@@ -29,6 +29,13 @@
 //! modes messages are persistent (`delivery-mode` 2), `message-id` is the eventId, `type` is
 //! the eventType and `timestamp` the event time (seconds).
 //!
+//! # TLS
+//!
+//! An `amqps` URL connects through lapin's rustls backend: the server's certificate must chain
+//! to the platform's roots or to `tls.caFile` and name the URL's host. `tls.certFile` and
+//! `tls.keyFile` add a client certificate. Credentials can come from files (`usernameFile`,
+//! `passwordFile`), replacing any in the URL.
+//!
 //! # Errors
 //!
 //! Retriable: unreachable broker, connect timeout, channel or connection error, NACK,
@@ -39,6 +46,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,8 +56,9 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -57,6 +66,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
 use crate::event::cloudevents::{self, AMQP_PREFIX};
+use crate::tls::TlsFiles;
 
 /// Content type of a structured-mode CloudEvent.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -103,6 +113,18 @@ pub struct RabbitMqConfig {
     /// A URL with a password is rejected: use `urlEnv`. Exactly one of `url` and `urlEnv`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// File holding the user name (e.g. a mounted Secret key); replaces the URL's. Set together
+    /// with `passwordFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_file: Option<PathBuf>,
+    /// File holding the password (e.g. a mounted Secret key); replaces the URL's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// TLS for an `amqps` URL: the CA file the server's certificate must chain to (in
+    /// addition to the platform's roots) and an optional client certificate (PKCS#8 key).
+    /// `insecureSkipVerify` and `keyPasswordFile` are not supported for RabbitMQ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
     /// Durable topic exchange the events are published to; the routing key is the
     /// destination chosen by routing (e.g. `inventory.StockLevelChanged`).
     pub exchange: String,
@@ -183,6 +205,17 @@ pub enum RabbitMqConfigError {
     UrlEnvUnset(String),
     #[error("environment variable {name} (rabbitmq.urlEnv) is not a valid AMQP URL: {reason}")]
     UrlEnvInvalid { name: String, reason: String },
+    #[error("rabbitmq.usernameFile and rabbitmq.passwordFile go together")]
+    HalfCredentials,
+    #[error("rabbitmq.tls is set but the URL is not amqps://")]
+    TlsWithoutAmqps,
+    #[error("rabbitmq.tls.{0} is not supported for RabbitMQ")]
+    TlsUnsupported(&'static str),
+    #[error("rabbitmq.{0}")]
+    Tls(String),
+    /// A secret or certificate file could not be read (names the field and path).
+    #[error("{0}")]
+    File(String),
 }
 
 /// Why [`RabbitMqBroker::connect`] failed.
@@ -234,6 +267,9 @@ impl RabbitMqConfig {
         Self {
             url_env: Some(url_env.into()),
             url: None,
+            username_file: None,
+            password_file: None,
+            tls: None,
             exchange: exchange.into(),
             dead_letter_exchange: None,
             dead_letter_queue: None,
@@ -278,6 +314,23 @@ impl RabbitMqConfig {
                 AMQPUri::from_str(url).map_err(RabbitMqConfigError::InvalidUrl)?;
             }
             (Some(_), None) => {}
+        }
+        if self.username_file.is_some() != self.password_file.is_some() {
+            return Err(RabbitMqConfigError::HalfCredentials);
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate().map_err(|e| RabbitMqConfigError::Tls(e.to_string()))?;
+            if tls.insecure_skip_verify {
+                return Err(RabbitMqConfigError::TlsUnsupported("insecureSkipVerify"));
+            }
+            if tls.key_password_file.is_some() {
+                return Err(RabbitMqConfigError::TlsUnsupported("keyPasswordFile"));
+            }
+            if let Some(url) = &self.url
+                && !url.trim_start().to_ascii_lowercase().starts_with("amqps://")
+            {
+                return Err(RabbitMqConfigError::TlsWithoutAmqps);
+            }
         }
         check_name("exchange", &self.exchange)?;
         if let Some(dlx) = &self.dead_letter_exchange {
@@ -327,6 +380,42 @@ impl RabbitMqConfig {
     /// The AMQP URL to connect to, reading `urlEnv` through `env`. Error messages never
     /// contain the URL itself.
     fn resolve_uri(&self, env: impl Fn(&str) -> Option<String>) -> Result<AMQPUri, RabbitMqConfigError> {
+        let mut uri = self.parse_uri(env)?;
+        if self.tls.is_some() && uri.scheme != AMQPScheme::AMQPS {
+            return Err(RabbitMqConfigError::TlsWithoutAmqps);
+        }
+        if let (Some(user), Some(password)) = (&self.username_file, &self.password_file) {
+            uri.authority.userinfo.username = read_file("rabbitmq.usernameFile", user)?;
+            uri.authority.userinfo.password = read_file("rabbitmq.passwordFile", password)?;
+        }
+        Ok(uri)
+    }
+
+    /// The TLS settings lapin connects with: the CA file and client certificate, read now.
+    fn tls_config(&self) -> Result<OwnedTLSConfig, RabbitMqConfigError> {
+        let Some(tls) = &self.tls else {
+            return Ok(OwnedTLSConfig::default());
+        };
+        let read = |field: &'static str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| RabbitMqConfigError::File(format!("read {field} {}: {e}", path.display())))
+        };
+        let cert_chain = match &tls.ca_file {
+            Some(ca) => Some(String::from_utf8(read("rabbitmq.tls.caFile", ca)?).map_err(|_| {
+                RabbitMqConfigError::File(format!("rabbitmq.tls.caFile {} is not PEM text", ca.display()))
+            })?),
+            None => None,
+        };
+        let identity = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+                pem: read("rabbitmq.tls.certFile", cert)?,
+                key: read("rabbitmq.tls.keyFile", key)?,
+            }),
+            _ => None,
+        };
+        Ok(OwnedTLSConfig { identity, cert_chain })
+    }
+
+    fn parse_uri(&self, env: impl Fn(&str) -> Option<String>) -> Result<AMQPUri, RabbitMqConfigError> {
         self.validate()?;
         match (&self.url_env, &self.url) {
             (Some(name), _) => {
@@ -340,6 +429,10 @@ impl RabbitMqConfig {
             (None, None) => Err(RabbitMqConfigError::MissingUrl),
         }
     }
+}
+
+fn read_file(field: &'static str, path: &std::path::Path) -> Result<String, RabbitMqConfigError> {
+    crate::tls::read_secret_file(field, path).map_err(|e| RabbitMqConfigError::File(e.to_string()))
 }
 
 /// A message ready for `basic.publish`.
@@ -516,6 +609,8 @@ pub struct RabbitMqBroker {
     config: RabbitMqConfig,
     /// Holds credentials: never logged, never in `Debug`.
     uri: AMQPUri,
+    /// CA and client certificate for `amqps` (empty otherwise).
+    tls: OwnedTLSConfig,
     exchange: ShortString,
     dead_letter_exchange: ShortString,
     connection_name: String,
@@ -549,6 +644,7 @@ impl RabbitMqBroker {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, RabbitMqConfigError> {
         let uri = config.resolve_uri(env)?;
+        let tls = config.tls_config()?;
         // validate() checked both names against the AMQP limit.
         let exchange = ShortString::try_new(config.exchange.as_str())
             .map_err(|_| RabbitMqConfigError::Empty("exchange".to_owned()))?;
@@ -559,6 +655,7 @@ impl RabbitMqBroker {
             connection_name: format!("inventory-outbox-{}", id.get(..12).unwrap_or(&id)),
             config,
             uri,
+            tls,
             exchange,
             dead_letter_exchange,
             session: Mutex::new(None),
@@ -614,12 +711,7 @@ impl RabbitMqBroker {
 
     async fn open_session(&self) -> Result<Session, SendError> {
         let properties = ConnectionProperties::default().with_connection_name(self.connection_name.as_str().into());
-        let connection = match timeout(
-            self.rpc_timeout(),
-            Connection::connect_uri(self.uri.clone(), properties),
-        )
-        .await
-        {
+        let connection = match timeout(self.rpc_timeout(), self.connect_connection(properties)).await {
             Ok(Ok(connection)) => Arc::new(connection),
             Ok(Err(e)) => {
                 return Err(SendError::Transient(format!(
@@ -638,6 +730,16 @@ impl RabbitMqBroker {
         let channel = self.open_channel(&connection, true).await?;
         tracing::info!(target = %self.target(), connection = %self.connection_name, "connected to RabbitMQ");
         Ok(Session { connection, channel })
+    }
+
+    /// Opens the AMQP connection, over TLS for `amqps`.
+    async fn connect_connection(&self, properties: ConnectionProperties) -> lapin::Result<Connection> {
+        lapin::DefaultConnectionBuilder::new()?
+            .with_uri(self.uri.clone())
+            .with_properties(properties)
+            .with_tls_config(self.tls.clone())
+            .connect()
+            .await
     }
 
     /// The current session, reopening the channel or reconnecting when needed.
@@ -1197,6 +1299,49 @@ mod tests {
             )
         );
         assert!(!err.contains("u:p"), "{err}");
+    }
+
+    #[test]
+    fn tls_needs_amqps_and_credentials_from_files_replace_the_urls() {
+        assert_eq!(
+            invalid(|c| c.username_file = Some("/etc/amqp/username".into())),
+            "rabbitmq.usernameFile and rabbitmq.passwordFile go together"
+        );
+        assert_eq!(
+            invalid(|c| {
+                c.url_env = None;
+                c.url = Some("amqp://rabbit:5672/%2f".into());
+                c.tls = Some(TlsFiles::default());
+            }),
+            "rabbitmq.tls is set but the URL is not amqps://"
+        );
+        assert_eq!(
+            invalid(|c| {
+                c.tls = Some(TlsFiles {
+                    insecure_skip_verify: true,
+                    ..TlsFiles::default()
+                })
+            }),
+            "rabbitmq.tls.insecureSkipVerify is not supported for RabbitMQ"
+        );
+        let dir = std::env::temp_dir().join(format!("amqp-files-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("username"), "relay\n").unwrap();
+        std::fs::write(dir.join("password"), "from-a-file\n").unwrap();
+        let mut c = config();
+        c.username_file = Some(dir.join("username"));
+        c.password_file = Some(dir.join("password"));
+        c.tls = Some(TlsFiles::default());
+        let from_env = |_: &str| Some("amqps://u:p@rabbit:5671/v".to_owned());
+        let uri = c.resolve_uri(from_env).unwrap();
+        assert_eq!(uri.authority.userinfo.username, "relay");
+        assert_eq!(uri.authority.userinfo.password, "from-a-file");
+        let plain = |_: &str| Some("amqp://u:p@rabbit:5672/v".to_owned());
+        assert_eq!(
+            c.resolve_uri(plain).unwrap_err().to_string(),
+            "rabbitmq.tls is set but the URL is not amqps://"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -72,3 +72,46 @@ pub struct LocalObjectRef {
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub name: String,
 }
+
+/// TLS material from Secrets: the CA the server's certificate must chain to and an optional
+/// client certificate. Each key is mounted as a file into the Pods that connect; the operator
+/// never reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSecretRefs {
+    /// Secret key holding the PEM CA bundle; the system's trusted roots when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Secret holding a client certificate and its key (mutual TLS), e.g. a
+    /// `kubernetes.io/tls` Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret_ref: Option<TlsCertificateRef>,
+    /// Accept any server certificate (no chain, expiry or host name check). For throwaway
+    /// test setups only: the operator records a Warning Event and the relay logs a warning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+/// A certificate and its private key (PEM) in one Secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsCertificateRef {
+    /// Name of the Secret, in the same namespace as the resource.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Key of the PEM certificate (chain).
+    #[serde(default = "default_cert_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub cert_key: String,
+    /// Key of the PEM private key (PKCS#8 for RabbitMQ and PostgreSQL).
+    #[serde(default = "default_key_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key_key: String,
+}
+
+fn default_cert_key() -> String {
+    "tls.crt".into()
+}
+fn default_key_key() -> String {
+    "tls.key".into()
+}

@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{AwsCredentialsRef, SecretKeyRef, UsernamePasswordRef};
+use super::common::{AwsCredentialsRef, SecretKeyRef, TlsSecretRefs, UsernamePasswordRef};
 use super::names;
 use crate::broker::CloudEventsMode;
 use crate::broker::kafka::{KafkaCompression, KafkaSaslMechanism, KafkaSecurityProtocol};
@@ -189,6 +189,10 @@ pub struct OutboxSpec {
     #[serde(default = "default_max_connections")]
     #[schemars(range(min = 2, max = 64))]
     pub max_connections: i32,
+    /// TLS towards PostgreSQL: verify-full against the CA from `caSecretRef` (overriding the
+    /// URL's `sslmode`), optionally with a client certificate. Absent: the URL decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSecretRefs>,
 }
 
 fn default_schema() -> String {
@@ -262,6 +266,9 @@ pub struct KafkaBrokerSpec {
     /// Secret holding the SASL username and password; required with the SASL protocols.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<UsernamePasswordRef>,
+    /// TLS with `ssl` and `sasl_ssl`: the brokers' CA and a client certificate for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSecretRefs>,
     /// How long a record may wait for its acknowledgement, retries included, in milliseconds.
     #[serde(default = "default_message_timeout_ms")]
     #[schemars(range(min = 1000, max = 600000))]
@@ -304,6 +311,10 @@ pub struct RabbitMqBrokerSpec {
     /// failure instead of being dropped.
     #[serde(default = "default_true")]
     pub mandatory: bool,
+    /// TLS for an `amqps` URL: the broker's CA and an optional client certificate.
+    /// `insecureSkipVerify` is not supported for RabbitMQ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSecretRefs>,
 }
 
 fn default_confirm_timeout_ms() -> i64 {

@@ -120,7 +120,7 @@ pub fn build(p: &ValidatedPublisher, ctx: &BuildContext) -> Result<Children, Bui
     };
     // Secret names are part of the hash: pointing at another Secret rolls the Pods too.
     let mut hashed = document;
-    for f in &p.secret_files {
+    for f in p.secret_files.iter().chain(&p.tls_files) {
         hashed.push_str(&format!("\n{}={}/{}", f.env, f.secret, f.key));
     }
     let hash = format!("{:016x}", fnv1a(hashed.as_bytes()));
@@ -171,7 +171,7 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
 /// Secret volumes: one per (role, Secret), holding only the referenced keys.
 pub(crate) fn secret_volumes(p: &ValidatedPublisher) -> (Vec<Value>, Vec<Value>) {
     let mut by_role: BTreeMap<(&str, &str), Vec<&SecretFile>> = BTreeMap::new();
-    for f in p.secret_files.iter().chain(p.admin_token.iter()) {
+    for f in p.secret_files.iter().chain(p.admin_token.iter()).chain(&p.tls_files) {
         by_role.entry((f.role, f.secret.as_str())).or_default().push(f);
     }
     let mut volumes = Vec::new();

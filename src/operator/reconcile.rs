@@ -404,6 +404,19 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
         }
     };
     let children = build(&validated, &ctx.settings.build)?;
+    if !validated.insecure_tls.is_empty() {
+        event(
+            ctx,
+            publisher,
+            EventType::Warning,
+            "InsecureTls",
+            format!(
+                "{} set: the server's certificate is not verified, so anyone on the network path can impersonate it",
+                validated.insecure_tls.join(", ")
+            ),
+        )
+        .await;
+    }
     let ready_replicas = apply(&validated, &children, ctx).await?;
     let observations = dereference(&validated, ready_replicas, ctx).await?;
     let previous = publisher.status.clone().unwrap_or_default();

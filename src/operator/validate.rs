@@ -14,6 +14,7 @@ use crate::broker::rabbitmq::{QueueBinding, RabbitMqConfig};
 use crate::broker::routing::Routing;
 use crate::broker::sns_sqs::SnsSqsConfig;
 use crate::crd::EventPublisher;
+use crate::crd::common::TlsSecretRefs;
 use crate::crd::event_publisher::{DeletionPolicy, RoutingStrategy};
 use crate::relay::circuit::CircuitBreakerConfig;
 use crate::relay::config::{BrokerConfig, DeadLetterConfig, HttpConfig, OutboxConfig, RelayConfig};
@@ -77,6 +78,12 @@ pub struct ValidatedPublisher {
     pub secret_files: Vec<SecretFile>,
     /// The admin API token (mounted, not turned into an environment variable).
     pub admin_token: Option<SecretFile>,
+    /// TLS material (CA bundles, client certificates), mounted only: the relay's
+    /// configuration names the files.
+    pub tls_files: Vec<SecretFile>,
+    /// The settings that switch certificate verification off (`broker.kafka.tls.insecureSkipVerify`, …),
+    /// for the Warning Event.
+    pub insecure_tls: Vec<&'static str>,
     /// Relay replicas to run now: 0 while paused.
     pub replicas: i32,
     pub paused: bool,
@@ -87,6 +94,42 @@ pub struct ValidatedPublisher {
     pub deletion_policy: DeletionPolicy,
     /// `kafka`, `rabbitmq` or `snsSqs`.
     pub broker_kind: &'static str,
+}
+
+/// Mounted TLS files of one connection: the CA under role `ca_role`, the client certificate
+/// under `client_role`; returns the relay's file settings.
+fn tls_files(
+    refs: &TlsSecretRefs,
+    ca_role: &'static str,
+    client_role: &'static str,
+    mounted: &mut Vec<SecretFile>,
+) -> crate::tls::TlsFiles {
+    let mut mount = |role: &'static str, secret: &str, key: &str| {
+        let file = SecretFile {
+            role,
+            secret: secret.to_owned(),
+            key: key.to_owned(),
+            env: "",
+        };
+        let path = std::path::PathBuf::from(file.path());
+        mounted.push(file);
+        path
+    };
+    let ca_file = refs.ca_secret_ref.as_ref().map(|r| mount(ca_role, &r.name, &r.key));
+    let (cert_file, key_file) = match &refs.client_certificate_secret_ref {
+        Some(c) => (
+            Some(mount(client_role, &c.name, &c.cert_key)),
+            Some(mount(client_role, &c.name, &c.key_key)),
+        ),
+        None => (None, None),
+    };
+    crate::tls::TlsFiles {
+        ca_file,
+        cert_file,
+        key_file,
+        key_password_file: None,
+        insecure_skip_verify: refs.insecure_skip_verify,
+    }
 }
 
 /// Derives the validated publisher from the stored object.
@@ -106,6 +149,21 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
         key: spec.outbox.database_url_secret_ref.key.clone(),
         env: "DATABASE_URL",
     }];
+    let mut mounted_tls = Vec::new();
+    let mut insecure_tls = Vec::new();
+    let postgres_tls = spec.outbox.tls.as_ref().map(|refs| {
+        if refs.insecure_skip_verify {
+            insecure_tls.push("outbox.tls.insecureSkipVerify");
+        }
+        let files = tls_files(refs, "postgres-ca", "postgres-client", &mut mounted_tls);
+        crate::store::PostgresTls {
+            ca_file: files.ca_file,
+            cert_file: files.cert_file,
+            key_file: files.key_file,
+            insecure_skip_verify: files.insecure_skip_verify,
+            ..crate::store::PostgresTls::default()
+        }
+    });
     let positive = |v: i64| u64::try_from(v).unwrap_or(0);
     let positive32 = |v: i32| u32::try_from(v).unwrap_or(0);
 
@@ -165,6 +223,12 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             sasl_mechanism: k.sasl_mechanism,
             sasl_username_env: username_env,
             sasl_password_env: password_env,
+            tls: k.tls.as_ref().map(|refs| {
+                if refs.insecure_skip_verify {
+                    insecure_tls.push("broker.kafka.tls.insecureSkipVerify");
+                }
+                tls_files(refs, "kafka-ca", "kafka-client", &mut mounted_tls)
+            }),
             ..KafkaConfig::default()
         };
         (BrokerConfig::Kafka(config), "kafka")
@@ -196,6 +260,10 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             connect_timeout_ms: positive(r.connect_timeout_ms),
             mandatory: r.mandatory,
             queues,
+            tls: r
+                .tls
+                .as_ref()
+                .map(|refs| tls_files(refs, "amqp-ca", "amqp-client", &mut mounted_tls)),
             ..RabbitMqConfig::new("AMQP_URL", r.exchange.clone())
         };
         (BrokerConfig::Rabbitmq(config), "rabbitmq")
@@ -270,6 +338,7 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             max_connections: positive32(spec.outbox.max_connections),
             // The provision init container migrates before the relays start.
             migrate: false,
+            tls: postgres_tls,
         },
         broker,
         routing,
@@ -309,6 +378,8 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
         relay,
         secret_files,
         admin_token,
+        tls_files: mounted_tls,
+        insecure_tls,
         replicas: if spec.paused { 0 } else { spec.replicas },
         paused: spec.paused,
         resources: spec.resources.clone(),
@@ -380,6 +451,62 @@ pub(crate) mod tests {
         assert_eq!(v.replicas, 2);
         assert_eq!(v.owner.kind, "EventPublisher");
         assert_eq!(v.owner.controller, Some(true));
+    }
+
+    #[test]
+    fn tls_secrets_are_mounted_and_named_in_the_config_only_by_path() {
+        let mut p = kafka_publisher();
+        let refs: TlsSecretRefs = serde_json::from_value(serde_json::json!({
+            "caSecretRef": {"name": "kafka-ca", "key": "ca.crt"},
+            "clientCertificateSecretRef": {"name": "orders-kafka-client"},
+        }))
+        .expect("tls refs");
+        let k = p.spec.broker.kafka.as_mut().expect("kafka");
+        k.security_protocol = crate::broker::kafka::KafkaSecurityProtocol::Ssl;
+        k.tls = Some(refs.clone());
+        p.spec.outbox.tls = Some(TlsSecretRefs {
+            client_certificate_secret_ref: None,
+            ..refs
+        });
+        let v = validate(&p).expect("valid");
+        let paths: Vec<String> = v.tls_files.iter().map(SecretFile::path).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "/var/run/secrets/inventory-outbox/postgres-ca/ca.crt",
+                "/var/run/secrets/inventory-outbox/kafka-ca/ca.crt",
+                "/var/run/secrets/inventory-outbox/kafka-client/tls.crt",
+                "/var/run/secrets/inventory-outbox/kafka-client/tls.key",
+            ]
+        );
+        assert!(
+            v.tls_files.iter().all(|f| f.env.is_empty()),
+            "mounted, not put in the environment"
+        );
+        let BrokerConfig::Kafka(kafka) = &v.relay.broker else {
+            panic!("kafka expected")
+        };
+        let tls = kafka.tls.as_ref().expect("kafka tls");
+        assert_eq!(tls.key_file.as_deref(), Some(std::path::Path::new(&paths[3])));
+        assert_eq!(
+            v.relay.outbox.tls.as_ref().and_then(|t| t.ca_file.clone()),
+            Some(paths[0].clone().into())
+        );
+        assert!(v.insecure_tls.is_empty());
+        let (volumes, _) = super::super::build::secret_volumes(&v);
+        let names: Vec<&str> = volumes.iter().filter_map(|v| v["name"].as_str()).collect();
+        assert!(
+            names.contains(&"secret-kafka-client") && names.contains(&"secret-postgres-ca"),
+            "{names:?}"
+        );
+
+        let k = p.spec.broker.kafka.as_mut().expect("kafka");
+        k.tls = Some(TlsSecretRefs {
+            insecure_skip_verify: true,
+            ..TlsSecretRefs::default()
+        });
+        let v = validate(&p).expect("valid, with a warning");
+        assert_eq!(v.insecure_tls, vec!["broker.kafka.tls.insecureSkipVerify"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::broker::kafka::KafkaConfig;
 use crate::broker::rabbitmq::RabbitMqConfig;
 use crate::broker::routing::Routing;
 use crate::broker::sns_sqs::SnsSqsConfig;
-use crate::store::SchemaName;
+use crate::store::{PostgresTls, SchemaName};
 
 /// Everything a relay worker needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -83,6 +83,11 @@ pub struct OutboxConfig {
     /// Apply migrations at start (off when an init step runs `inventory-outbox migrate`).
     #[serde(default = "default_true")]
     pub migrate: bool,
+    /// TLS towards PostgreSQL (verify-full by default, CA and client certificate as files).
+    /// When set it overrides `sslmode`, `sslrootcert`, `sslcert` and `sslkey` of the URL;
+    /// when absent the URL decides (see docs/CONNECTIVITY.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<PostgresTls>,
 }
 
 /// Exactly one broker.
@@ -296,6 +301,9 @@ impl RelayConfig {
             ));
         }
         SchemaName::new(&self.outbox.schema).map_err(|e| invalid("outbox.schema", e))?;
+        if let Some(tls) = &self.outbox.tls {
+            tls.validate().map_err(|e| invalid("outbox.tls", e))?;
+        }
         if self.outbox.database_url_env.is_empty() {
             return Err(invalid("outbox.databaseUrlEnv", "is empty"));
         }

@@ -17,6 +17,8 @@ use chrono::Utc;
 #[derive(Debug)]
 pub struct HealthState {
     broker_reachable: AtomicBool,
+    /// Why the last broker health check failed (endpoint and cause), for `/readyz`.
+    broker_error: std::sync::Mutex<Option<String>>,
     database_reachable: AtomicBool,
     last_loop_at_ms: AtomicI64,
     /// When the broker call in flight started (0: none in flight).
@@ -37,6 +39,7 @@ impl HealthState {
     pub fn new(loop_stall_after: Duration, send_budget: Duration) -> Self {
         Self {
             broker_reachable: AtomicBool::new(false),
+            broker_error: std::sync::Mutex::new(None),
             database_reachable: AtomicBool::new(false),
             last_loop_at_ms: AtomicI64::new(0),
             send_started_at_ms: AtomicI64::new(0),
@@ -47,6 +50,15 @@ impl HealthState {
 
     pub fn set_broker_reachable(&self, reachable: bool) {
         self.broker_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Records a broker health check: reachable, or why not (shown by `/readyz`).
+    pub fn set_broker_health(&self, result: Result<(), String>) {
+        self.set_broker_reachable(result.is_ok());
+        *self
+            .broker_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = result.err();
     }
 
     pub fn broker_reachable(&self) -> bool {
@@ -97,7 +109,15 @@ impl HealthState {
             reasons.push("database is not reachable".to_owned());
         }
         if !self.broker_reachable.load(Ordering::Relaxed) {
-            reasons.push("broker is not reachable".to_owned());
+            let why = self
+                .broker_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            reasons.push(match why {
+                Some(why) => format!("broker is not reachable: {why}"),
+                None => "broker is not reachable".to_owned(),
+            });
         }
         if reasons.is_empty() {
             Ok(())

@@ -60,7 +60,13 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
     let url_env = &config.outbox.database_url_env;
     let url = std::env::var(url_env)
         .with_context(|| format!("environment variable {url_env} (outbox.databaseUrlEnv) is not set"))?;
-    let store = crate::store::Store::connect(&url, config.schema_name(), config.outbox.max_connections).await?;
+    let store = crate::store::Store::connect_with_tls(
+        &url,
+        config.outbox.tls.as_ref(),
+        config.schema_name(),
+        config.outbox.max_connections,
+    )
+    .await?;
     if config.outbox.migrate {
         store.migrate().await?;
         // The relay validates every payload against its registered schema before sending, so a

@@ -273,7 +273,8 @@ impl Relay {
             if let Err(e) = &reachable {
                 tracing::warn!(error = %e, broker = self.broker.kind(), "broker health check failed");
             }
-            self.health.set_broker_reachable(reachable.is_ok());
+            self.health
+                .set_broker_health(reachable.as_ref().map(|_| ()).map_err(|e| e.message().to_owned()));
             let wait = if reachable.is_ok() {
                 Duration::from_secs(5)
             } else {

@@ -14,8 +14,10 @@ pub mod replay;
 pub mod status;
 
 use std::fmt;
+use std::path::PathBuf;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{Executor, PgConnection};
 
 /// Migrations shipped with the binary (`migrations/`).
@@ -30,6 +32,16 @@ pub enum StoreError {
     InvalidSchemaName(String),
     #[error("connect to PostgreSQL: {0}")]
     Connect(#[source] sqlx::Error),
+    #[error("connect to PostgreSQL at {endpoint} (sslmode {ssl_mode}): {source}")]
+    ConnectTo {
+        /// `host:port/database`; never the user or password.
+        endpoint: String,
+        ssl_mode: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("outbox.tls: {0}")]
+    InvalidTls(&'static str),
     #[error("apply migrations to schema {schema}: {source}")]
     Migrate {
         schema: String,
@@ -105,6 +117,101 @@ pub const SESSION_SETTINGS: [(&str, &str); 5] = [
     ("tcp_keepalives_count", "3"),
 ];
 
+/// How strictly the server's certificate is checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PostgresTlsMode {
+    /// The certificate must chain to a trusted CA and name the host of the URL (libpq
+    /// `verify-full`).
+    #[default]
+    VerifyFull,
+    /// The certificate must chain to a trusted CA; the host name is not checked (libpq
+    /// `verify-ca`), for servers reached by an address their certificate does not name.
+    VerifyCa,
+}
+
+/// TLS towards PostgreSQL. When set it overrides `sslmode`, `sslrootcert`, `sslcert` and
+/// `sslkey` of the connection URL, so a URL from a platform's Secret cannot weaken it; when
+/// absent the URL alone decides (libpq's default, `prefer`, encrypts without verifying).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresTls {
+    /// `verifyFull` (default) or `verifyCa`.
+    #[serde(default)]
+    pub mode: PostgresTlsMode,
+    /// PEM file with the CA certificate(s) the server's certificate must chain to (a mounted
+    /// Secret or ConfigMap). Without it the bundled Mozilla roots are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for servers that require one (`hostssl ... cert`); needs
+    /// `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `certFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Encrypt but accept any server certificate (libpq `require`). Only for throwaway test
+    /// setups; connecting this way logs a warning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+impl PostgresTls {
+    /// Checks the combination of settings without reading the files.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(StoreError::InvalidTls("certFile and keyFile go together"));
+        }
+        if self.insecure_skip_verify && self.ca_file.is_some() {
+            return Err(StoreError::InvalidTls(
+                "insecureSkipVerify skips the check caFile is for; set only one",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The URL's options with these TLS settings on top.
+    pub fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
+        let mode = match (self.insecure_skip_verify, self.mode) {
+            (true, _) => PgSslMode::Require,
+            (false, PostgresTlsMode::VerifyFull) => PgSslMode::VerifyFull,
+            (false, PostgresTlsMode::VerifyCa) => PgSslMode::VerifyCa,
+        };
+        let mut options = options.ssl_mode(mode);
+        if let Some(ca) = &self.ca_file {
+            options = options.ssl_root_cert(ca);
+        }
+        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+            options = options.ssl_client_cert(cert).ssl_client_key(key);
+        }
+        options
+    }
+}
+
+/// libpq's name of an sslmode, for messages.
+fn ssl_mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// Parses a connection URL and puts `tls` on top of it (see [`PostgresTls`]).
+pub fn connect_options(url: &str, tls: Option<&PostgresTls>) -> Result<PgConnectOptions, StoreError> {
+    let options: PgConnectOptions = url.parse().map_err(StoreError::Connect)?;
+    Ok(match tls {
+        Some(tls) => {
+            tls.validate()?;
+            tls.apply(options)
+        }
+        None => options,
+    })
+}
+
 /// A connection pool bound to one outbox schema.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -122,15 +229,42 @@ impl Store {
     /// vanished from the network. sqlx offers no client-side keepalive; the pool tests a
     /// connection before handing it out and times acquisition out instead.
     pub async fn connect(url: &str, schema: SchemaName, max_connections: u32) -> Result<Self, StoreError> {
-        let options: PgConnectOptions = url.parse().map_err(StoreError::Connect)?;
-        let options = options.options(SESSION_SETTINGS);
+        Self::connect_with_tls(url, None, schema, max_connections).await
+    }
+
+    /// Like [`connect`](Self::connect), with `tls` on top of the URL's own TLS parameters.
+    /// A failure names the endpoint and sslmode (never the credentials).
+    pub async fn connect_with_tls(
+        url: &str,
+        tls: Option<&PostgresTls>,
+        schema: SchemaName,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let options = connect_options(url, tls)?.options(SESSION_SETTINGS);
+        let endpoint = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("")
+        );
+        let ssl_mode = ssl_mode_name(options.get_ssl_mode());
+        if tls.is_some_and(|t| t.insecure_skip_verify) {
+            tracing::warn!(
+                endpoint,
+                "outbox.tls.insecureSkipVerify is set: the PostgreSQL server's certificate is NOT verified"
+            );
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .test_before_acquire(true)
             .connect_with(options)
             .await
-            .map_err(StoreError::Connect)?;
+            .map_err(|source| StoreError::ConnectTo {
+                endpoint,
+                ssl_mode,
+                source,
+            })?;
         Ok(Self { pool, schema })
     }
 
@@ -175,6 +309,32 @@ async fn migrate_connection(conn: &mut PgConnection, schema: &SchemaName) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tls_settings_override_the_url() {
+        let tls = PostgresTls {
+            ca_file: Some("/etc/outbox/ca.crt".into()),
+            ..PostgresTls::default()
+        };
+        let options = connect_options("postgres://u:p@db:5432/app?sslmode=disable", Some(&tls)).unwrap();
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::VerifyFull));
+        let plain = connect_options("postgres://u:p@db:5432/app?sslmode=verify-ca", None).unwrap();
+        assert!(
+            matches!(plain.get_ssl_mode(), PgSslMode::VerifyCa),
+            "without outbox.tls the URL decides"
+        );
+        let insecure = PostgresTls {
+            insecure_skip_verify: true,
+            ..PostgresTls::default()
+        };
+        let options = connect_options("postgres://u:p@db/app", Some(&insecure)).unwrap();
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::Require));
+        let contradictory = PostgresTls {
+            insecure_skip_verify: true,
+            ..tls
+        };
+        assert!(connect_options("postgres://db/app", Some(&contradictory)).is_err());
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {

@@ -13,3 +13,4 @@ mod relay;
 mod replay;
 mod smoke;
 mod support;
+mod tls;
