@@ -419,7 +419,7 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
     }
     let ready_replicas = apply(&validated, &children, ctx).await?;
     let observations = dereference(&validated, ready_replicas, ctx).await?;
-    let previous = publisher.status.clone().unwrap_or_default();
+    let previous = stored_status(publisher, ctx).await;
     let status = compute(&validated, &observations, &previous, now());
     publish_transitions(publisher, &previous.conditions, &status, ctx).await;
     ctx.metrics.set_workers(
@@ -613,6 +613,25 @@ fn provision_outcome(pod: &Pod) -> Option<(i64, ProvisionOutcome)> {
         },
     };
     Some((at, outcome))
+}
+
+/// The status as stored, not as the watch cache last saw it: a requeue or a child's event can
+/// start a reconcile before this controller's own last status write reaches the cache, and
+/// settling conditions against that stale copy would move `lastTransitionTime` without a
+/// change. Falls back to the cached copy when the read fails (the next reconcile corrects it).
+async fn stored_status(publisher: &EventPublisher, ctx: &Context) -> EventPublisherStatus {
+    let cached = || publisher.status.clone().unwrap_or_default();
+    let (Some(name), Some(namespace)) = (publisher.metadata.name.as_deref(), publisher.namespace()) else {
+        return cached();
+    };
+    let api: Api<EventPublisher> = Api::namespaced(ctx.client.clone(), &namespace);
+    match api.get_status(name).await {
+        Ok(stored) => stored.status.unwrap_or_default(),
+        Err(error) => {
+            tracing::debug!(%error, "reading the stored status failed; settling against the cached copy");
+            cached()
+        }
+    }
 }
 
 async fn write_status(name: &str, namespace: &str, status: &EventPublisherStatus, ctx: &Context) -> Result<(), Error> {
