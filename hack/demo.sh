@@ -51,7 +51,7 @@ quiet() { "$@" >>"$current_log" 2>&1; }
 
 kafka_node() {
   OUTBOX_STATE="$DEMO_KAFKA_STATE" KAFKA_PORT=$DEMO_KAFKA_PORT KAFKA_CONTROLLER_PORT=$DEMO_KAFKA_CONTROLLER_PORT \
-    "$HACK_DIR/components/kafka.sh" "$@"
+    KAFKA_TLS_NODE=0 "$HACK_DIR/components/kafka.sh" "$@"
 }
 
 clean() {

@@ -37,6 +37,11 @@ pub fn labels(v: &ValidatedReplay) -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".to_owned(), "inventory-outbox".to_owned()),
         ("app.kubernetes.io/component".to_owned(), "replay".to_owned()),
         ("app.kubernetes.io/instance".to_owned(), v.name.clone()),
+        // The chart's NetworkPolicy lets the operator reach Pods with this label (status polls).
+        (
+            crate::operator::build::PART_OF_LABEL.to_owned(),
+            "inventory-outbox".to_owned(),
+        ),
         (
             "app.kubernetes.io/managed-by".to_owned(),
             "inventory-outbox-operator".to_owned(),

@@ -35,6 +35,8 @@ impl DedicatedKafka {
             .env("OUTBOX_STATE", &self.state)
             .env("KAFKA_PORT", KAFKA_PORT.to_string())
             .env("KAFKA_CONTROLLER_PORT", KAFKA_CONTROLLER_PORT.to_string())
+            // Only the plain broker: the shared stack's TLS node keeps its fixed ports.
+            .env("KAFKA_TLS_NODE", "0")
             .status()
             .expect("run hack/components/kafka.sh");
         assert!(

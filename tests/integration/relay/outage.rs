@@ -81,6 +81,8 @@ impl DedicatedBroker {
             vec![
                 ("KAFKA_PORT", KAFKA_PORT.to_string()),
                 ("KAFKA_CONTROLLER_PORT", KAFKA_CONTROLLER_PORT.to_string()),
+                // Only the plain broker: the shared stack's TLS node keeps its fixed ports.
+                ("KAFKA_TLS_NODE", "0".to_owned()),
             ],
         )
     }
@@ -94,6 +96,7 @@ impl DedicatedBroker {
                 ("AMQP_PORT", AMQP_PORT.to_string()),
                 ("RABBITMQ_MGMT_PORT", (AMQP_PORT + 1).to_string()),
                 ("RABBITMQ_DIST_PORT", (AMQP_PORT + 2).to_string()),
+                ("RABBITMQ_TLS_NODE", "0".to_owned()),
             ],
         )
     }
