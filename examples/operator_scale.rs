@@ -1,8 +1,10 @@
 //! Operator scale benchmark: creates N paused EventPublishers (no relay Pods start) in a fresh
 //! namespace, runs the real `inventory-outbox operator` binary against the local API server,
 //! and reports the time until every publisher is reconciled (status written for its current
-//! generation, ConfigMap, Deployment and Service created) and the operator's peak RSS.
-//! `source ~/.local/state/inventory-outbox/env.sh && cargo build && cargo run --example operator_scale -- 1000`
+//! generation, ConfigMap, Deployment and Service created) and the operator's peak RSS; also the
+//! operator's reconciles and CPU time, the API server's requests by verb and resource over the
+//! run (the whole server's: other clients' included), and the load average.
+//! `source ~/.local/state/inventory-outbox/env.sh && cargo build --release && cargo run --release --example operator_scale -- 1000`
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,70 @@ fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = text.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The process's user + system CPU time, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = text.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `apiserver_request_total` summed by (verb, resource) for the resources the operator touches.
+async fn api_requests() -> std::collections::BTreeMap<(String, String), f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let Ok(raw) = tokio::process::Command::new(kubectl)
+        .args(["get", "--raw", "/metrics"])
+        .output()
+        .await
+    else {
+        return out;
+    };
+    let text = String::from_utf8_lossy(&raw.stdout);
+    let label = |line: &str, name: &str| {
+        let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+        Some(line[start..start + line[start..].find('"')?].to_owned())
+    };
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let (Some(verb), Some(resource), Some(value)) = (
+            label(line, "verb"),
+            label(line, "resource"),
+            line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        let watched = [
+            "eventpublishers",
+            "configmaps",
+            "deployments",
+            "services",
+            "poddisruptionbudgets",
+            "pods",
+            "events",
+        ];
+        if watched.contains(&resource.as_str()) {
+            *out.entry((verb, resource)).or_insert(0.0) += value;
+        }
+    }
+    out
+}
+
+/// A counter's value from the operator's `/metrics`.
+async fn operator_metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 async fn count<K>(api: &Api<K>) -> anyhow::Result<usize>
@@ -72,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let api: Api<EventPublisher> = Api::namespaced(client.clone(), &ns);
+    let load_before = load_average();
+    let requests_before = api_requests().await;
+    let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
     let started = Instant::now();
     let created: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
         .map(|i| {
@@ -124,6 +193,22 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let hwm = proc_kib(pid, "VmHWM:").unwrap_or(0);
+    let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
+    let requests_after = api_requests().await;
+    let reconciles =
+        operator_metric(port, "outbox_operator_reconciliations_total{kind=\"EventPublisher\"}").await;
+    println!(
+        "load average before {load_before}, after {}; operator CPU {cpu:.1} s; reconciles {reconciles:?} ({:.2} per publisher)",
+        load_average(),
+        reconciles.unwrap_or(0.0) / n as f64
+    );
+    println!("API server requests during the run (whole server), by verb and resource:");
+    for (key, after) in &requests_after {
+        let delta = after - requests_before.get(key).copied().unwrap_or(0.0);
+        if delta >= 1.0 {
+            println!("  {:>8} {:<22} {delta:>8.0} ({:.2} per publisher)", key.0, key.1, delta / n as f64);
+        }
+    }
     println!(
         "{n} EventPublishers ({failures} create failures): created in {:.1} s, all reconciled in {:.1} s; \
          operator RSS peak {:.1} MiB (VmHWM {:.1} MiB)",
@@ -134,11 +219,16 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Deleting the namespace needs the operator to release the finalizers (Retain: at once).
+    let deleting = Instant::now();
     namespaces.delete(&ns, &DeleteParams::default()).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     while count(&api).await.unwrap_or(0) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    println!(
+        "finalizers of all {n} released {:.1} s after the namespace deletion",
+        deleting.elapsed().as_secs_f64()
+    );
     let _ = tokio::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()

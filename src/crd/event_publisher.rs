@@ -661,7 +661,8 @@ pub struct EventPublisherStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Ready, BrokerReady, OutboxReady, CircuitClosed, WorkersAvailable, TopologyProvisioned,
-    /// Paused and Deleting, each with a reason and a message saying what is wrong.
+    /// Paused, Deleting and DeadLettering (True while events are being dead-lettered), each
+    /// with a reason and a message saying what is wrong.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Broker kind: `kafka`, `rabbitmq` or `snsSqs`.

@@ -14,6 +14,8 @@ pub mod types {
     pub const TOPOLOGY_PROVISIONED: &str = "TopologyProvisioned";
     pub const PAUSED: &str = "Paused";
     pub const DELETING: &str = "Deleting";
+    /// True while the dead-lettered count grows; False is the healthy state.
+    pub const DEAD_LETTERING: &str = "DeadLettering";
 }
 
 /// Condition reasons (CamelCase, stable: alerts and scripts match on them).
@@ -25,6 +27,8 @@ pub mod reasons {
     pub const CIRCUIT_HALF_OPEN: &str = "CircuitHalfOpen";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     pub const DEAD_LETTERS_PRESENT: &str = "DeadLettersPresent";
+    pub const DEAD_LETTERS_GROWING: &str = "DeadLettersGrowing";
+    pub const NO_NEW_DEAD_LETTERS: &str = "NoNewDeadLetters";
     pub const WORKERS_UNAVAILABLE: &str = "WorkersUnavailable";
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const PAUSED: &str = "Paused";

@@ -1,8 +1,11 @@
 //! Operator metrics, one registry prefixed `outbox_operator`: reconciliations and errors by
-//! object kind, reconcile durations, leadership, and each publisher's relay workers. The names
-//! are the ones the chart's alerts and dashboard query (charts/inventory-outbox/files/).
+//! object kind, reconcile durations, the reconcile queue, leadership, and each publisher's relay
+//! workers. The names are the ones the chart's alerts and dashboard query
+//! (charts/inventory-outbox/files/).
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -44,7 +47,16 @@ pub struct OperatorMetrics {
     duration: Family<KindLabel, Histogram, fn() -> Histogram>,
     leader: Gauge,
     workers: Family<WorkerLabels, Gauge>,
+    queue_depth: Family<KindLabel, Gauge>,
+    in_flight: Family<KindLabel, Gauge>,
+    /// When each object's next reconcile is due: now for a watch trigger, later for a requeue.
+    /// The queue depth is read from it at scrape time (how many are due and not started), as
+    /// the controller's own scheduler does not expose its length.
+    schedule: Mutex<HashMap<ObjectKey, Instant>>,
 }
+
+/// An object a reconcile is scheduled for: kind, namespace, name.
+type ObjectKey = (&'static str, String, String);
 
 impl Default for OperatorMetrics {
     fn default() -> Self {
@@ -65,6 +77,9 @@ impl OperatorMetrics {
             duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             leader: Gauge::default(),
             workers: Family::default(),
+            queue_depth: Family::default(),
+            in_flight: Family::default(),
+            schedule: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,16 +108,64 @@ impl OperatorMetrics {
             "Relay workers of each EventPublisher: state ready or desired",
             metrics.workers.clone(),
         );
+        registry.register(
+            "reconcile_queue_depth",
+            "Objects whose reconcile is due (triggered by a change or a requeue) and not yet started, by kind",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "reconciles_in_flight",
+            "Reconciliations running now, by object kind",
+            metrics.in_flight.clone(),
+        );
         Self { registry, ..metrics }
     }
 
     /// Counts a reconciliation of `kind` and records its duration when the guard drops.
     pub fn reconcile_started(&self, kind: &'static str) -> DurationGuard {
         self.reconciliations.get_or_create(&KindLabel { kind }).inc();
+        let in_flight = self.in_flight.get_or_create(&KindLabel { kind }).clone();
+        in_flight.inc();
         DurationGuard {
             histogram: self.duration.get_or_create(&KindLabel { kind }).clone(),
+            in_flight,
             started: Instant::now(),
         }
+    }
+
+    /// A watch event asked for a reconcile of this object.
+    pub fn triggered(&self, kind: &'static str, namespace: &str, name: &str) {
+        self.schedule_at(kind, namespace, name, Instant::now());
+    }
+
+    /// A reconcile of this object ended asking to run again after `after`.
+    pub fn requeued(&self, kind: &'static str, namespace: &str, name: &str, after: Duration) {
+        self.schedule_at(kind, namespace, name, Instant::now() + after);
+    }
+
+    /// A reconcile of this object started: it leaves the queue.
+    pub fn dequeued(&self, kind: &'static str, namespace: &str, name: &str) {
+        if let Ok(mut schedule) = self.schedule.lock() {
+            schedule.remove(&(kind, namespace.to_owned(), name.to_owned()));
+        }
+    }
+
+    fn schedule_at(&self, kind: &'static str, namespace: &str, name: &str, at: Instant) {
+        if let Ok(mut schedule) = self.schedule.lock() {
+            // The earliest wins, as in the controller's scheduler: a change during a requeue
+            // wait runs the reconcile now.
+            let due = schedule.entry((kind, namespace.to_owned(), name.to_owned())).or_insert(at);
+            *due = (*due).min(at);
+        }
+    }
+
+    /// Objects of `kind` due now and not started.
+    pub fn queue_depth(&self, kind: &'static str) -> i64 {
+        let now = Instant::now();
+        self.schedule.lock().map_or(0, |schedule| {
+            let due = schedule.iter().filter(|((k, _, _), at)| *k == kind && **at <= now).count();
+            i64::try_from(due).unwrap_or(i64::MAX)
+        })
     }
 
     pub fn failed(&self, kind: &'static str, error: &'static str) {
@@ -128,6 +191,7 @@ impl OperatorMetrics {
 
     /// Drops a deleted publisher's series, so alerts do not fire on what is gone.
     pub fn forget_publisher(&self, namespace: &str, publisher: &str) {
+        self.dequeued(EVENT_PUBLISHER, namespace, publisher);
         for state in ["ready", "desired"] {
             self.workers.remove(&WorkerLabels {
                 namespace: namespace.to_owned(),
@@ -139,6 +203,10 @@ impl OperatorMetrics {
 
     /// OpenMetrics text.
     pub fn encode(&self) -> String {
+        // Only the EventPublisher controller feeds the schedule so far.
+        for kind in [EVENT_PUBLISHER] {
+            self.queue_depth.get_or_create(&KindLabel { kind }).set(self.queue_depth(kind));
+        }
         let mut out = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(%error, "encode operator metrics");
@@ -150,11 +218,13 @@ impl OperatorMetrics {
 /// Records the reconciliation's duration on drop, whichever way it ended.
 pub struct DurationGuard {
     histogram: Histogram,
+    in_flight: Gauge,
     started: Instant,
 }
 
 impl Drop for DurationGuard {
     fn drop(&mut self) {
+        self.in_flight.dec();
         self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
 }
@@ -178,10 +248,38 @@ mod tests {
             "outbox_operator_leader 1",
             r#"outbox_operator_publisher_workers{namespace="shop",publisher="orders",state="ready"} 1"#,
             r#"outbox_operator_publisher_workers{namespace="shop",publisher="orders",state="desired"} 2"#,
+            r#"outbox_operator_reconcile_queue_depth{kind="EventPublisher"} 0"#,
+            r#"outbox_operator_reconciles_in_flight{kind="EventPublisher"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
         m.forget_publisher("shop", "orders");
         assert!(!m.encode().contains("publisher_workers{"), "{}", m.encode());
+    }
+
+    #[test]
+    fn the_queue_counts_objects_due_and_not_started_once_each() {
+        let m = OperatorMetrics::new();
+        let depth = |m: &OperatorMetrics| m.queue_depth(EVENT_PUBLISHER);
+        m.triggered(EVENT_PUBLISHER, "shop", "a");
+        m.triggered(EVENT_PUBLISHER, "shop", "a");
+        m.triggered(EVENT_PUBLISHER, "shop", "b");
+        m.triggered("ReplayJob", "shop", "a");
+        assert_eq!(depth(&m), 2, "a trigger twice is one pending reconcile");
+        m.dequeued(EVENT_PUBLISHER, "shop", "a");
+        assert_eq!(depth(&m), 1);
+        // A requeue is not due yet; a change during its wait makes it due now.
+        m.requeued(EVENT_PUBLISHER, "shop", "a", Duration::from_secs(60));
+        assert_eq!(depth(&m), 1);
+        m.triggered(EVENT_PUBLISHER, "shop", "a");
+        assert_eq!(depth(&m), 2);
+        m.requeued(EVENT_PUBLISHER, "shop", "c", Duration::ZERO);
+        assert_eq!(depth(&m), 3, "a requeue that came due waits in the queue");
+        let guard = m.reconcile_started(EVENT_PUBLISHER);
+        assert!(m.encode().contains(r#"outbox_operator_reconciles_in_flight{kind="EventPublisher"} 1"#));
+        assert!(m.encode().contains(r#"outbox_operator_reconcile_queue_depth{kind="EventPublisher"} 3"#));
+        drop(guard);
+        m.forget_publisher("shop", "a");
+        assert_eq!(depth(&m), 2);
     }
 }

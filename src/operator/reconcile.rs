@@ -4,7 +4,8 @@
 //! provision report), status (pure), then the status write and Events on transitions only.
 //! Every round recomputes from the current state; nothing is edge-triggered.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -18,7 +19,8 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
@@ -74,6 +76,13 @@ impl Default for Settings {
     }
 }
 
+/// A status write as the API server stored it.
+#[derive(Clone, Debug)]
+struct Written {
+    resource_version: Option<String>,
+    status: EventPublisherStatus,
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: kube::Client,
@@ -81,6 +90,13 @@ pub struct Context {
     pub metrics: Arc<super::metrics::OperatorMetrics>,
     http: reqwest::Client,
     recorder: Recorder,
+    /// Per publisher (namespace, name): the resourceVersion its last status write by this
+    /// controller produced, and that status. A cached object at that version needs no read
+    /// to know its stored status, and an unchanged status need not be written again.
+    written: Mutex<HashMap<(String, String), Written>>,
+    /// The PodDisruptionBudgets this operator manages (metadata only): an unwanted one is
+    /// deleted only when it exists, instead of a DELETE answered 404 on every reconcile.
+    pdbs: Option<Store<PartialObjectMeta<PodDisruptionBudget>>>,
 }
 
 impl Context {
@@ -107,7 +123,39 @@ impl Context {
             metrics,
             http,
             recorder,
+            written: Mutex::default(),
+            pdbs: None,
         })
+    }
+
+    fn written(&self, namespace: &str, name: &str) -> Option<Written> {
+        self.written
+            .lock()
+            .ok()?
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    fn forget(&self, namespace: &str, name: &str) {
+        if let Ok(mut written) = self.written.lock() {
+            written.remove(&(namespace.to_owned(), name.to_owned()));
+        }
+        self.metrics.forget_publisher(namespace, name);
+    }
+
+    /// Whether the PodDisruptionBudget `name` may exist: unknown (so `true`) until the
+    /// metadata watch has listed them once.
+    async fn pdb_may_exist(&self, namespace: &str, name: &str) -> bool {
+        let Some(store) = &self.pdbs else { return true };
+        if tokio::time::timeout(Duration::from_secs(2), store.wait_until_ready())
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        store
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some()
     }
 }
 
@@ -185,25 +233,37 @@ impl Error {
 }
 
 /// An invalid object waits for its next change; anything else is retried soon.
-pub fn error_policy(_obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, ctx: Arc<Context>) -> Action {
-    if let Error::CleanupPending { job } = error {
+pub fn error_policy(obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let retry_in = if let Error::CleanupPending { job } = error {
         tracing::debug!(job, "waiting for the cleanup Job");
-        return Action::requeue(Duration::from_secs(3));
-    }
-    ctx.metrics
-        .failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
-    if error.is_transient() {
-        tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
-        Action::requeue(Duration::from_secs(5))
+        Duration::from_secs(3)
     } else {
-        tracing::warn!(error = %error, kind = error.metric_label(), "object needs a change before it can be reconciled");
-        Action::await_change()
-    }
+        ctx.metrics
+            .failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
+        if !error.is_transient() {
+            tracing::warn!(error = %error, kind = error.metric_label(), "object needs a change before it can be reconciled");
+            return Action::await_change();
+        }
+        tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
+        Duration::from_secs(5)
+    };
+    ctx.metrics.requeued(
+        super::metrics::EVENT_PUBLISHER,
+        &obj.namespace().unwrap_or_default(),
+        &obj.name_any(),
+        retry_in,
+    );
+    Action::requeue(retry_in)
 }
 
 /// One reconcile of one EventPublisher.
 pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started(super::metrics::EVENT_PUBLISHER);
+    ctx.metrics.dequeued(
+        super::metrics::EVENT_PUBLISHER,
+        &obj.namespace().unwrap_or_default(),
+        &obj.name_any(),
+    );
     let publisher = match &obj.0 {
         Ok(p) => p,
         Err(invalid) => {
@@ -222,10 +282,15 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Cont
     let requeue = ctx.settings.requeue_after;
     finalizer(&api, FINALIZER, Arc::new(publisher.clone()), |event| async {
         match event {
-            FinalizerEvent::Apply(p) => reconcile_publisher(&p, &ctx).await.map(|()| Action::requeue(requeue)),
+            FinalizerEvent::Apply(p) => {
+                reconcile_publisher(&p, &ctx).await?;
+                ctx.metrics
+                    .requeued(super::metrics::EVENT_PUBLISHER, &namespace, &p.name_any(), requeue);
+                Ok(Action::requeue(requeue))
+            }
             FinalizerEvent::Cleanup(p) => {
                 let released = cleanup(&p, &ctx).await?;
-                ctx.metrics.forget_publisher(&namespace, &p.name_any());
+                ctx.forget(&namespace, &p.name_any());
                 Ok(released)
             }
         }
@@ -365,10 +430,7 @@ async fn cleanup(publisher: &EventPublisher, ctx: &Context) -> Result<Action, Er
 /// Sets the Deleting condition, keeping the rest of the status; a failed write is only logged
 /// (the Event says the same, and deletion must not wait on it).
 async fn write_deleting(publisher: &EventPublisher, ctx: &Context, reason: &'static str, message: String) {
-    let (Some(name), Some(namespace)) = (publisher.metadata.name.clone(), publisher.namespace()) else {
-        return;
-    };
-    let mut status = publisher.status.clone().unwrap_or_default();
+    let mut status = previous_status(publisher, ctx).await;
     let deleting = conditions::settle(
         &status.conditions,
         vec![conditions::Observed::new(types::DELETING, true, reason, message)],
@@ -377,7 +439,7 @@ async fn write_deleting(publisher: &EventPublisher, ctx: &Context, reason: &'sta
     );
     status.conditions.retain(|c| c.type_ != types::DELETING);
     status.conditions.extend(deleting);
-    if let Err(error) = write_status(&name, &namespace, &status, ctx).await {
+    if let Err(error) = write_status(publisher, &status, ctx).await {
         tracing::warn!(%error, "write the Deleting condition");
     }
 }
@@ -404,7 +466,9 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
         }
     };
     let children = build(&validated, &ctx.settings.build)?;
-    if !validated.insecure_tls.is_empty() {
+    let previous = previous_status(publisher, ctx).await;
+    // Once per generation: the spec is what the warning is about.
+    if !validated.insecure_tls.is_empty() && previous.observed_generation != publisher.metadata.generation {
         event(
             ctx,
             publisher,
@@ -417,9 +481,8 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
         )
         .await;
     }
-    let ready_replicas = apply(&validated, &children, ctx).await?;
-    let observations = dereference(&validated, ready_replicas, ctx).await?;
-    let previous = stored_status(publisher, ctx).await;
+    let deployment = apply(&validated, &children, ctx).await?;
+    let observations = dereference(&validated, &deployment, ctx).await?;
     let status = compute(&validated, &observations, &previous, now());
     publish_transitions(publisher, &previous.conditions, &status, ctx).await;
     ctx.metrics.set_workers(
@@ -428,7 +491,7 @@ async fn reconcile_publisher(publisher: &EventPublisher, ctx: &Context) -> Resul
         i64::from(status.ready_workers),
         i64::from(status.desired_workers),
     );
-    write_status(&validated.name, &validated.namespace, &status, ctx).await
+    write_status(publisher, &status, ctx).await
 }
 
 fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
@@ -448,9 +511,9 @@ where
         })
 }
 
-/// Applies every child and removes the ones no longer wanted; returns the Deployment's ready
-/// replicas as the API server reports them.
-async fn apply(p: &ValidatedPublisher, children: &Children, ctx: &Context) -> Result<i32, Error> {
+/// Applies every child and removes the ones no longer wanted; returns the Deployment as the API
+/// server reports it.
+async fn apply(p: &ValidatedPublisher, children: &Children, ctx: &Context) -> Result<Deployment, Error> {
     let ns = &p.namespace;
     let name = child_name(&p.name);
     let client = ctx.client.clone();
@@ -480,6 +543,7 @@ async fn apply(p: &ValidatedPublisher, children: &Children, ctx: &Context) -> Re
         Some(pdb) => {
             ssa(&pdbs, "PodDisruptionBudget", &name, pdb).await?;
         }
+        None if !ctx.pdb_may_exist(ns, &name).await => {}
         None => match pdbs.delete(&name, &DeleteParams::default()).await {
             Ok(_) => tracing::info!(pdb = name, "PodDisruptionBudget no longer wanted; removed"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -492,12 +556,19 @@ async fn apply(p: &ValidatedPublisher, children: &Children, ctx: &Context) -> Re
             }
         },
     }
-    Ok(deployment.status.and_then(|s| s.ready_replicas).unwrap_or_default())
+    Ok(deployment)
 }
 
 /// Reads what the relay Pods say: their status endpoints (bounded concurrency) and the
 /// provision step's termination message.
-async fn dereference(p: &ValidatedPublisher, ready_replicas: i32, ctx: &Context) -> Result<Observations, Error> {
+async fn dereference(p: &ValidatedPublisher, deployment: &Deployment, ctx: &Context) -> Result<Observations, Error> {
+    let status = deployment.status.as_ref();
+    let ready_replicas = status.and_then(|s| s.ready_replicas).unwrap_or_default();
+    let wanted = deployment.spec.replicas.unwrap_or(1);
+    if wanted == 0 && status.and_then(|s| s.replicas).unwrap_or_default() == 0 {
+        // Scaled to zero with no Pod left (paused): there is nobody to ask.
+        return Ok(Observations::default());
+    }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.namespace);
     let selector = format!("{}={}", super::build::PUBLISHER_LABEL, p.name);
     let list = pods
@@ -615,50 +686,75 @@ fn provision_outcome(pod: &Pod) -> Option<(i64, ProvisionOutcome)> {
     Some((at, outcome))
 }
 
-/// The status as stored, not as the watch cache last saw it: a requeue or a child's event can
-/// start a reconcile before this controller's own last status write reaches the cache, and
-/// settling conditions against that stale copy would move `lastTransitionTime` without a
-/// change. Falls back to the cached copy when the read fails (the next reconcile corrects it).
-async fn stored_status(publisher: &EventPublisher, ctx: &Context) -> EventPublisherStatus {
+/// The status to settle conditions against. A requeue or a child's event can start a
+/// reconcile before the controller's own last write reaches the watch cache, and settling
+/// against that stale copy would move `lastTransitionTime` without a change; so the stored
+/// status is read, unless the cached object is the very version this controller's last
+/// write produced (the usual case: nothing else writes the object between reconciles).
+async fn previous_status(publisher: &EventPublisher, ctx: &Context) -> EventPublisherStatus {
     let cached = || publisher.status.clone().unwrap_or_default();
     let (Some(name), Some(namespace)) = (publisher.metadata.name.as_deref(), publisher.namespace()) else {
         return cached();
     };
+    let Some(written) = ctx.written(&namespace, name) else {
+        // Nothing written by this controller yet: the cache was listed after any earlier
+        // writer (a former leader) stopped.
+        return cached();
+    };
+    if written.resource_version.is_some() && written.resource_version == publisher.metadata.resource_version {
+        return cached();
+    }
     let api: Api<EventPublisher> = Api::namespaced(ctx.client.clone(), &namespace);
     match api.get_status(name).await {
         Ok(stored) => stored.status.unwrap_or_default(),
         Err(error) => {
-            tracing::debug!(%error, "reading the stored status failed; settling against the cached copy");
-            cached()
+            tracing::debug!(%error, "reading the stored status failed; settling against the last write");
+            written.status
         }
     }
 }
 
-async fn write_status(name: &str, namespace: &str, status: &EventPublisherStatus, ctx: &Context) -> Result<(), Error> {
+/// Writes `status` unless the object is unchanged since this controller last wrote exactly
+/// that status.
+async fn write_status(publisher: &EventPublisher, status: &EventPublisherStatus, ctx: &Context) -> Result<(), Error> {
+    let (Some(name), Some(namespace)) = (publisher.metadata.name.as_deref(), publisher.namespace()) else {
+        return Ok(());
+    };
+    let namespace = namespace.as_str();
+    if let Some(written) = ctx.written(namespace, name)
+        && written.resource_version.is_some()
+        && written.resource_version == publisher.metadata.resource_version
+        && &written.status == status
+    {
+        return Ok(());
+    }
     let api: Api<EventPublisher> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = serde_json::json!({
         "apiVersion": format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION),
         "kind": "EventPublisher",
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+    let stored = api
+        .patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
-        .map(|_| ())
         .map_err(|source| Error::WriteStatus {
             name: name.to_owned(),
             source,
-        })
+        })?;
+    if let Ok(mut written) = ctx.written.lock() {
+        written.insert(
+            (namespace.to_owned(), name.to_owned()),
+            Written {
+                resource_version: stored.metadata.resource_version,
+                status: status.clone(),
+            },
+        );
+    }
+    Ok(())
 }
 
 async fn write_invalid_status(publisher: &EventPublisher, ctx: &Context, invalid: &InvalidSpec) -> Result<(), Error> {
-    let (Some(name), Some(namespace)) = (publisher.metadata.name.clone(), publisher.namespace()) else {
-        return Ok(());
-    };
-    let previous = publisher
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let previous = previous_status(publisher, ctx).await.conditions;
     let status = EventPublisherStatus {
         observed_generation: publisher.metadata.generation,
         conditions: conditions::settle(
@@ -674,7 +770,7 @@ async fn write_invalid_status(publisher: &EventPublisher, ctx: &Context, invalid
         ),
         ..EventPublisherStatus::default()
     };
-    write_status(&name, &namespace, &status, ctx).await
+    write_status(publisher, &status, ctx).await
 }
 
 /// One Event per condition that changed, for the conditions people act on.
@@ -686,12 +782,29 @@ async fn publish_transitions(
 ) {
     let reference = publisher.object_ref(&());
     for changed in conditions::transitions(previous, &status.conditions) {
+        if changed.type_ == types::DEAD_LETTERING {
+            // Only the start is news; the count in the status tells the rest.
+            if changed.status == "True" {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "DeadLetteringStarted".into(),
+                    note: Some(changed.message.chars().take(1000).collect()),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                    tracing::warn!(error = %e, "publish Event");
+                }
+            }
+            continue;
+        }
         let worth_telling = matches!(
             changed.type_.as_str(),
             types::CIRCUIT_CLOSED | types::BROKER_READY | types::TOPOLOGY_PROVISIONED | types::READY
         );
-        // A first Unknown is not news; it only says nobody has answered yet.
-        if !worth_telling || changed.status == "Unknown" {
+        // A first Unknown is not news; it only says nobody has answered yet. Nor is a pause
+        // that the spec asked for.
+        if !worth_telling || changed.status == "Unknown" || changed.reason == conditions::reasons::PAUSED {
             continue;
         }
         let event = Event {
@@ -713,6 +826,71 @@ async fn publish_transitions(
             tracing::warn!(error = %e, "publish Event");
         }
     }
+}
+
+/// The owning publisher of `child` (this operator sets one controller reference).
+fn owner_of<K: Resource>(child: &K) -> Option<(String, String)> {
+    let owner = child
+        .meta()
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.kind == "EventPublisher" && o.controller == Some(true))?;
+    Some((child.meta().namespace.clone()?, owner.name.clone()))
+}
+
+/// The deleted children of a child watch, as owner triggers.
+fn deletions<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    metrics: Arc<super::metrics::OperatorMetrics>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+{
+    events.filter_map(move |event| {
+        let trigger = match event {
+            Ok(watcher::Event::Delete(child)) => {
+                if let Some((ns, name)) = owner_of(&child) {
+                    metrics.triggered(super::metrics::EVENT_PUBLISHER, &ns, &name);
+                }
+                Some(Ok(child))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(trigger)
+    })
+}
+
+/// Deployments whose ready replica count changed since this watch last saw them, and deleted
+/// ones, as owner triggers. The first sight of a Deployment only records its count.
+fn readiness_changes(
+    events: impl futures::Stream<Item = Result<watcher::Event<Deployment>, watcher::Error>> + Send + 'static,
+    metrics: Arc<super::metrics::OperatorMetrics>,
+) -> impl futures::Stream<Item = Result<Deployment, watcher::Error>> + Send + 'static {
+    let mut ready: HashMap<(String, String), i32> = HashMap::new();
+    events.filter_map(move |event| {
+        let changed = match event {
+            Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
+                let key = (d.namespace().unwrap_or_default(), d.name_any());
+                let now = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or_default();
+                let before = ready.insert(key, now);
+                (before.is_some_and(|b| b != now)).then_some(Ok(d))
+            }
+            Ok(watcher::Event::Delete(d)) => {
+                ready.remove(&(d.namespace().unwrap_or_default(), d.name_any()));
+                Some(Ok(d))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        if let Some(Ok(d)) = &changed
+            && let Some((ns, name)) = owner_of(d)
+        {
+            metrics.triggered(super::metrics::EVENT_PUBLISHER, &ns, &name);
+        }
+        futures::future::ready(changed)
+    })
 }
 
 /// Runs the EventPublisher controller until `shutdown` resolves. `namespace` limits it to one
@@ -744,25 +922,61 @@ pub async fn run_with_metrics(
             None => Api::all(client.clone()),
         }
     }
+    use super::metrics::EVENT_PUBLISHER;
     let concurrency = settings.concurrency;
-    let ctx = Arc::new(Context::new(client.clone(), settings, metrics)?);
+    let mut ctx = Context::new(client.clone(), settings, metrics.clone())?;
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=inventory-outbox-operator");
-    // Children only trigger reconciles (each reconcile reads what it needs): metadata-only
-    // watches and no cache of them, so memory does not grow with every child's full object.
-    Controller::new(
+
+    // The publishers' cache without managed fields (the controller never reads them), and
+    // reconciles only for changes to what the reconcile acts on: spec (generation, which
+    // deletion bumps too), finalizers, labels and annotations. Status writes, the
+    // controller's own included, trigger nothing; the periodic requeue keeps status fresh.
+    let (reader, writer) = reflector::store();
+    let queued = metrics.clone();
+    let publishers = watcher(
         api::<DeserializeGuard<EventPublisher>>(&client, &namespace),
         watcher::Config::default(),
     )
-    .owns_stream(watcher(api::<PartialObjectMeta<ConfigMap>>(&client, &namespace), owned.clone()).touched_objects())
-    .owns_stream(watcher(api::<PartialObjectMeta<Deployment>>(&client, &namespace), owned.clone()).touched_objects())
-    .owns_stream(watcher(api::<PartialObjectMeta<Service>>(&client, &namespace), owned.clone()).touched_objects())
-    .owns_stream(
-        watcher(
-            api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace),
-            owned,
-        )
-        .touched_objects(),
+    .default_backoff()
+    .modify(|p| p.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::finalizers)
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        PredicateConfig::default(),
     )
+    .inspect(move |p| {
+        if let Ok(p) = p {
+            queued.triggered(EVENT_PUBLISHER, &p.namespace().unwrap_or_default(), &p.name_any());
+        }
+    });
+
+    // Children, metadata only and not cached (the PDBs' names excepted): a deleted child
+    // wakes its owner at once, and a Deployment whose ready replicas changed does (through a
+    // full watch: the count is in its status). The creation and updates this controller
+    // makes itself wake nobody, and edits by others are put right by the periodic requeue.
+    let (pdb_reader, pdb_writer) = reflector::store();
+    ctx.pdbs = Some(pdb_reader);
+    let ctx = Arc::new(ctx);
+    let pdbs = watcher(api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace), owned.clone())
+        .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear())
+        .reflect(pdb_writer);
+    let deployments = watcher(api::<Deployment>(&client, &namespace), owned.clone()).default_backoff();
+    Controller::for_stream(publishers, reader)
+        .owns_stream(deletions(
+            watcher(api::<PartialObjectMeta<ConfigMap>>(&client, &namespace), owned.clone()).default_backoff(),
+            metrics.clone(),
+        ))
+        .owns_stream(deletions(
+            watcher(api::<PartialObjectMeta<Service>>(&client, &namespace), owned).default_backoff(),
+            metrics.clone(),
+        ))
+        .owns_stream(deletions(pdbs, metrics.clone()))
+        .owns_stream(readiness_changes(deployments, metrics))
     .with_config(kube::runtime::Config::default().concurrency(concurrency))
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)

@@ -61,6 +61,7 @@ pub fn compute(
     provisioned_resources.extend(seen.created.iter().cloned());
     provisioned_resources.sort();
     provisioned_resources.dedup();
+    let previous_status = previous;
     let previous = previous.conditions.as_slice();
     let desired = p.replicas;
     let mut observed = Vec::new();
@@ -206,6 +207,39 @@ pub fn compute(
         }
     };
 
+    // Growth between two looks, not the count: a backlog of old dead letters is the
+    // deadLetteredCount's business, this says whether events are being dead-lettered now.
+    let dead_lettering = match (latest.map(|r| r.dead_lettered_count), previous_status.dead_lettered_count) {
+        (None, _) => Observed::unknown(types::DEAD_LETTERING, reasons::NO_RELAY_ANSWERED, no_answer.clone()),
+        (Some(now), Some(before)) if now > before => Observed::new(
+            types::DEAD_LETTERING,
+            true,
+            reasons::DEAD_LETTERS_GROWING,
+            format!(
+                "{} events dead-lettered since the last look ({now} dead-lettered now)",
+                now - before
+            ),
+        ),
+        (Some(0), _) => Observed::new(
+            types::DEAD_LETTERING,
+            false,
+            reasons::NO_NEW_DEAD_LETTERS,
+            "no event is dead-lettered",
+        ),
+        (Some(now), Some(_)) => Observed::new(
+            types::DEAD_LETTERING,
+            false,
+            reasons::NO_NEW_DEAD_LETTERS,
+            format!("{now} dead-lettered, none since the last look"),
+        ),
+        // No earlier figure to compare with (a relay answered again after a gap).
+        (Some(now), None) => Observed::unknown(
+            types::DEAD_LETTERING,
+            reasons::NO_NEW_DEAD_LETTERS,
+            format!("{now} dead-lettered; whether more are coming shows at the next look"),
+        ),
+    };
+
     let parts = [&outbox, &broker, &circuit, &workers, &provision];
     let ready = if p.paused {
         Observed::new(
@@ -229,7 +263,7 @@ pub fn compute(
     } else {
         Observed::new(types::PAUSED, false, reasons::RUNNING, "relays run")
     };
-    observed.extend([ready, outbox, broker, circuit, workers, provision, paused]);
+    observed.extend([ready, outbox, broker, circuit, workers, provision, paused, dead_lettering]);
 
     EventPublisherStatus {
         observed_generation: p.generation,
@@ -262,6 +296,7 @@ pub fn compute(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operator::conditions;
     use crate::operator::validate::{tests::kafka_publisher, validate};
     use crate::relay::status::CircuitReport;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -395,6 +430,50 @@ mod tests {
         assert_eq!(outbox.status, "Unknown");
         assert!(outbox.message.contains("connection refused"), "{}", outbox.message);
         assert_eq!(condition(&s, types::READY).status, "False");
+    }
+
+    #[test]
+    fn dead_lettering_is_true_only_while_the_count_grows() {
+        let p = validate(&kafka_publisher()).expect("valid");
+        let with_dead = |n: i64| Observations {
+            reports: vec![RelayStatus {
+                dead_lettered_count: n,
+                ..report("a", "closed")
+            }],
+            ready_replicas: 2,
+            ..Observations::default()
+        };
+        let state = |s: &EventPublisherStatus| condition(s, types::DEAD_LETTERING).status.clone();
+        let first = compute(&p, &with_dead(0), &EventPublisherStatus::default(), now(10));
+        assert_eq!(state(&first), "False");
+        let growing = compute(&p, &with_dead(3), &first, now(20));
+        assert_eq!(state(&growing), "True");
+        assert!(
+            conditions::transitions(&first.conditions, &growing.conditions)
+                .iter()
+                .any(|c| c.type_ == types::DEAD_LETTERING),
+            "the start is a transition"
+        );
+        let still = compute(&p, &with_dead(5), &growing, now(30));
+        assert_eq!(state(&still), "True");
+        assert!(
+            !conditions::transitions(&growing.conditions, &still.conditions)
+                .iter()
+                .any(|c| c.type_ == types::DEAD_LETTERING),
+            "growing on is no new transition"
+        );
+        assert_eq!(
+            condition(&still, types::DEAD_LETTERING).last_transition_time,
+            condition(&growing, types::DEAD_LETTERING).last_transition_time
+        );
+        let flat = compute(&p, &with_dead(5), &still, now(40));
+        assert_eq!(state(&flat), "False");
+        // A redrive lowers the count: not growth.
+        assert_eq!(state(&compute(&p, &with_dead(1), &flat, now(50))), "False");
+        // Nobody answering says Unknown, and an answer after the gap has nothing to compare.
+        let gap = compute(&p, &Observations::default(), &flat, now(60));
+        assert_eq!(state(&gap), "Unknown");
+        assert_eq!(state(&compute(&p, &with_dead(5), &gap, now(70))), "Unknown");
     }
 
     #[test]

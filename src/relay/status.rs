@@ -53,7 +53,8 @@ pub struct RelayStatus {
     pub dead_lettered_count: i64,
     /// Retrying plus dead-lettered events.
     pub failed_event_count: i64,
-    /// Events published, summed over the live workers' heartbeats.
+    /// Events delivered to the broker over the publisher's life, counted from the store (it
+    /// survives rollouts and restarts, unlike the workers' own counters).
     pub published_total: i64,
     /// Failed send attempts, summed over the live workers.
     pub failed_total: i64,
@@ -134,7 +135,7 @@ async fn report(state: &StatusState) -> Result<RelayStatus, crate::store::StoreE
         held_count: figures.held,
         dead_lettered_count: figures.dead_lettered,
         failed_event_count: figures.retrying + figures.dead_lettered,
-        published_total: figures.workers.iter().map(|w| w.published_total).sum(),
+        published_total: figures.published,
         failed_total: figures.workers.iter().map(|w| w.failed_total).sum(),
         dead_lettered_total: figures.workers.iter().map(|w| w.dead_lettered_total).sum(),
         last_published_time: figures.workers.iter().filter_map(|w| w.last_published_at).max(),

@@ -18,6 +18,8 @@ pub struct PublisherFigures {
     pub held: i64,
     /// Events that exhausted their retries and are not redelivered or resolved.
     pub dead_lettered: i64,
+    /// Events delivered to the broker, counted from the store (see [`publisher_figures`]).
+    pub published: i64,
     /// Workers whose heartbeat is recent enough to count as alive.
     pub workers: Vec<WorkerFigures>,
 }
@@ -61,6 +63,23 @@ pub async fn publisher_figures(
         .fetch_one(pool)
         .await
         .map_err(StoreError::query("count failed events"))?;
+    // Published = passed by the publisher's cursors and not (or no longer) failed: redriven
+    // dead letters count once delivered. Counted from the store rather than summed from the
+    // workers' heartbeat counters, which start at zero in every process and go with a stopped
+    // relay's row, so a rollout or a crash made the figure drop. A transaction that commits
+    // below a cursor counts a round before the relay has sent its late rows. The count reads
+    // every published event's index entry, per status request.
+    let published = format!(
+        "SELECT count(*) FROM {schema}.relay_cursors c \
+         JOIN {schema}.events e ON e.shard = c.shard AND e.position <= c.position \
+         WHERE c.consumer = $1 AND NOT EXISTS (SELECT 1 FROM {schema}.failed_events f \
+             WHERE f.consumer = $1 AND f.event_id = e.event_id AND f.status <> 'delivered')"
+    );
+    let published: i64 = sqlx::query_scalar(sql(published))
+        .bind(consumer)
+        .fetch_one(pool)
+        .await
+        .map_err(StoreError::query("count published events"))?;
     let workers = format!(
         "SELECT worker_id, circuit_state, last_seen_at, published_total, failed_total, dead_lettered_total, \
          last_published_at FROM {schema}.worker_heartbeats \
@@ -79,6 +98,7 @@ pub async fn publisher_figures(
         retrying,
         held,
         dead_lettered,
+        published,
         workers: rows
             .into_iter()
             .map(

@@ -295,6 +295,53 @@ async fn poison_events_show_failed_and_dead_lettered_counts_matching_the_databas
         )
         .await;
     assert_eq!(status.dead_lettered_count, Some(POISON as i64), "{status:?}");
+    // The start of dead-lettering is told once, as a Warning; once no more arrive the
+    // condition says so, and the reconciles since have told nothing more.
+    let settled = e2e
+        .eventually(
+            Duration::from_secs(60),
+            "DeadLettering False once no more events are dead-lettered",
+            async || {
+                let p = e2e.publishers.get("orders").await.map_err(|e| e.to_string())?;
+                match super::e2e::condition(&p, "DeadLettering").as_deref() {
+                    Some("False") => Ok(p),
+                    other => Err(format!("DeadLettering {other:?}; status {:?}", p.status)),
+                }
+            },
+        )
+        .await;
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(e2e.admin.clone(), &e2e.tenant);
+    let started: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("orders")
+                && e.reason.as_deref() == Some("DeadLetteringStarted")
+        })
+        .collect();
+    assert_eq!(started.len(), 1, "one DeadLetteringStarted Event: {started:?}; {:?}", settled.status);
+    let event = &started[0];
+    assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
+    assert!(
+        event.series.is_none() && event.deprecated_count.unwrap_or(1) <= 1,
+        "told once, not once per reconcile: {event:?}"
+    );
+    assert!(
+        event.note.as_deref().is_some_and(|n| n.contains("dead-lettered")),
+        "{event:?}"
+    );
+    // The operator's queue gauges are served next to the reconcile counters.
+    let metrics = e2e.operator.metrics(&e2e.admin).await;
+    for name in [
+        "outbox_operator_reconcile_queue_depth{kind=\"EventPublisher\"}",
+        "outbox_operator_reconciles_in_flight{kind=\"EventPublisher\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from the operator's /metrics:\n{metrics}");
+    }
     let (rows, table) = e2e.kubectl_table().await;
     assert!(
         rows.iter()

@@ -1,7 +1,8 @@
 //! Issue 9's change acceptance under the in-cluster operator (shared Kafka): a batch-size change
 //! and a replica change roll the Deployment; rotating the database password in PostgreSQL and in
 //! the referenced Secret restarts the relays with it and they keep publishing; `paused: true`
-//! stops the relays and resuming loses nothing.
+//! stops the relays and resuming loses nothing. Through all of it `publishedTotal` never goes
+//! down and ends equal to the events in the database.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -55,6 +56,48 @@ async fn rolled(e2e: &E2e, replicas: i32, old_hash: Option<&str>) -> String {
         },
     )
     .await
+}
+
+/// Every `publishedTotal` the status showed, read every 200 ms until dropped: a rollout must
+/// never make it go down (the relays' own counters start at zero in every new Pod).
+struct PublishedTotals {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PublishedTotals {
+    fn watch(e2e: &E2e, publisher: &str) -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (api, name, record) = (e2e.publishers.clone(), publisher.to_owned(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(p) = api.get(&name).await
+                    && let Some(total) = p.status.and_then(|s| s.published_total)
+                    && let Ok(mut seen) = record.lock()
+                    && seen.last() != Some(&total)
+                {
+                    seen.push(total);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// Panics unless every value seen so far is at least the one before it.
+    fn assert_never_decreased(&self, during: &str) {
+        let seen = self.seen.lock().expect("samples").clone();
+        assert!(
+            seen.windows(2).all(|w| w[0] <= w[1]),
+            "publishedTotal went down {during}: {seen:?}"
+        );
+    }
+}
+
+impl Drop for PublishedTotals {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 async fn nothing_arrives(consumer: &StreamConsumer, within: Duration) -> bool {
@@ -113,9 +156,11 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
     e2e.relays_ready("orders", 1).await;
     let first_hash = rolled(&e2e, 1, None).await;
     let consumer = consumer(&kafka_bootstrap(), &topic);
+    let totals = PublishedTotals::watch(&e2e, "orders");
     let mut sent = e2e.commit_events(10).await;
     let mut received = BTreeSet::new();
     consume_all(&e2e, &consumer, &sent, &mut received, Duration::from_secs(60)).await;
+    e2e.ready_matching_database("orders", 1).await;
 
     // A batch-size change rolls the Pods; a replica change scales them.
     let merge = |doc: serde_json::Value| Patch::Merge(doc);
@@ -128,6 +173,9 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
         .await
         .expect("change batch size");
     let second_hash = rolled(&e2e, 1, Some(&first_hash)).await;
+    // The relay that published the first 10 is gone; the new one has published nothing yet.
+    e2e.ready_matching_database("orders", 1).await;
+    totals.assert_never_decreased("over the batch-size rollout");
     e2e.publishers
         .patch(
             "orders",
@@ -139,7 +187,8 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
     rolled(&e2e, 2, None).await;
     sent.extend(e2e.commit_events(10).await);
     consume_all(&e2e, &consumer, &sent, &mut received, Duration::from_secs(90)).await;
-    e2e.ready_with_counts("orders", 2, false).await;
+    e2e.ready_matching_database("orders", 2).await;
+    totals.assert_never_decreased("over the scale-up");
 
     // Rotate: PostgreSQL first, then the Secret. The relays restart on the changed file.
     let restarts = |list: &[k8s_openapi::api::core::v1::Pod]| -> i32 {
@@ -179,7 +228,8 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
     .await;
     sent.extend(e2e.commit_events(10).await);
     consume_all(&e2e, &consumer, &sent, &mut received, Duration::from_secs(90)).await;
-    e2e.ready_with_counts("orders", 2, false).await;
+    e2e.ready_matching_database("orders", 2).await;
+    totals.assert_never_decreased("over the relays' restarts");
 
     // Paused: no relays; committed events wait. Resumed: all of them arrive.
     e2e.publishers
@@ -219,8 +269,11 @@ async fn changes_roll_the_relays_a_rotated_password_keeps_them_publishing_and_pa
         .expect("resume");
     sent.extend(waiting);
     consume_all(&e2e, &consumer, &sent, &mut received, Duration::from_secs(120)).await;
-    let status = e2e.ready_with_counts("orders", 2, false).await;
+    let status = e2e.ready_matching_database("orders", 2).await;
     assert_eq!(e2e.database_counts().await.0, 40, "{status:?}");
+    assert_eq!(status.published_total, Some(40), "{status:?}");
+    totals.assert_never_decreased("over pause and resume");
+    drop(totals);
     assert_ne!(first_hash, second_hash);
 
     drop(consumer);

@@ -8,6 +8,7 @@ mod e2e_kafka;
 mod e2e_leader;
 mod e2e_lifecycle;
 mod e2e_outage;
+mod e2e_replay;
 mod in_cluster;
 mod leader;
 mod rbac;

@@ -16,7 +16,7 @@ use crate::event_core::{publisher, stock_changed};
 use crate::relay::start_relay;
 use crate::support::{kafka_bootstrap, unique_name};
 
-fn group_member(group: &str, topic: &str) -> StreamConsumer {
+pub fn group_member(group: &str, topic: &str) -> StreamConsumer {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", group)
@@ -29,7 +29,7 @@ fn group_member(group: &str, topic: &str) -> StreamConsumer {
 }
 
 /// Consumes until `ids` all arrived, then commits and leaves the group.
-async fn consume_all_and_leave(group: &str, topic: &str, ids: &HashSet<Uuid>) {
+pub async fn consume_all_and_leave(group: &str, topic: &str, ids: &HashSet<Uuid>) {
     let member = group_member(group, topic);
     let received = collect(&member, Duration::from_secs(60), Duration::ZERO, |r| {
         ids.iter().all(|id| r.iter().any(|x| x.event.event_id == *id))
@@ -46,7 +46,7 @@ async fn consume_all_and_leave(group: &str, topic: &str, ids: &HashSet<Uuid>) {
 
 /// Waits until the broker lists no member of `group` (a closed consumer leaves at once, but
 /// the coordinator may take a moment to show it).
-async fn wait_empty(group: &str) {
+pub async fn wait_empty(group: &str) {
     let client: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .create()
@@ -65,7 +65,7 @@ async fn wait_empty(group: &str) {
     panic!("group {group} still has {members} member(s)");
 }
 
-async fn committed(group: &str, topic: &str) -> Vec<(i32, i64)> {
+pub async fn committed(group: &str, topic: &str) -> Vec<(i32, i64)> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", group)

@@ -22,7 +22,7 @@ use crate::support::{kafka_bootstrap, unique_name};
 
 /// Writes `rounds` StockLevelChanged events per item (sequence numbers `first..`) with a
 /// Stockout after every second one; returns them in commit order.
-async fn write_mixed(
+pub async fn write_mixed(
     publisher: &inventory_outbox::publisher::InventoryEventPublisher,
     db: &crate::support::postgres::TestDatabase,
     items: &[Uuid],
@@ -41,7 +41,7 @@ async fn write_mixed(
     written
 }
 
-async fn recorded_bounds(db: &crate::support::postgres::TestDatabase, ids: &[Uuid]) -> (DateTime<Utc>, DateTime<Utc>) {
+pub async fn recorded_bounds(db: &crate::support::postgres::TestDatabase, ids: &[Uuid]) -> (DateTime<Utc>, DateTime<Utc>) {
     sqlx::query_as("SELECT min(recorded_at), max(recorded_at) FROM outbox.events WHERE event_id = ANY($1)")
         .bind(ids)
         .fetch_one(&db.pool)

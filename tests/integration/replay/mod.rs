@@ -2,8 +2,8 @@
 //! ReplayJob spec and the database URL from a Secret file) against the real PostgreSQL and
 //! Kafka, next to a live relay; and the ReplayJob reconciler against the real API server.
 
-mod consumer_group;
-mod kafka;
+pub mod consumer_group;
+pub mod kafka;
 mod reconciler;
 
 use std::path::PathBuf;
