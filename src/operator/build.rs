@@ -76,16 +76,26 @@ pub fn selector_labels(publisher: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The labels of everything this operator creates: what it is (`component`, `relay` or
+/// `replay`), whose (`instance`), and who manages it. Not all in a selector (a Deployment's
+/// selector cannot change); `part-of` lets the chart's NetworkPolicy admit the operator's
+/// status polls to such Pods.
+pub(crate) fn common_labels(component: &str, instance: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "inventory-outbox".to_owned()),
+        ("app.kubernetes.io/component".to_owned(), component.to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), instance.to_owned()),
+        (PART_OF_LABEL.to_owned(), "inventory-outbox".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "inventory-outbox-operator".to_owned(),
+        ),
+    ])
+}
+
 fn labels(publisher: &str) -> BTreeMap<String, String> {
-    let mut labels = selector_labels(publisher);
-    labels.insert("app.kubernetes.io/instance".into(), publisher.to_owned());
-    // Not in the selector (a Deployment's selector cannot change): the chart's NetworkPolicy
-    // lets the operator reach Pods with this label on the status port.
-    labels.insert(PART_OF_LABEL.into(), "inventory-outbox".into());
-    labels.insert(
-        "app.kubernetes.io/managed-by".into(),
-        "inventory-outbox-operator".into(),
-    );
+    let mut labels = common_labels("relay", publisher);
+    labels.extend(selector_labels(publisher));
     labels
 }
 
@@ -191,6 +201,30 @@ pub(crate) fn secret_volumes(p: &ValidatedPublisher) -> (Vec<Value>, Vec<Value>)
     (volumes, mounts)
 }
 
+/// The Pod security context of every Pod this operator creates: non-root, the runtime's
+/// default seccomp profile, mounted volumes readable by the container's group.
+pub(crate) fn pod_security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// `SECRET_ENV_FILES`: each variable the relay config names, with the mounted file to read
+/// it from.
+pub(crate) fn secret_env_files(p: &ValidatedPublisher) -> String {
+    p.secret_files
+        .iter()
+        .map(|f| format!("{}={}", f.env, f.path()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The container security context of every container this operator creates: also no
+/// privilege escalation, a read-only root and no capabilities.
 pub(crate) fn container_security() -> Value {
     json!({
         "runAsNonRoot": true,
@@ -213,12 +247,7 @@ fn deployment(p: &ValidatedPublisher, ctx: &BuildContext, hash: &str) -> Result<
     mounts.push(json!({"name": "tmp", "mountPath": "/tmp"}));
     let config_path = format!("{CONFIG_DIR}/{CONFIG_FILE}");
     // Secrets as files: the container reads each into the variable the config names.
-    let secret_env = p
-        .secret_files
-        .iter()
-        .map(|f| format!("{}={}", f.env, f.path()))
-        .collect::<Vec<_>>()
-        .join(",");
+    let secret_env = secret_env_files(p);
     let common_env = vec![
         json!({"name": "LOG_FORMAT", "value": "json"}),
         json!({"name": "RELAY_CONFIG", "value": config_path}),
@@ -288,13 +317,7 @@ fn deployment(p: &ValidatedPublisher, ctx: &BuildContext, hash: &str) -> Result<
                         "automountServiceAccountToken": false,
                         "enableServiceLinks": false,
                         "terminationGracePeriodSeconds": 30,
-                        "securityContext": {
-                            "runAsNonRoot": true,
-                            "runAsUser": RUN_AS,
-                            "runAsGroup": RUN_AS,
-                            "fsGroup": RUN_AS,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
+                        "securityContext": pod_security(),
                         "initContainers": [provision],
                         "containers": [relay],
                         "volumes": volumes,
@@ -474,12 +497,7 @@ pub fn cleanup_job(
     let (mut volumes, mut mounts) = secret_volumes(p);
     volumes.push(json!({"name": "config", "configMap": {"name": child_name(&p.name)}}));
     mounts.push(json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}));
-    let secret_env = p
-        .secret_files
-        .iter()
-        .map(|f| format!("{}={}", f.env, f.path()))
-        .collect::<Vec<_>>()
-        .join(",");
+    let secret_env = secret_env_files(p);
     let list = serde_json::to_string(resources).map_err(|e| BuildError::Object {
         kind: "Job",
         name: name.clone(),
@@ -502,13 +520,7 @@ pub fn cleanup_job(
                         "restartPolicy": "Never",
                         "automountServiceAccountToken": false,
                         "enableServiceLinks": false,
-                        "securityContext": {
-                            "runAsNonRoot": true,
-                            "runAsUser": RUN_AS,
-                            "runAsGroup": RUN_AS,
-                            "fsGroup": RUN_AS,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
+                        "securityContext": pod_security(),
                         "containers": [{
                             "name": "cleanup",
                             "image": ctx.image,

@@ -11,7 +11,8 @@ use serde_json::json;
 
 use super::validate::ValidatedReplay;
 use crate::operator::build::{
-    BuildContext, BuildError, RUN_AS, child_name, container_security, from_json, secret_volumes,
+    BuildContext, BuildError, child_name, common_labels, container_security, from_json, pod_security,
+    secret_env_files, secret_volumes,
 };
 use crate::operator::validate::{CONFIG_DIR, CONFIG_FILE};
 
@@ -33,21 +34,9 @@ pub fn job_name(name: &str) -> String {
 
 /// Labels of the Job and its Pods.
 pub fn labels(v: &ValidatedReplay) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "inventory-outbox".to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "replay".to_owned()),
-        ("app.kubernetes.io/instance".to_owned(), v.name.clone()),
-        // The chart's NetworkPolicy lets the operator reach Pods with this label (status polls).
-        (
-            crate::operator::build::PART_OF_LABEL.to_owned(),
-            "inventory-outbox".to_owned(),
-        ),
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            "inventory-outbox-operator".to_owned(),
-        ),
-        (REPLAY_LABEL.to_owned(), v.name.clone()),
-    ])
+    let mut labels = common_labels("replay", &v.name);
+    labels.insert(REPLAY_LABEL.to_owned(), v.name.clone());
+    labels
 }
 
 /// The Job of one replay.
@@ -57,12 +46,7 @@ pub fn replay_job(v: &ValidatedReplay, ctx: &BuildContext) -> Result<Job, BuildE
     let (mut volumes, mut mounts) = secret_volumes(p);
     volumes.push(json!({"name": "config", "configMap": {"name": child_name(&p.name)}}));
     mounts.push(json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}));
-    let secret_env = p
-        .secret_files
-        .iter()
-        .map(|f| format!("{}={}", f.env, f.path()))
-        .collect::<Vec<_>>()
-        .join(",");
+    let secret_env = secret_env_files(p);
     let spec = serde_json::to_string(&v.spec).map_err(|e| BuildError::Object {
         kind: "Job",
         name: name.clone(),
@@ -90,13 +74,7 @@ pub fn replay_job(v: &ValidatedReplay, ctx: &BuildContext) -> Result<Job, BuildE
                         "automountServiceAccountToken": false,
                         "enableServiceLinks": false,
                         "terminationGracePeriodSeconds": 30,
-                        "securityContext": {
-                            "runAsNonRoot": true,
-                            "runAsUser": RUN_AS,
-                            "runAsGroup": RUN_AS,
-                            "fsGroup": RUN_AS,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
+                        "securityContext": pod_security(),
                         "containers": [{
                             "name": CONTAINER,
                             "image": ctx.image,
@@ -129,7 +107,7 @@ pub fn replay_job(v: &ValidatedReplay, ctx: &BuildContext) -> Result<Job, BuildE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::build::default_image;
+    use crate::operator::build::{RUN_AS, default_image};
     use crate::operator::replayjob::validate::{tests::replay_job as job_of, validate};
     use crate::operator::validate::tests::kafka_publisher;
 
