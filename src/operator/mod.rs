@@ -17,5 +17,6 @@ pub mod metrics;
 pub mod process;
 pub mod reconcile;
 pub mod replayjob;
+pub mod shell;
 pub mod status;
 pub mod validate;

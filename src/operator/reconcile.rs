@@ -18,12 +18,10 @@ use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tracing::Instrument;
 
 use super::build::{BuildContext, BuildError, Children, build, child_name, cleanup_job, cleanup_job_name};
 use super::conditions::{self, types};
@@ -264,43 +262,36 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Cont
         &obj.namespace().unwrap_or_default(),
         &obj.name_any(),
     );
-    let publisher = match &obj.0 {
-        Ok(p) => p,
-        Err(invalid) => {
-            let name = invalid.metadata.name.clone().unwrap_or_default();
-            tracing::warn!(name, error = %invalid.error, "malformed EventPublisher skipped");
-            return Err(Error::InvalidObject(invalid.error.clone()));
-        }
-    };
-    let span = tracing::info_span!(
-        "reconcile",
-        namespace = publisher.namespace().unwrap_or_default(),
-        name = publisher.name_any()
-    );
-    let namespace = publisher.namespace().unwrap_or_default();
-    let api: Api<EventPublisher> = Api::namespaced(ctx.client.clone(), &namespace);
     let requeue = ctx.settings.requeue_after;
-    finalizer(&api, FINALIZER, Arc::new(publisher.clone()), |event| async {
-        match event {
-            FinalizerEvent::Apply(p) => {
-                reconcile_publisher(&p, &ctx).await?;
-                ctx.metrics
-                    .requeued(super::metrics::EVENT_PUBLISHER, &namespace, &p.name_any(), requeue);
-                Ok(Action::requeue(requeue))
-            }
-            FinalizerEvent::Cleanup(p) => {
-                let released = cleanup(&p, &ctx).await?;
-                ctx.forget(&namespace, &p.name_any());
-                Ok(released)
-            }
-        }
-    })
-    .instrument(span)
+    let ctx = &ctx;
+    super::shell::finalized(
+        &obj,
+        &ctx.client,
+        FINALIZER,
+        move |p| async move {
+            reconcile_publisher(&p, ctx).await?;
+            let namespace = p.namespace().unwrap_or_default();
+            ctx.metrics
+                .requeued(super::metrics::EVENT_PUBLISHER, &namespace, &p.name_any(), requeue);
+            Ok(Action::requeue(requeue))
+        },
+        move |p| async move {
+            let released = cleanup(&p, ctx).await?;
+            ctx.forget(&p.namespace().unwrap_or_default(), &p.name_any());
+            Ok(released)
+        },
+    )
     .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    })
+}
+
+impl super::shell::ShellError for Error {
+    fn invalid_object(reason: String) -> Self {
+        Error::InvalidObject(reason)
+    }
+
+    fn finalizer(reason: String) -> Self {
+        Error::Finalizer(reason)
+    }
 }
 
 /// Applies `deletionPolicy`. Returning `Ok` releases the finalizer; `CleanupPending` keeps it

@@ -12,10 +12,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPo
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use tracing::Instrument;
 
 use super::build::{CONTAINER, REPLAY_LABEL, STATUS_PORT, job_name, replay_job};
 use super::status::{JobState, Observations, compute, phase_event};
@@ -128,28 +126,25 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<ReplayJob>>, error: &Error, _ctx:
 
 /// One reconcile of one ReplayJob.
 pub async fn reconcile(obj: Arc<DeserializeGuard<ReplayJob>>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let job = match &obj.0 {
-        Ok(j) => j,
-        Err(invalid) => {
-            tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error, "malformed ReplayJob skipped");
-            return Err(Error::InvalidObject(invalid.error.clone()));
-        }
-    };
-    let namespace = job.namespace().unwrap_or_default();
-    let span = tracing::info_span!("reconcile_replay", namespace, name = job.name_any());
-    let api: Api<ReplayJob> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, Arc::new(job.clone()), |event| async {
-        match event {
-            FinalizerEvent::Apply(j) => apply(&j, &ctx).await,
-            FinalizerEvent::Cleanup(j) => cancel(&j, &ctx).await,
-        }
-    })
-    .instrument(span)
+    let ctx = &ctx;
+    crate::operator::shell::finalized(
+        &obj,
+        &ctx.client,
+        FINALIZER,
+        move |j| async move { apply(&j, ctx).await },
+        move |j| async move { cancel(&j, ctx).await },
+    )
     .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    })
+}
+
+impl crate::operator::shell::ShellError for Error {
+    fn invalid_object(reason: String) -> Self {
+        Error::InvalidObject(reason)
+    }
+
+    fn finalizer(reason: String) -> Self {
+        Error::Finalizer(reason)
+    }
 }
 
 fn is_terminal(phase: Option<ReplayPhase>) -> bool {

@@ -1,0 +1,71 @@
+//! The reconcile shell both controllers share: a malformed object becomes an error of its
+//! kind instead of breaking the watch, a span names the object, and the finalizer routes each
+//! round to the kind's apply or cleanup steps.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::Arc;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::Api;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{self, Event, finalizer};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+/// The two failures the shell itself reports, as variants of each kind's error enum.
+pub trait ShellError: std::error::Error + Send + Sized + 'static {
+    /// The object could not be read as its kind.
+    fn invalid_object(reason: String) -> Self;
+    /// Adding or removing the finalizer failed.
+    fn finalizer(reason: String) -> Self;
+}
+
+/// Runs `apply` (the object lives) or `cleanup` (it is being deleted; returning `Ok` releases
+/// `finalizer_name`) for one round of one object.
+pub async fn finalized<K, E, A, AFut, C, CFut>(
+    obj: &DeserializeGuard<K>,
+    client: &kube::Client,
+    finalizer_name: &str,
+    apply: A,
+    cleanup: C,
+) -> Result<Action, E>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+    E: ShellError,
+    A: FnOnce(Arc<K>) -> AFut,
+    AFut: Future<Output = Result<Action, E>>,
+    C: FnOnce(Arc<K>) -> CFut,
+    CFut: Future<Output = Result<Action, E>>,
+{
+    let object = match &obj.0 {
+        Ok(object) => object,
+        Err(invalid) => {
+            tracing::warn!(kind = %K::kind(&()), name = ?invalid.metadata.name, error = %invalid.error, "malformed object skipped");
+            return Err(E::invalid_object(invalid.error.clone()));
+        }
+    };
+    let namespace = object.namespace().unwrap_or_default();
+    let span = tracing::info_span!(
+        "reconcile",
+        kind = %K::kind(&()),
+        namespace = namespace.as_str(),
+        name = object.name_any()
+    );
+    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
+    finalizer(&api, finalizer_name, Arc::new(object.clone()), |event| async move {
+        match event {
+            Event::Apply(o) => apply(o).await,
+            Event::Cleanup(o) => cleanup(o).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => E::finalizer(other.to_string()),
+    })
+}
