@@ -80,7 +80,12 @@ async fn api_requests() -> std::collections::BTreeMap<(String, String), f64> {
 
 /// A counter's value from the operator's `/metrics`.
 async fn operator_metric(port: u16, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
@@ -195,8 +200,7 @@ async fn main() -> anyhow::Result<()> {
     let hwm = proc_kib(pid, "VmHWM:").unwrap_or(0);
     let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
     let requests_after = api_requests().await;
-    let reconciles =
-        operator_metric(port, "outbox_operator_reconciliations_total{kind=\"EventPublisher\"}").await;
+    let reconciles = operator_metric(port, "outbox_operator_reconciliations_total{kind=\"EventPublisher\"}").await;
     println!(
         "load average before {load_before}, after {}; operator CPU {cpu:.1} s; reconciles {reconciles:?} ({:.2} per publisher)",
         load_average(),
@@ -206,7 +210,12 @@ async fn main() -> anyhow::Result<()> {
     for (key, after) in &requests_after {
         let delta = after - requests_before.get(key).copied().unwrap_or(0.0);
         if delta >= 1.0 {
-            println!("  {:>8} {:<22} {delta:>8.0} ({:.2} per publisher)", key.0, key.1, delta / n as f64);
+            println!(
+                "  {:>8} {:<22} {delta:>8.0} ({:.2} per publisher)",
+                key.0,
+                key.1,
+                delta / n as f64
+            );
         }
     }
     println!(

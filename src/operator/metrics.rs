@@ -154,7 +154,9 @@ impl OperatorMetrics {
         if let Ok(mut schedule) = self.schedule.lock() {
             // The earliest wins, as in the controller's scheduler: a change during a requeue
             // wait runs the reconcile now.
-            let due = schedule.entry((kind, namespace.to_owned(), name.to_owned())).or_insert(at);
+            let due = schedule
+                .entry((kind, namespace.to_owned(), name.to_owned()))
+                .or_insert(at);
             *due = (*due).min(at);
         }
     }
@@ -163,7 +165,10 @@ impl OperatorMetrics {
     pub fn queue_depth(&self, kind: &'static str) -> i64 {
         let now = Instant::now();
         self.schedule.lock().map_or(0, |schedule| {
-            let due = schedule.iter().filter(|((k, _, _), at)| *k == kind && **at <= now).count();
+            let due = schedule
+                .iter()
+                .filter(|((k, _, _), at)| *k == kind && **at <= now)
+                .count();
             i64::try_from(due).unwrap_or(i64::MAX)
         })
     }
@@ -205,7 +210,9 @@ impl OperatorMetrics {
     pub fn encode(&self) -> String {
         // Only the EventPublisher controller feeds the schedule so far.
         for kind in [EVENT_PUBLISHER] {
-            self.queue_depth.get_or_create(&KindLabel { kind }).set(self.queue_depth(kind));
+            self.queue_depth
+                .get_or_create(&KindLabel { kind })
+                .set(self.queue_depth(kind));
         }
         let mut out = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -276,8 +283,14 @@ mod tests {
         m.requeued(EVENT_PUBLISHER, "shop", "c", Duration::ZERO);
         assert_eq!(depth(&m), 3, "a requeue that came due waits in the queue");
         let guard = m.reconcile_started(EVENT_PUBLISHER);
-        assert!(m.encode().contains(r#"outbox_operator_reconciles_in_flight{kind="EventPublisher"} 1"#));
-        assert!(m.encode().contains(r#"outbox_operator_reconcile_queue_depth{kind="EventPublisher"} 3"#));
+        assert!(
+            m.encode()
+                .contains(r#"outbox_operator_reconciles_in_flight{kind="EventPublisher"} 1"#)
+        );
+        assert!(
+            m.encode()
+                .contains(r#"outbox_operator_reconcile_queue_depth{kind="EventPublisher"} 3"#)
+        );
         drop(guard);
         m.forget_publisher("shop", "a");
         assert_eq!(depth(&m), 2);

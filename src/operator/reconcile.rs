@@ -151,9 +151,7 @@ impl Context {
         {
             return true;
         }
-        store
-            .get(&ObjectRef::new(name).within(namespace))
-            .is_some()
+        store.get(&ObjectRef::new(name).within(namespace)).is_some()
     }
 }
 
@@ -952,10 +950,13 @@ pub async fn run_with_metrics(
     let (pdb_reader, pdb_writer) = reflector::store();
     ctx.pdbs = Some(pdb_reader);
     let ctx = Arc::new(ctx);
-    let pdbs = watcher(api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace), owned.clone())
-        .default_backoff()
-        .modify(|p| p.managed_fields_mut().clear())
-        .reflect(pdb_writer);
+    let pdbs = watcher(
+        api::<PartialObjectMeta<PodDisruptionBudget>>(&client, &namespace),
+        owned.clone(),
+    )
+    .default_backoff()
+    .modify(|p| p.managed_fields_mut().clear())
+    .reflect(pdb_writer);
     let deployments = watcher(api::<Deployment>(&client, &namespace), owned.clone()).default_backoff();
     Controller::for_stream(publishers, reader)
         .owns_stream(deletions(
@@ -968,15 +969,15 @@ pub async fn run_with_metrics(
         ))
         .owns_stream(deletions(pdbs, metrics.clone()))
         .owns_stream(readiness_changes(deployments, metrics))
-    .with_config(kube::runtime::Config::default().concurrency(concurrency))
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((object, _)) => tracing::debug!(name = %object.name, namespace = ?object.namespace, "reconciled"),
-            Err(e) => tracing::debug!(error = %e, "reconcile round failed"),
-        }
-    })
-    .await;
+        .with_config(kube::runtime::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(name = %object.name, namespace = ?object.namespace, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile round failed"),
+            }
+        })
+        .await;
     Ok(())
 }

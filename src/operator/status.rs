@@ -209,7 +209,10 @@ pub fn compute(
 
     // Growth between two looks, not the count: a backlog of old dead letters is the
     // deadLetteredCount's business, this says whether events are being dead-lettered now.
-    let dead_lettering = match (latest.map(|r| r.dead_lettered_count), previous_status.dead_lettered_count) {
+    let dead_lettering = match (
+        latest.map(|r| r.dead_lettered_count),
+        previous_status.dead_lettered_count,
+    ) {
         (None, _) => Observed::unknown(types::DEAD_LETTERING, reasons::NO_RELAY_ANSWERED, no_answer.clone()),
         (Some(now), Some(before)) if now > before => Observed::new(
             types::DEAD_LETTERING,
@@ -263,7 +266,16 @@ pub fn compute(
     } else {
         Observed::new(types::PAUSED, false, reasons::RUNNING, "relays run")
     };
-    observed.extend([ready, outbox, broker, circuit, workers, provision, paused, dead_lettering]);
+    observed.extend([
+        ready,
+        outbox,
+        broker,
+        circuit,
+        workers,
+        provision,
+        paused,
+        dead_lettering,
+    ]);
 
     EventPublisherStatus {
         observed_generation: p.generation,

@@ -11,8 +11,8 @@ use serde_json::json;
 
 use super::validate::ValidatedReplay;
 use crate::operator::build::{
-    BuildContext, BuildError, child_name, common_labels, container_security, from_json, pod_security,
-    secret_env_files, secret_volumes,
+    BuildContext, BuildError, child_name, common_labels, container_security, from_json, pod_security, secret_env_files,
+    secret_volumes,
 };
 use crate::operator::validate::{CONFIG_DIR, CONFIG_FILE};
 

@@ -310,8 +310,7 @@ async fn poison_events_show_failed_and_dead_lettered_counts_matching_the_databas
             },
         )
         .await;
-    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
-        kube::Api::namespaced(e2e.admin.clone(), &e2e.tenant);
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(e2e.admin.clone(), &e2e.tenant);
     let started: Vec<_> = events
         .list(&Default::default())
         .await
@@ -323,7 +322,12 @@ async fn poison_events_show_failed_and_dead_lettered_counts_matching_the_databas
                 && e.reason.as_deref() == Some("DeadLetteringStarted")
         })
         .collect();
-    assert_eq!(started.len(), 1, "one DeadLetteringStarted Event: {started:?}; {:?}", settled.status);
+    assert_eq!(
+        started.len(),
+        1,
+        "one DeadLetteringStarted Event: {started:?}; {:?}",
+        settled.status
+    );
     let event = &started[0];
     assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
     assert!(
@@ -340,7 +344,10 @@ async fn poison_events_show_failed_and_dead_lettered_counts_matching_the_databas
         "outbox_operator_reconcile_queue_depth{kind=\"EventPublisher\"}",
         "outbox_operator_reconciles_in_flight{kind=\"EventPublisher\"}",
     ] {
-        assert!(metrics.contains(name), "{name} missing from the operator's /metrics:\n{metrics}");
+        assert!(
+            metrics.contains(name),
+            "{name} missing from the operator's /metrics:\n{metrics}"
+        );
     }
     let (rows, table) = e2e.kubectl_table().await;
     assert!(

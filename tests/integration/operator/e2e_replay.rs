@@ -99,7 +99,11 @@ async fn a_replay_job_replays_exactly_a_filtered_time_window_in_aggregate_order_
     .fetch_all(&e2e.db.pool)
     .await
     .expect("expected set");
-    assert_eq!(expected.len(), 36, "6 items x 6 rounds of StockLevelChanged in the window");
+    assert_eq!(
+        expected.len(),
+        36,
+        "6 items x 6 rounds of StockLevelChanged in the window"
+    );
 
     create_replay(
         &e2e,
@@ -124,10 +128,15 @@ async fn a_replay_job_replays_exactly_a_filtered_time_window_in_aggregate_order_
 
     let job = format!("{}/window", e2e.tenant);
     let live_total = before.len() + window.len() + after.len() + live.len();
-    let received = collect(&consumer(&topic), Duration::from_secs(90), Duration::from_secs(2), |r| {
-        r.iter().filter(|x| x.replay_job.is_some()).count() >= expected.len()
-            && r.iter().filter(|x| x.replay_job.is_none()).count() >= live_total
-    })
+    let received = collect(
+        &consumer(&topic),
+        Duration::from_secs(90),
+        Duration::from_secs(2),
+        |r| {
+            r.iter().filter(|x| x.replay_job.is_some()).count() >= expected.len()
+                && r.iter().filter(|x| x.replay_job.is_none()).count() >= live_total
+        },
+    )
     .await;
     let replayed: Vec<_> = received
         .iter()
@@ -147,9 +156,15 @@ async fn a_replay_job_replays_exactly_a_filtered_time_window_in_aggregate_order_
     }
     let mut arrival_order: HashMap<String, Vec<Uuid>> = HashMap::new();
     for e in &replayed {
-        arrival_order.entry(e.aggregate_id.clone()).or_default().push(e.event_id);
+        arrival_order
+            .entry(e.aggregate_id.clone())
+            .or_default()
+            .push(e.event_id);
     }
-    assert_eq!(arrival_order, expected_order, "each aggregate's events in position order");
+    assert_eq!(
+        arrival_order, expected_order,
+        "each aggregate's events in position order"
+    );
     let live_ids: HashSet<Uuid> = received
         .iter()
         .filter(|r| r.replay_job.is_none())
@@ -191,7 +206,8 @@ async fn a_replay_job_rewinds_a_consumer_group_to_a_time_and_is_refused_while_th
     wait_empty(&group).await;
     let before = committed(&group, &topic).await;
 
-    let spec = json!({"publisherRef": {"name": "orders"}, "from": {"time": from}, "consumerGroupRewind": {"group": group}});
+    let spec =
+        json!({"publisherRef": {"name": "orders"}, "from": {"time": from}, "consumerGroupRewind": {"group": group}});
     create_replay(&e2e, "rewind", spec.clone()).await;
     let status = replay_reaches(&e2e, "rewind", ReplayPhase::Succeeded, Duration::from_secs(180)).await;
     assert_eq!(status.offsets.len(), 3, "before and after per partition: {status:?}");
@@ -306,9 +322,12 @@ async fn a_dead_letter_replay_job_redrives_once_the_destination_is_fixed_and_the
     assert_eq!(rows("delivered").await, 3, "the redriven rows are delivered");
 
     let job = format!("{}/redrive", e2e.tenant);
-    let received = collect(&consumer(&topic), Duration::from_secs(60), Duration::from_secs(1), |r| {
-        r.iter().filter(|x| x.replay_job.is_some()).count() >= 3
-    })
+    let received = collect(
+        &consumer(&topic),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |r| r.iter().filter(|x| x.replay_job.is_some()).count() >= 3,
+    )
     .await;
     let redriven: HashSet<Uuid> = received
         .iter()

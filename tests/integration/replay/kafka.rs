@@ -41,7 +41,10 @@ pub async fn write_mixed(
     written
 }
 
-pub async fn recorded_bounds(db: &crate::support::postgres::TestDatabase, ids: &[Uuid]) -> (DateTime<Utc>, DateTime<Utc>) {
+pub async fn recorded_bounds(
+    db: &crate::support::postgres::TestDatabase,
+    ids: &[Uuid],
+) -> (DateTime<Utc>, DateTime<Utc>) {
     sqlx::query_as("SELECT min(recorded_at), max(recorded_at) FROM outbox.events WHERE event_id = ANY($1)")
         .bind(ids)
         .fetch_one(&db.pool)
