@@ -424,3 +424,74 @@ async fn deletion_policy_retain_releases_at_once_and_delete_runs_a_bounded_clean
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_depth_gauge_counts_publishers_waiting_for_a_reconcile_and_drains_to_zero() {
+    let client = admin_client().await;
+    install_crds(&client).await;
+    let ns = create_namespace(&client, "op-queue").await;
+    let api: Api<EventPublisher> = Api::namespaced(client.clone(), &ns);
+    let names: Vec<String> = (0..6).map(|i| format!("queued-{i}")).collect();
+    for name in &names {
+        api.create(&PostParams::default(), &kafka_publisher(name, "Retain"))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    }
+    // One reconcile at a time: the controller's first listing triggers all six at once.
+    let metrics = std::sync::Arc::new(inventory_outbox::operator::metrics::OperatorMetrics::new());
+    let settings = Settings {
+        concurrency: 1,
+        requeue_after: Duration::from_secs(300),
+        ..Settings::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(inventory_outbox::operator::reconcile::run_with_metrics(
+        client.clone(),
+        Some(ns.to_string()),
+        settings,
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let kind = inventory_outbox::operator::metrics::EVENT_PUBLISHER;
+    let mut deepest = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while deepest < 4 && tokio::time::Instant::now() < deadline {
+        deepest = deepest.max(metrics.queue_depth(kind));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        deepest >= 4,
+        "at most {deepest} publishers seen waiting behind one reconcile"
+    );
+    until(
+        Duration::from_secs(90),
+        "every publisher reconciled and the queue empty",
+        || async {
+            let list = api.list(&Default::default()).await.map_err(|e| e.to_string())?;
+            let done = list
+                .items
+                .iter()
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .is_some_and(|s| s.observed_generation == p.metadata.generation)
+                })
+                .count();
+            let depth = metrics.queue_depth(kind);
+            let text = metrics.encode();
+            let idle = text
+                .lines()
+                .any(|l| l == format!("outbox_operator_reconciles_in_flight{{kind=\"{kind}\"}} 0"));
+            if done == names.len() && depth == 0 && idle {
+                Ok(())
+            } else {
+                Err(format!("{done} reconciled, queue depth {depth}, in flight idle {idle}"))
+            }
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}
