@@ -209,11 +209,9 @@ impl OperatorMetrics {
     /// OpenMetrics text.
     pub fn encode(&self) -> String {
         // Only the EventPublisher controller feeds the schedule so far.
-        for kind in [EVENT_PUBLISHER] {
-            self.queue_depth
-                .get_or_create(&KindLabel { kind })
-                .set(self.queue_depth(kind));
-        }
+        self.queue_depth
+            .get_or_create(&KindLabel { kind: EVENT_PUBLISHER })
+            .set(self.queue_depth(EVENT_PUBLISHER));
         let mut out = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(%error, "encode operator metrics");

@@ -771,6 +771,27 @@ async fn publish_transitions(
 ) {
     let reference = publisher.object_ref(&());
     for changed in conditions::transitions(previous, &status.conditions) {
+        if changed.type_ == types::PAUSED {
+            // Pausing is news (the relays stop); resuming only after a pause, not for every
+            // new publisher whose Paused condition first appears False.
+            let was_paused = previous.iter().any(|c| c.type_ == types::PAUSED && c.status == "True");
+            let reason = match changed.status.as_str() {
+                "True" => "Paused",
+                "False" if was_paused => "Resumed",
+                _ => continue,
+            };
+            let event = Event {
+                type_: EventType::Normal,
+                reason: reason.into(),
+                note: Some(changed.message.chars().take(1000).collect()),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, "publish Event");
+            }
+            continue;
+        }
         if changed.type_ == types::DEAD_LETTERING {
             // Only the start is news; the count in the status tells the rest.
             if changed.status == "True" {
@@ -791,8 +812,8 @@ async fn publish_transitions(
             changed.type_.as_str(),
             types::CIRCUIT_CLOSED | types::BROKER_READY | types::TOPOLOGY_PROVISIONED | types::READY
         );
-        // A first Unknown is not news; it only says nobody has answered yet. Nor is a pause
-        // that the spec asked for.
+        // A first Unknown is not news; it only says nobody has answered yet. A pause is told
+        // once, by the Paused condition above, not also as a Ready warning.
         if !worth_telling || changed.status == "Unknown" || changed.reason == conditions::reasons::PAUSED {
             continue;
         }

@@ -480,10 +480,8 @@ async fn the_queue_depth_gauge_counts_publishers_waiting_for_a_reconcile_and_dra
                 })
                 .count();
             let depth = metrics.queue_depth(kind);
-            let text = metrics.encode();
-            let idle = text
-                .lines()
-                .any(|l| l == format!("outbox_operator_reconciles_in_flight{{kind=\"{kind}\"}} 0"));
+            let idle_line = format!("outbox_operator_reconciles_in_flight{{kind=\"{kind}\"}} 0");
+            let idle = metrics.encode().lines().any(|l| l == idle_line);
             if done == names.len() && depth == 0 && idle {
                 Ok(())
             } else {
