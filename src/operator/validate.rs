@@ -289,8 +289,20 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             }
             None => (None, None),
         };
+        let ca_file = s.ca_secret_ref.as_ref().map(|r| {
+            let file = SecretFile {
+                role: "aws-ca",
+                secret: r.name.clone(),
+                key: r.key.clone(),
+                env: "",
+            };
+            let path = std::path::PathBuf::from(file.path());
+            mounted_tls.push(file);
+            path
+        });
         let config = SnsSqsConfig {
             endpoint_url: s.endpoint_url.clone(),
+            ca_file,
             fifo: s.fifo,
             mode: s.mode,
             dead_letter_queue: spec.dead_letter.destination.clone(),
