@@ -39,13 +39,9 @@ pub async fn connect_store(
         .route("/readyz", get(readyz))
         .with_state(reason.clone());
     let (stop_probes, mut probes_stopped) = watch::channel(false);
-    let server = tokio::spawn(crate::admin::api::serve(
-        duplicate(listener)?,
-        probes,
-        async move {
-            let _ = probes_stopped.wait_for(|stop| *stop).await;
-        },
-    ));
+    let server = tokio::spawn(crate::admin::api::serve(duplicate(listener)?, probes, async move {
+        let _ = probes_stopped.wait_for(|stop| *stop).await;
+    }));
     let connect = Store::connect_retrying(
         url,
         config.outbox.tls.as_ref(),

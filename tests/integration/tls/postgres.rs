@@ -132,8 +132,15 @@ async fn an_untrusted_postgres_ca_keeps_the_relay_unready_until_the_ca_file_is_f
     relay.stays_up_unready(Duration::from_secs(3)).await;
     assert!(relay.livez_ok().await, "alive while it waits for the database");
     let logs = relay.logs();
-    assert_eq!(connect_errors(&logs).len(), 1, "one error line, not one per retry:\n{logs}");
-    assert!(!logs.contains("outbox:outbox@"), "the URL's credentials never show:\n{logs}");
+    assert_eq!(
+        connect_errors(&logs).len(),
+        1,
+        "one error line, not one per retry:\n{logs}"
+    );
+    assert!(
+        !logs.contains("outbox:outbox@"),
+        "the URL's credentials never show:\n{logs}"
+    );
 
     std::fs::copy(tls_file("ca.crt"), &ca_file).expect("fix the CA file");
     relay.wait_ready(Duration::from_secs(60)).await;
@@ -179,7 +186,11 @@ async fn a_wrong_postgres_password_keeps_the_relay_unready_naming_the_endpoint_a
     places.push(("/livez", &livez));
     assert_secret_absent(WRONG_PASSWORD, &places);
     let logs = relay.kill().await;
-    assert_eq!(connect_errors(&logs).len(), 1, "one error line, not one per retry:\n{logs}");
+    assert_eq!(
+        connect_errors(&logs).len(),
+        1,
+        "one error line, not one per retry:\n{logs}"
+    );
 
     // The Secret is fixed: the relay restarts (secret_watch) with the right URL.
     let mut relay = RelayProcess::start(&doc, &right, &dir, "pg-password-fixed");
@@ -260,7 +271,9 @@ impl BrokenServer {
     }
 
     async fn admin(&self) -> sqlx::PgConnection {
-        sqlx::PgConnection::connect(&self.admin_url).await.expect("admin connection")
+        sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .expect("admin connection")
     }
 
     /// A verify-full connect against the local CA, as the relay makes it.
@@ -307,7 +320,11 @@ impl BrokenServer {
             .expect("create database");
         let _ = admin.close().await;
         let url = format!("postgres://outbox:outbox@{}/{name}?sslmode=disable", self.address);
-        let pool = PgPoolOptions::new().max_connections(8).connect(&url).await.expect("pool");
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect("pool");
         let publisher = InventoryEventPublisher::setup(
             Store::from_pool(pool.clone(), SchemaName::default()),
             PublisherConfig::default(),
@@ -364,7 +381,11 @@ async fn broken_server_then_renewed(name: &str, url_env: &str, port: u16, cause:
     relay.stays_up_unready(Duration::from_secs(3)).await;
     assert!(relay.livez_ok().await, "alive while it waits for the database");
     let logs = relay.logs();
-    assert_eq!(connect_errors(&logs).len(), 1, "one error line, not one per retry:\n{logs}");
+    assert_eq!(
+        connect_errors(&logs).len(),
+        1,
+        "one error line, not one per retry:\n{logs}"
+    );
     assert!(
         connect_errors(&logs)[0].contains(&endpoint) && connect_errors(&logs)[0].contains(cause),
         "{logs}"
@@ -396,6 +417,6 @@ async fn an_expired_postgres_certificate_keeps_the_relay_unready_until_the_serve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_host_name_mismatch_keeps_the_relay_unready_until_the_server_certificate_names_it_and_loses_nothing()
- {
+{
     broken_server_then_renewed("wronghost", "PG_WRONGHOST_CERT_URL", 15434, "host name mismatch").await;
 }

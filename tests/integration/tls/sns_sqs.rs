@@ -8,7 +8,9 @@ use inventory_outbox::broker::sns_sqs::{SnsSqsBroker, SnsSqsConfig, SnsSqsTarget
 use inventory_outbox::event::{DomainEvent, cloudevents};
 use serde_json::{Value, json};
 
-use super::{RelayProcess, env_or, postgres_verify_full, relay_document, scratch_dir, test_database_url, tls_file, write};
+use super::{
+    RelayProcess, env_or, postgres_verify_full, relay_document, scratch_dir, test_database_url, tls_file, write,
+};
 use crate::event_core::publisher;
 use crate::relay::assert_delivered;
 use crate::support::unique_name;
@@ -162,7 +164,10 @@ async fn a_ca_file_without_certificates_is_a_configuration_error_naming_the_fiel
         .err()
         .expect("a CA file without certificates is refused")
         .to_string();
-    assert!(error.contains("snsSqs.caFile") && error.contains(&empty.display().to_string()), "{error}");
+    assert!(
+        error.contains("snsSqs.caFile") && error.contains(&empty.display().to_string()),
+        "{error}"
+    );
 
     // The same endpoint with the right bundle answers.
     let config = SnsSqsConfig {
