@@ -420,3 +420,53 @@ async fn a_postgres_host_name_mismatch_keeps_the_relay_unready_until_the_server_
 {
     broken_server_then_renewed("wronghost", "PG_WRONGHOST_CERT_URL", 15434, "host name mismatch").await;
 }
+
+/// `inventory-outbox provision` with `outbox_tls` on the test database; its exit status and
+/// output.
+async fn provision(db: &TestDatabase, outbox_tls: Value, dir: &Path, name: &str) -> (bool, String) {
+    let topic = unique_name("tls-pg-provision");
+    let doc = relay_document(name, plain_kafka(&topic), single(&topic), outbox_tls, dir);
+    let config = dir.join(format!("{name}.json"));
+    std::fs::write(&config, serde_json::to_vec_pretty(&doc).expect("json")).expect("config file");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_inventory-outbox"))
+        .args(["--log-format", "json", "provision", "--config"])
+        .arg(&config)
+        .arg("--report-file")
+        .arg(dir.join(format!("{name}.report")))
+        .env("DATABASE_URL", test_database_url(db))
+        .env("RUST_LOG", "info")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .expect("provision finishes within 60 s")
+        .expect("run provision");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provision_step_connects_with_outbox_tls_and_refuses_an_untrusted_server() {
+    let db = TestDatabase::create("tls_pg_provision").await;
+    let dir = scratch_dir("tls-pg-provision");
+    // The URL says nothing about TLS (libpq `prefer`: encrypted, never verified); outbox.tls
+    // must still be applied.
+    let (ok, output) = provision(&db, json!({"caFile": tls_file("other-ca.crt")}), &dir, "untrusted").await;
+    assert!(!ok, "provision accepted a server its CA file does not trust:\n{output}");
+    assert!(
+        output.contains(&format!("127.0.0.1:15432/{}", db.name)) && output.contains("unknown issuer"),
+        "{output}"
+    );
+    let (ok, output) = provision(&db, super::postgres_verify_full(), &dir, "trusted").await;
+    assert!(ok, "provision over verify-full failed:\n{output}");
+    let events: Option<String> = sqlx::query_scalar("SELECT to_regclass('outbox.events')::text")
+        .fetch_one(&db.pool)
+        .await
+        .expect("to_regclass");
+    assert!(events.is_some(), "provision migrated the outbox");
+    let _ = std::fs::remove_dir_all(&dir);
+    db.drop().await;
+}
