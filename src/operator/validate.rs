@@ -522,6 +522,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_sns_sqs_ca_bundle_is_mounted_and_named_in_the_config_by_path() {
+        let mut p = kafka_publisher();
+        p.spec.broker.kafka = None;
+        p.spec.topology.kafka = None;
+        p.spec.broker.sns_sqs = Some(
+            serde_json::from_value(serde_json::json!({
+                "region": "eu-west-1", "endpointUrl": "https://sqs.internal.example:8443", "target": "sqs",
+                "caSecretRef": {"name": "internal-ca", "key": "ca.crt"},
+            }))
+            .expect("snsSqs spec"),
+        );
+        let v = validate(&p).expect("valid");
+        let paths: Vec<String> = v.tls_files.iter().map(SecretFile::path).collect();
+        assert_eq!(paths, vec!["/var/run/secrets/inventory-outbox/aws-ca/ca.crt"]);
+        let BrokerConfig::SnsSqs(s) = &v.relay.broker else {
+            panic!("snsSqs expected: {:?}", v.relay.broker)
+        };
+        assert_eq!(s.ca_file, Some(paths[0].clone().into()));
+    }
+
+    #[test]
     fn paused_runs_no_relays_and_a_long_name_is_refused() {
         let mut p = kafka_publisher();
         p.spec.paused = true;
