@@ -59,6 +59,16 @@ clean() {
   # shellcheck disable=SC1090
   [[ -f $OUTBOX_ENV_FILE ]] && source "$OUTBOX_ENV_FILE"
   if [[ -n ${KUBECTL:-} ]]; then
+    # The custom resources go first, while the operator still runs to release their finalizers
+    # (the publisher's deletionPolicy is Retain: nothing to remove on the broker). If it cannot
+    # within the deadline (an operator that is not running, for instance), say so and let go by
+    # hand, as the README describes, so the namespace does not stay Terminating forever.
+    if ! "$KUBECTL" delete eventpublishers,replayjobs --all -n "$DEMO_NAMESPACE" --ignore-not-found --wait=true --timeout=120s >&2; then
+      log "demo-clean: the operator did not release the demo's custom resources in 120 s; removing their finalizers"
+      "$KUBECTL" get eventpublishers,replayjobs -n "$DEMO_NAMESPACE" -o name 2>/dev/null | while read -r obj; do
+        "$KUBECTL" patch -n "$DEMO_NAMESPACE" "$obj" --type=merge -p '{"metadata":{"finalizers":null}}' >&2 || true
+      done
+    fi
     "$KUBECTL" delete namespace "$DEMO_NAMESPACE" --ignore-not-found --wait=true --timeout=120s >&2 || true
     "$HELM" uninstall "$DEMO_RELEASE" -n "$DEMO_OPERATOR_NAMESPACE" --ignore-not-found --wait >&2 || true
     "$KUBECTL" delete namespace "$DEMO_OPERATOR_NAMESPACE" --ignore-not-found --wait=true --timeout=120s >&2 || true
