@@ -323,7 +323,8 @@ async fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     let url_env = &config.outbox.database_url_env;
     let url = std::env::var(url_env)
         .map_err(|_| anyhow::anyhow!("environment variable {url_env} (outbox.databaseUrlEnv) is not set"))?;
-    let store = crate::store::Store::connect(&url, config.schema_name(), 2).await?;
+    let store =
+        crate::store::Store::connect_with_tls(&url, config.outbox.tls.as_ref(), config.schema_name(), 2).await?;
     store.migrate().await?;
     crate::schema::registry::SchemaRegistry::new(store)
         .register_builtin(args.compatibility)

@@ -173,7 +173,10 @@ pub fn diagnose_server_certificate(endpoint: &str, ca_file: &Path) -> Option<Str
         if let Err(error) = connection.complete_io(&mut socket) {
             let rustls_error = error.get_ref()?.downcast_ref::<rustls::Error>()?;
             return match rustls_error {
-                rustls::Error::InvalidCertificate(cause) => Some(describe_certificate_error(cause, ca_file)),
+                rustls::Error::InvalidCertificate(cause) => Some(describe_certificate_error(
+                    cause,
+                    &format!("tls.caFile {}", ca_file.display()),
+                )),
                 _ => None,
             };
         }
@@ -186,7 +189,26 @@ pub fn diagnose_server_certificate(endpoint: &str, ca_file: &Path) -> Option<Str
     None
 }
 
-fn describe_certificate_error(cause: &CertificateError, ca_file: &Path) -> String {
+/// The certificate problem somewhere in `error`'s source chain, if any. TLS libraries hand
+/// rustls' error up inside `std::io::Error`, whose `source()` skips the wrapped error itself,
+/// so both links are followed.
+pub fn certificate_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a CertificateError> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(rustls::Error::InvalidCertificate(cause)) = current.downcast_ref::<rustls::Error>() {
+            return Some(cause);
+        }
+        next = match current.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+    }
+    None
+}
+
+/// Says in words why a server certificate was refused; `trusted` names where the trusted CA
+/// certificates came from (`tls.caFile /etc/...`).
+pub fn describe_certificate_error(cause: &CertificateError, trusted: &str) -> String {
     match cause {
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
             format!("the server's certificate has expired ({cause})")
@@ -194,10 +216,9 @@ fn describe_certificate_error(cause: &CertificateError, ca_file: &Path) -> Strin
         CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
             format!("the server's certificate is not valid yet ({cause})")
         }
-        CertificateError::UnknownIssuer => format!(
-            "the server's certificate is not signed by a CA in tls.caFile {} (unknown issuer)",
-            ca_file.display()
-        ),
+        CertificateError::UnknownIssuer => {
+            format!("the server's certificate is not signed by a CA in {trusted} (unknown issuer)")
+        }
         CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
             format!("host name mismatch: {cause}")
         }

@@ -2,7 +2,14 @@
 # PostgreSQL for local development and tests: one cluster on 127.0.0.1:$PG_PORT with a superuser role `outbox`
 # (password `outbox`) and a database `outbox`.
 #
+# Two more small clusters serve the TLS failure tests: `expired` on 127.0.0.1:$PG_EXPIRED_PORT presents the
+# local CA's expired certificate, `wronghost` on 127.0.0.1:$PG_WRONGHOST_PORT one valid only for
+# wrong-host.invalid (hack/components/tls.sh). They are real servers with the same role and database; the tests
+# that own them switch them to the valid certificate (ALTER SYSTEM + reload) and back. PG_TLS_BROKEN=0 leaves
+# them out.
+#
 # Usage: postgres.sh install|start|stop|status|env
+#        PG_INSTANCE=expired|wronghost postgres.sh start|stop|status|env   (only that cluster)
 #
 # Data location: PostgreSQL refuses to run as root, so when this script runs as root the server runs as the Debian
 # `postgres` user (via runuser), which has to reach its data directory. $OUTBOX_STATE normally lives under /root
@@ -12,10 +19,25 @@
 # The pid file and the log still live in $OUTBOX_STATE/postgres and $OUTBOX_LOGS (written by root, not postgres).
 source "$(dirname "$0")/../lib/common.sh"
 
-STATE_DIR="$OUTBOX_STATE/postgres"
+: "${PG_EXPIRED_PORT:=15433}"
+: "${PG_WRONGHOST_PORT:=15434}"
+: "${PG_TLS_BROKEN:=1}"
+INSTANCE=${PG_INSTANCE:-main}
+# The certificate the cluster presents (a name in hack/components/tls.sh's directory).
+CERT=server
+NAME=postgres
+case $INSTANCE in
+  main) ;;
+  expired) NAME=postgres-expired CERT=expired PG_PORT=$PG_EXPIRED_PORT ;;
+  wronghost) NAME=postgres-wronghost CERT=wronghost PG_PORT=$PG_WRONGHOST_PORT ;;
+  *) die "unknown PG_INSTANCE $INSTANCE (main, expired or wronghost)" ;;
+esac
+STATE_DIR="$OUTBOX_STATE/$NAME"
 PIDFILE="$STATE_DIR/postgres.pid"
-LOG="$OUTBOX_LOGS/postgres.log"
-if ((EUID == 0)); then
+LOG="$OUTBOX_LOGS/$NAME.log"
+if [[ $INSTANCE != main ]]; then
+  if ((EUID == 0)); then PG_DIR="/var/lib/inventory-outbox/$NAME"; else PG_DIR="$STATE_DIR"; fi
+elif ((EUID == 0)); then
   PG_DIR="${OUTBOX_PG_DIR:-/var/lib/inventory-outbox/postgres}"
 else
   PG_DIR="${OUTBOX_PG_DIR:-$STATE_DIR}"
@@ -91,8 +113,8 @@ init_cluster() {
     log "initdb $PGDATA_DIR"
     rm -rf "$tmp"
     as_pg "$bin/initdb" -D "$tmp" -U postgres -E UTF8 --locale=C.UTF-8 \
-      --auth-local=trust --auth-host=scram-sha-256 >"$OUTBOX_LOGS/postgres-initdb.log" 2>&1 ||
-      { tail -n 20 "$OUTBOX_LOGS/postgres-initdb.log" >&2; die "initdb failed"; }
+      --auth-local=trust --auth-host=scram-sha-256 >"$OUTBOX_LOGS/$NAME-initdb.log" 2>&1 ||
+      { tail -n 20 "$OUTBOX_LOGS/$NAME-initdb.log" >&2; die "initdb failed"; }
     rm -rf "$PGDATA_DIR"
     mv "$tmp" "$PGDATA_DIR"
     echo "include_if_exists = 'outbox.conf'" >>"$PGDATA_DIR/postgresql.conf"
@@ -108,8 +130,12 @@ install_server_cert() {
   local tls_dir="$OUTBOX_STATE/tls" dest="$PG_DIR/tls"
   "$HACK_DIR/components/tls.sh" start
   mkdir -p "$dest"
-  install -m 644 "$tls_dir/server.crt" "$dest/server.crt"
-  install -m 600 "$tls_dir/server.key" "$dest/server.key"
+  local cert
+  # The broken clusters also get the valid certificate, which their tests switch to.
+  for cert in server $CERT; do
+    install -m 644 "$tls_dir/$cert.crt" "$dest/$cert.crt"
+    install -m 600 "$tls_dir/$cert.key" "$dest/$cert.key"
+  done
   install -m 644 "$tls_dir/ca.crt" "$dest/ca.crt"
   if ((EUID == 0)); then chown -R postgres:postgres "$dest"; fi
 }
@@ -131,10 +157,19 @@ logging_collector = off
 # TLS on the same port (plain connections still work): sslmode=verify-full with the local CA
 # for host 127.0.0.1 or localhost.
 ssl = on
-ssl_cert_file = '$PG_DIR/tls/server.crt'
-ssl_key_file = '$PG_DIR/tls/server.key'
+ssl_cert_file = '$PG_DIR/tls/$CERT.crt'
+ssl_key_file = '$PG_DIR/tls/$CERT.key'
 ssl_ca_file = '$PG_DIR/tls/ca.crt'
 EOF
+  if [[ $INSTANCE != main ]]; then
+    # A throwaway cluster for a few test databases (later settings win).
+    cat >>"$conf.new" <<EOF
+# Presents $CERT.crt: for the TLS failure tests only.
+max_connections = 40
+shared_buffers = 16MB
+fsync = off
+EOF
+  fi
   if cmp -s "$conf.new" "$conf"; then
     rm -f "$conf.new"
   else
@@ -220,20 +255,33 @@ do_stop() {
 }
 
 do_status() {
-  if is_running; then echo "postgres running $PG_PORT"; else echo "postgres stopped $PG_PORT"; fi
+  if is_running; then echo "$NAME running $PG_PORT"; else echo "$NAME stopped $PG_PORT"; fi
 }
 
 do_env() {
+  if [[ $INSTANCE != main ]]; then
+    echo "export PG_${INSTANCE^^}_CERT_URL=postgres://outbox:outbox@127.0.0.1:$PG_PORT/outbox"
+    return 0
+  fi
   echo "export DATABASE_URL=postgres://outbox:outbox@127.0.0.1:$PG_PORT/outbox"
   # The same server over TLS, verifying the certificate chain and the host name.
   echo "export DATABASE_TLS_URL='postgres://outbox:outbox@127.0.0.1:$PG_PORT/outbox?sslmode=verify-full&sslrootcert=$OUTBOX_STATE/tls/ca.crt'"
 }
 
+# all ACTION -> ACTION on the main cluster, then on the broken-certificate ones (unless PG_TLS_BROKEN=0)
+all() {
+  "do_$1"
+  if [[ $INSTANCE == main && $PG_TLS_BROKEN == 1 ]]; then
+    local i
+    for i in expired wronghost; do PG_INSTANCE=$i "$0" "$1"; done
+  fi
+}
+
 case "${1:-}" in
   install) do_install ;;
-  start) do_start ;;
-  stop) do_stop ;;
-  status) do_status ;;
-  env) do_env ;;
+  start) all start ;;
+  stop) all stop ;;
+  status) all status ;;
+  env) all env ;;
   *) echo "usage: $0 install|start|stop|status|env" >&2; exit 2 ;;
 esac

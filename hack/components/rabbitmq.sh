@@ -13,11 +13,14 @@
 # the local CA's server certificate (hack/components/tls.sh), client certificates verified when presented,
 # plus plain AMQP on $AMQP_TLS_NODE_PORT and management on $RABBITMQ_TLS_MGMT_PORT. It is a separate node
 # because a listener cannot be added to a running node, and the plain node must keep running for everyone
-# else. RABBITMQ_TLS_NODE=0 leaves it out.
+# else. Two more nodes serve the TLS failure tests: `outbox-expired@localhost` presents the local CA's expired
+# certificate on amqps 127.0.0.1:$AMQPS_EXPIRED_PORT, `outbox-wronghost@localhost` one valid only for
+# wrong-host.invalid on amqps 127.0.0.1:$AMQPS_WRONGHOST_PORT (each needs its own node: a node's TLS listeners
+# share one certificate). RABBITMQ_TLS_NODE=0 leaves all three out.
 #
 # Usage: rabbitmq.sh install|start|stop|status|env
 #        rabbitmq.sh ctl ARGS...   (rabbitmqctl against our node)
-#        RABBITMQ_INSTANCE=tls rabbitmq.sh start|stop|status|env|ctl   (only the TLS node)
+#        RABBITMQ_INSTANCE=tls|expired|wronghost rabbitmq.sh start|stop|status|env|ctl   (only that node)
 source "$(dirname "$0")/../lib/common.sh"
 
 : "${AMQPS_PORT:=15676}"
@@ -25,9 +28,14 @@ source "$(dirname "$0")/../lib/common.sh"
 : "${RABBITMQ_TLS_MGMT_PORT:=15677}"
 : "${RABBITMQ_TLS_DIST_PORT:=25680}"
 : "${RABBITMQ_TLS_NODE:=1}"
+# The broken-certificate nodes: amqps, plain AMQP, management and Erlang distribution ports.
+: "${AMQPS_EXPIRED_PORT:=15679}"
+: "${AMQPS_WRONGHOST_PORT:=15682}"
 INSTANCE=${RABBITMQ_INSTANCE:-plain}
 TLS_DIR="$OUTBOX_STATE/tls"
 RMQ_BIN=/usr/lib/rabbitmq/bin
+# The certificate the amqps listener presents (a name in hack/components/tls.sh's directory).
+CERT=server
 if [[ $INSTANCE == tls ]]; then
   NODE=outbox-tls@localhost
   STATE_DIR="$OUTBOX_STATE/rabbitmq-tls"
@@ -35,6 +43,15 @@ if [[ $INSTANCE == tls ]]; then
   AMQP_PORT=$AMQP_TLS_NODE_PORT
   RABBITMQ_MGMT_PORT=$RABBITMQ_TLS_MGMT_PORT
   RABBITMQ_DIST_PORT=$RABBITMQ_TLS_DIST_PORT
+elif [[ $INSTANCE == expired || $INSTANCE == wronghost ]]; then
+  NODE=outbox-$INSTANCE@localhost
+  STATE_DIR="$OUTBOX_STATE/rabbitmq-$INSTANCE"
+  LOG="$OUTBOX_LOGS/rabbitmq-$INSTANCE.log"
+  CERT=$INSTANCE
+  if [[ $INSTANCE == expired ]]; then AMQPS_PORT=$AMQPS_EXPIRED_PORT; else AMQPS_PORT=$AMQPS_WRONGHOST_PORT; fi
+  AMQP_PORT=$((AMQPS_PORT - 1))
+  RABBITMQ_MGMT_PORT=$((AMQPS_PORT + 1))
+  RABBITMQ_DIST_PORT=$((AMQPS_PORT + 10000))
 else
   NODE=${RABBITMQ_NODE:-outbox@localhost}
   STATE_DIR="$OUTBOX_STATE/rabbitmq"
@@ -137,13 +154,13 @@ management.tcp.ip = 127.0.0.1
 management.tcp.port = $RABBITMQ_MGMT_PORT
 loopback_users = none
 EOF
-  if [[ $INSTANCE == tls ]]; then
+  if [[ $INSTANCE != plain ]]; then
     "$HACK_DIR/components/tls.sh" start
     cat >>"$RABBITMQ_CONFIG_FILE" <<EOF
 listeners.ssl.default = 127.0.0.1:$AMQPS_PORT
 ssl_options.cacertfile = $TLS_DIR/ca.crt
-ssl_options.certfile = $TLS_DIR/server.crt
-ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.certfile = $TLS_DIR/$CERT.crt
+ssl_options.keyfile = $TLS_DIR/$CERT.key
 # A client certificate is optional, and checked against the CA when one is presented.
 ssl_options.verify = verify_peer
 ssl_options.fail_if_no_peer_cert = false
@@ -221,7 +238,7 @@ do_start() {
   rm -f "$PIDFILE" "$RABBITMQ_PID_FILE" # stale (e.g. after a machine restart)
   local p
   local ports=("$AMQP_PORT" "$RABBITMQ_MGMT_PORT" "$RABBITMQ_DIST_PORT")
-  if [[ $INSTANCE == tls ]]; then ports+=("$AMQPS_PORT"); fi
+  if [[ $INSTANCE != plain ]]; then ports+=("$AMQPS_PORT"); fi
   for p in "${ports[@]}"; do
     port_open "$p" && die "port $p is already in use by another process"
   done
@@ -255,11 +272,15 @@ do_stop() {
 
 do_status() {
   local name=rabbitmq
-  [[ $INSTANCE == tls ]] && name=rabbitmq-tls
+  [[ $INSTANCE != plain ]] && name=rabbitmq-$INSTANCE
   if is_running; then echo "$name running $AMQP_PORT"; else echo "$name stopped $AMQP_PORT"; fi
 }
 
 do_env() {
+  if [[ $INSTANCE == expired || $INSTANCE == wronghost ]]; then
+    echo "export AMQPS_${INSTANCE^^}_CERT_URL=amqps://127.0.0.1:$AMQPS_PORT/%2f"
+    return 0
+  fi
   if [[ $INSTANCE == tls ]]; then
     # Without credentials: the relay reads them from files (tests write them).
     echo "export AMQPS_URL=amqps://127.0.0.1:$AMQPS_PORT/%2f"
@@ -273,10 +294,13 @@ do_env() {
   echo "export RABBITMQ_MANAGEMENT_URL=http://127.0.0.1:$RABBITMQ_MGMT_PORT"
 }
 
-# both ACTION -> ACTION on the plain node, then on the TLS node (unless RABBITMQ_TLS_NODE=0)
+# both ACTION -> ACTION on the plain node, then on the TLS nodes (unless RABBITMQ_TLS_NODE=0)
 both() {
   "do_$1"
-  if [[ $INSTANCE == plain && $RABBITMQ_TLS_NODE == 1 ]]; then RABBITMQ_INSTANCE=tls "$0" "$1"; fi
+  if [[ $INSTANCE == plain && $RABBITMQ_TLS_NODE == 1 ]]; then
+    local i
+    for i in tls expired wronghost; do RABBITMQ_INSTANCE=$i "$0" "$1"; done
+  fi
 }
 
 case "${1:-}" in

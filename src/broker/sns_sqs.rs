@@ -108,6 +108,11 @@ pub struct SnsSqsConfig {
     /// when absent the regular AWS endpoints (or `AWS_ENDPOINT_URL`) are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+    /// PEM file with CA certificates trusted for HTTPS besides the system roots, for an
+    /// `endpointUrl` whose certificate a private CA signed (a mounted Secret or ConfigMap).
+    /// The AWS SDK for Rust does not read `AWS_CA_BUNDLE`; this takes its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// `sns`: the destination is an SNS topic name; `sqs`: the destination is an SQS queue name.
     /// Characters other than letters, digits, `-` and `_` in destinations become `-`.
     pub target: SnsSqsTarget,
@@ -175,6 +180,7 @@ impl SnsSqsConfig {
         Self {
             region: region.into(),
             endpoint_url: None,
+            ca_file: None,
             target,
             fifo: false,
             mode: default_mode(),
@@ -197,6 +203,9 @@ impl SnsSqsConfig {
                 "endpointUrl",
                 format!("{url:?} is not an http:// or https:// URL"),
             ));
+        }
+        if self.ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid("caFile", "is an empty path"));
         }
         if let Some(dlq) = &self.dead_letter_queue {
             let stem = dlq.strip_suffix(FIFO_SUFFIX).unwrap_or(dlq);
@@ -512,6 +521,36 @@ fn is_missing_queue<R>(
     })
 }
 
+/// The SDK's HTTPS client trusting the CA certificates in `ca_file` besides the system roots
+/// (the credential providers use it too, so STS and the metadata endpoints keep working).
+fn https_client_trusting(
+    ca_file: &std::path::Path,
+) -> Result<aws_sdk_sqs::config::SharedHttpClient, SnsSqsConfigError> {
+    use aws_smithy_http_client::tls;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(ca_file).map_err(|e| invalid("caFile", format!("{}: {e}", ca_file.display())))?;
+    // The SDK only parses the file at the first connection: check it now, so a wrong file is a
+    // configuration error rather than a refused handshake.
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("caFile", format!("{}: not PEM certificates: {e}", ca_file.display())))?;
+    if certificates.is_empty() {
+        return Err(invalid(
+            "caFile",
+            format!("{} holds no PEM certificate", ca_file.display()),
+        ));
+    }
+    let context = tls::TlsContext::builder()
+        .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem))
+        .build()
+        .map_err(|e| invalid("caFile", e.to_string()))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+        .tls_context(context)
+        .build_https())
+}
+
 impl SnsSqsBroker {
     /// Builds the SDK clients (no network round trip; use `check_health` for that). SDK retries
     /// are disabled because the relay retries; connections time out after 3 s and calls
@@ -530,6 +569,9 @@ impl SnsSqsBroker {
             );
         if let Some(url) = &config.endpoint_url {
             loader = loader.endpoint_url(url);
+        }
+        if let Some(ca_file) = &config.ca_file {
+            loader = loader.http_client(https_client_trusting(ca_file)?);
         }
         if let (Some(key_var), Some(secret_var)) = (&config.access_key_id_env, &config.secret_access_key_env) {
             let read = |field: &'static str, variable: &String| {
@@ -992,6 +1034,8 @@ impl SnsSqsBroker {
     }
 
     async fn health(&self) -> Result<(), SendError> {
+        // Named in the error, so a refused certificate or a dead endpoint says where.
+        let at = self.config.endpoint_url.as_deref().unwrap_or("the AWS endpoint");
         match self.config.target {
             SnsSqsTarget::Sns => self
                 .sns
@@ -999,7 +1043,7 @@ impl SnsSqsBroker {
                 .send()
                 .await
                 .map(drop)
-                .map_err(|e| retriable("SNS ListTopics", e)),
+                .map_err(|e| retriable(&format!("SNS ListTopics at {at}"), e)),
             SnsSqsTarget::Sqs => self
                 .sqs
                 .list_queues()
@@ -1007,7 +1051,7 @@ impl SnsSqsBroker {
                 .send()
                 .await
                 .map(drop)
-                .map_err(|e| retriable("SQS ListQueues", e)),
+                .map_err(|e| retriable(&format!("SQS ListQueues at {at}"), e)),
         }
     }
 }

@@ -340,6 +340,11 @@ pub struct SnsSqsBrokerSpec {
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^https?://[^ ]+$')").message("broker.snsSqs.endpointUrl must be an http:// or https:// URL"))]
     pub endpoint_url: Option<String>,
+    /// Secret key holding a PEM CA bundle trusted for HTTPS besides the system roots, for an
+    /// `endpointUrl` whose certificate a private CA signed (the AWS SDK for Rust does not read
+    /// `AWS_CA_BUNDLE`). Mounted as a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
     /// `sns`: destinations are SNS topics; `sqs`: destinations are SQS queues.
     pub target: SnsSqsTarget,
     /// FIFO topics or queues: per-aggregate order (the message group is the aggregate id) and

@@ -289,8 +289,20 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             }
             None => (None, None),
         };
+        let ca_file = s.ca_secret_ref.as_ref().map(|r| {
+            let file = SecretFile {
+                role: "aws-ca",
+                secret: r.name.clone(),
+                key: r.key.clone(),
+                env: "",
+            };
+            let path = std::path::PathBuf::from(file.path());
+            mounted_tls.push(file);
+            path
+        });
         let config = SnsSqsConfig {
             endpoint_url: s.endpoint_url.clone(),
+            ca_file,
             fifo: s.fifo,
             mode: s.mode,
             dead_letter_queue: spec.dead_letter.destination.clone(),
@@ -507,6 +519,27 @@ pub(crate) mod tests {
         });
         let v = validate(&p).expect("valid, with a warning");
         assert_eq!(v.insecure_tls, vec!["broker.kafka.tls.insecureSkipVerify"]);
+    }
+
+    #[test]
+    fn an_sns_sqs_ca_bundle_is_mounted_and_named_in_the_config_by_path() {
+        let mut p = kafka_publisher();
+        p.spec.broker.kafka = None;
+        p.spec.topology.kafka = None;
+        p.spec.broker.sns_sqs = Some(
+            serde_json::from_value(serde_json::json!({
+                "region": "eu-west-1", "endpointUrl": "https://sqs.internal.example:8443", "target": "sqs",
+                "caSecretRef": {"name": "internal-ca", "key": "ca.crt"},
+            }))
+            .expect("snsSqs spec"),
+        );
+        let v = validate(&p).expect("valid");
+        let paths: Vec<String> = v.tls_files.iter().map(SecretFile::path).collect();
+        assert_eq!(paths, vec!["/var/run/secrets/inventory-outbox/aws-ca/ca.crt"]);
+        let BrokerConfig::SnsSqs(s) = &v.relay.broker else {
+            panic!("snsSqs expected: {:?}", v.relay.broker)
+        };
+        assert_eq!(s.ca_file, Some(paths[0].clone().into()));
     }
 
     #[test]

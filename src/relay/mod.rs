@@ -9,6 +9,7 @@ pub mod leases;
 pub mod metrics;
 pub mod retry;
 pub mod secret_watch;
+pub mod startup;
 pub mod status;
 pub mod worker;
 
@@ -60,13 +61,14 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
     let url_env = &config.outbox.database_url_env;
     let url = std::env::var(url_env)
         .with_context(|| format!("environment variable {url_env} (outbox.databaseUrlEnv) is not set"))?;
-    let store = crate::store::Store::connect_with_tls(
-        &url,
-        config.outbox.tls.as_ref(),
-        config.schema_name(),
-        config.outbox.max_connections,
-    )
-    .await?;
+    // Bound first: the probes answer while the database connect is retried.
+    let listen = config.http.listen_address()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen} (http.listen, or POD_IP:8080 when unset)"))?;
+    let Some(store) = startup::connect_store(&config, &url, &listener, shutdown.clone()).await? else {
+        return Ok(());
+    };
     if config.outbox.migrate {
         store.migrate().await?;
         // The relay validates every payload against its registered schema before sending, so a
@@ -108,10 +110,6 @@ pub async fn run(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver
         metrics: relay.metrics(),
         alive_within: std::time::Duration::from_millis(config.workers.lease_duration_ms),
     }));
-    let listen = config.http.listen_address()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listen on {listen} (http.listen, or POD_IP:8080 when unset)"))?;
     tracing::info!(
         publisher = %config.publisher,
         worker = worker_id,

@@ -129,9 +129,10 @@ async fn execute(
                     anyhow::anyhow!("environment variable {url_env} (outbox.databaseUrlEnv) is not set"),
                 )
             })?;
-            let store = crate::store::Store::connect(&url, config.schema_name(), 4)
-                .await
-                .map_err(|e| ("DatabaseUnreachable", anyhow::Error::new(e)))?;
+            let store =
+                crate::store::Store::connect_with_tls(&url, config.outbox.tls.as_ref(), config.schema_name(), 4)
+                    .await
+                    .map_err(|e| ("DatabaseUnreachable", anyhow::Error::new(e)))?;
             // The replay's own table change (0004) may be newer than the relay's last start.
             store
                 .migrate()

@@ -15,6 +15,7 @@ pub mod status;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
@@ -32,11 +33,13 @@ pub enum StoreError {
     InvalidSchemaName(String),
     #[error("connect to PostgreSQL: {0}")]
     Connect(#[source] sqlx::Error),
-    #[error("connect to PostgreSQL at {endpoint} (sslmode {ssl_mode}): {source}")]
+    #[error("connect to PostgreSQL at {endpoint} (sslmode {ssl_mode}): {cause}")]
     ConnectTo {
         /// `host:port/database`; never the user or password.
         endpoint: String,
         ssl_mode: &'static str,
+        /// `source` in words (a refused certificate says why).
+        cause: String,
         #[source]
         source: sqlx::Error,
     },
@@ -59,6 +62,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the same connect may succeed later: the server may come up, get a valid
+    /// certificate or learn the password. A malformed URL or TLS setting never heals.
+    pub fn is_retryable_connect(&self) -> bool {
+        matches!(self, StoreError::ConnectTo { .. })
+    }
+
     /// Wraps a query error with the action that failed.
     pub fn query(action: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
         move |source| StoreError::Query { action, source }
@@ -116,6 +125,10 @@ pub const SESSION_SETTINGS: [(&str, &str); 5] = [
     ("tcp_keepalives_interval", "5"),
     ("tcp_keepalives_count", "3"),
 ];
+
+/// The first and the longest wait of [`Store::connect_retrying`].
+const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(500);
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// How strictly the server's certificate is checked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -248,6 +261,10 @@ impl Store {
             options.get_database().unwrap_or("")
         );
         let ssl_mode = ssl_mode_name(options.get_ssl_mode());
+        let trusted = match tls.and_then(|t| t.ca_file.as_ref()) {
+            Some(ca) => format!("outbox.tls.caFile {}", ca.display()),
+            None => "the trusted roots (the URL's sslrootcert, or the bundled Mozilla roots)".to_owned(),
+        };
         if tls.is_some_and(|t| t.insecure_skip_verify) {
             tracing::warn!(
                 endpoint,
@@ -256,16 +273,64 @@ impl Store {
         }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10))
             .test_before_acquire(true)
             .connect_with(options)
             .await
             .map_err(|source| StoreError::ConnectTo {
                 endpoint,
                 ssl_mode,
+                cause: match crate::tls::certificate_error_in(&source) {
+                    Some(refused) => crate::tls::describe_certificate_error(refused, &trusted),
+                    None => source.to_string(),
+                },
                 source,
             })?;
         Ok(Self { pool, schema })
+    }
+
+    /// Like [`connect_with_tls`](Self::connect_with_tls), but a failed connect is retried
+    /// with backoff (0.5 s doubling to 10 s) until it succeeds, so a process can wait for a
+    /// database that is down, presents a bad certificate or refuses the password until someone
+    /// fixes it. Each distinct failure is logged once as an error and handed to `failed` (for a
+    /// readiness probe); settings that cannot work are returned at once.
+    pub async fn connect_retrying(
+        url: &str,
+        tls: Option<&PostgresTls>,
+        schema: SchemaName,
+        max_connections: u32,
+        mut failed: impl FnMut(&StoreError),
+    ) -> Result<Self, StoreError> {
+        let mut delay = CONNECT_RETRY_FIRST;
+        let mut failures = 0u32;
+        let mut logged: Option<String> = None;
+        loop {
+            match Self::connect_with_tls(url, tls, schema.clone(), max_connections).await {
+                Ok(store) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "connected to PostgreSQL after failed attempts");
+                    }
+                    return Ok(store);
+                }
+                Err(error) if error.is_retryable_connect() => {
+                    failures += 1;
+                    let message = error.to_string();
+                    // Messages differ in timestamps (an expired certificate's "verification
+                    // time"): compare them without digits so one failure logs once.
+                    let kind: String = message.chars().filter(|c| !c.is_ascii_digit()).collect();
+                    if logged.as_ref() != Some(&kind) {
+                        tracing::error!(error = %message, "PostgreSQL refused the connection; retrying with backoff until it works");
+                        logged = Some(kind);
+                    } else {
+                        tracing::debug!(error = %message, failures, "PostgreSQL still refuses the connection");
+                    }
+                    failed(&error);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(CONNECT_RETRY_MAX);
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Wraps an existing pool (e.g. the domain service's own).

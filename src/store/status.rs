@@ -8,7 +8,8 @@ use super::{Store, StoreError, sql};
 /// One publisher's delivery figures, read in one call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PublisherFigures {
-    /// Committed events above the publisher's cursors (not yet published).
+    /// Committed events not yet delivered: above the publisher's cursors, or read and parked
+    /// (retrying or held); dead-lettered ones are not pending.
     pub pending_events: i64,
     /// Commit time of the oldest of them.
     pub oldest_pending_at: Option<DateTime<Utc>>,
@@ -45,9 +46,17 @@ pub async fn publisher_figures(
 ) -> Result<PublisherFigures, StoreError> {
     let schema = store.schema();
     let pool = store.pool();
+    // Pending is everything committed and not yet delivered: events above the cursors, and
+    // events the relay already read but parked (held behind a failure or an open circuit, or
+    // waiting for a retry). Without the parked ones a broker outage would show 0 pending and an
+    // ever-younger oldest event, exactly when the backlog matters.
     let pending = format!(
-        "SELECT count(e.position), min(e.recorded_at) FROM {schema}.relay_cursors c \
-         JOIN {schema}.events e ON e.shard = c.shard AND e.position > c.position WHERE c.consumer = $1"
+        "SELECT count(*), min(recorded_at) FROM ( \
+           SELECT e.recorded_at FROM {schema}.relay_cursors c \
+           JOIN {schema}.events e ON e.shard = c.shard AND e.position > c.position WHERE c.consumer = $1 \
+           UNION ALL \
+           SELECT e.recorded_at FROM {schema}.failed_events f JOIN {schema}.events e ON e.event_id = f.event_id \
+           WHERE f.consumer = $1 AND f.status IN ('retrying', 'held')) undelivered"
     );
     let (pending_events, oldest_pending_at): (i64, Option<DateTime<Utc>>) = sqlx::query_as(sql(pending))
         .bind(consumer)

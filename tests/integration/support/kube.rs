@@ -56,13 +56,33 @@ impl Drop for TestNamespace {
         }
         // Drop cannot await; kubectl deletes without waiting for the namespace to finish.
         let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
-        let _ = std::process::Command::new(kubectl)
-            .arg("--kubeconfig")
-            .arg(super::kubeconfig_path())
-            .args(["delete", "namespace", &self.0, "--wait=false", "--ignore-not-found"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        let run = |args: &[&str]| {
+            std::process::Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(super::kubeconfig_path())
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .output()
+        };
+        let _ = run(&["delete", "namespace", &self.0, "--wait=false", "--ignore-not-found"]);
+        // The test's operator usually goes away with its own namespace at the same moment, so
+        // nobody would release the product's finalizers and the namespace would stay
+        // Terminating for good, piling up on the shared cluster. Deletion semantics are tested
+        // explicitly elsewhere; here the objects are let go, as an operator's user would.
+        let Ok(listed) = run(&["get", "eventpublishers,replayjobs", "-n", &self.0, "-o", "name"]) else {
+            return;
+        };
+        for object in String::from_utf8_lossy(&listed.stdout).lines().filter(|l| !l.is_empty()) {
+            let _ = run(&[
+                "patch",
+                "-n",
+                &self.0,
+                object,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ]);
+        }
     }
 }
 

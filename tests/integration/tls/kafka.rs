@@ -31,7 +31,7 @@ fn wrong_host_listener() -> String {
     env_or("KAFKA_WRONG_HOST_BOOTSTRAP_SERVERS", "127.0.0.1:19097")
 }
 /// The TLS node's own plaintext listener, from which the tests read what arrived.
-fn tls_node_plaintext() -> String {
+pub(super) fn tls_node_plaintext() -> String {
     env_or("KAFKA_TLS_NODE_PLAINTEXT_BOOTSTRAP_SERVERS", "127.0.0.1:19098")
 }
 fn sasl_user() -> String {
@@ -67,7 +67,7 @@ fn single(topic: &str) -> Value {
 
 /// Reads `expected` events from `topic` (structured mode), then a short while more for
 /// duplicates.
-async fn consume(topic: &str, expected: usize) -> Vec<DomainEvent> {
+pub(super) async fn consume(topic: &str, expected: usize) -> Vec<DomainEvent> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", tls_node_plaintext())
         .set("group.id", unique_name("tls-test"))

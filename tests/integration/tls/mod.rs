@@ -1,13 +1,14 @@
 //! Production connectivity against the local stack's TLS listeners (`hack/components/tls.sh`
-//! and the Kafka and RabbitMQ TLS nodes): the relay binary publishes over Kafka SASL_SSL and
-//! mTLS and RabbitMQ amqps while reading PostgreSQL over verify-full, and each broken setting
-//! (wrong password, untrusted CA, host name mismatch, expired certificate) gives one clear
-//! error naming the endpoint and the cause, keeps the relay unready without crashing, never
-//! shows the secret, and loses nothing once fixed.
+//! and the Kafka, RabbitMQ, PostgreSQL and moto TLS instances): the relay binary publishes over
+//! Kafka SASL_SSL and mTLS, RabbitMQ amqps and SNS/SQS over HTTPS while reading PostgreSQL over
+//! verify-full, and each broken setting (wrong password, untrusted CA, host name mismatch,
+//! expired certificate) gives one clear error naming the endpoint and the cause, keeps the
+//! relay unready without crashing, never shows the secret, and loses nothing once fixed.
 
 mod kafka;
 mod postgres;
 mod rabbitmq;
+mod sns_sqs;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -157,6 +158,14 @@ impl RelayProcess {
         Some((status, response.text().await.unwrap_or_default()))
     }
 
+    /// Whether `/livez` answers 200.
+    pub async fn livez_ok(&self) -> bool {
+        match self.http.get(format!("{}/livez", self.base)).send().await {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
+        }
+    }
+
     pub async fn get_text(&self, path: &str) -> String {
         match self.http.get(format!("{}{path}", self.base)).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
@@ -231,18 +240,6 @@ impl RelayProcess {
                 panic!("the relay became ready with a broken setting; log:\n{}", self.logs());
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// Waits for the process to exit on its own; returns its log.
-    pub async fn wait_exit(mut self, timeout: Duration) -> String {
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => {
-                let status = status.expect("wait");
-                assert!(!status.success(), "the relay exited successfully: {status}");
-                self.logs()
-            }
-            Err(_) => panic!("the relay did not exit within {timeout:?}; log:\n{}", self.logs()),
         }
     }
 

@@ -43,9 +43,22 @@ fn password() -> String {
         .to_owned()
 }
 
+/// The node presenting the local CA's expired certificate (`hack/components/rabbitmq.sh`).
+fn expired_url() -> String {
+    env_or("AMQPS_EXPIRED_CERT_URL", "amqps://127.0.0.1:15679/%2f")
+}
+/// The node presenting a certificate valid only for wrong-host.invalid.
+fn wrong_host_url() -> String {
+    env_or("AMQPS_WRONGHOST_CERT_URL", "amqps://127.0.0.1:15682/%2f")
+}
+
 fn amqps_broker(exchange: &str, queue: &str, ca: &Path, dir: &Path) -> Value {
+    amqps_broker_at(&amqps_url(), exchange, queue, ca, dir)
+}
+
+fn amqps_broker_at(url: &str, exchange: &str, queue: &str, ca: &Path, dir: &Path) -> Value {
     json!({"rabbitmq": {
-        "url": amqps_url(), "exchange": exchange, "mode": "structured",
+        "url": url, "exchange": exchange, "mode": "structured",
         "usernameFile": secret_file(dir, "amqp-username", &env_or("RABBITMQ_TLS_USERNAME", "relay")),
         "passwordFile": password_file(),
         "tls": {"caFile": ca, "certFile": tls_file("client.crt"), "keyFile": tls_file("client.key")},
@@ -124,35 +137,69 @@ async fn the_relay_publishes_through_rabbitmq_amqps_with_a_client_certificate() 
     db.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_untrusted_rabbitmq_ca_keeps_the_relay_unready_naming_the_endpoint_and_loses_nothing() {
-    let (db, publisher) = publisher("tls_amqps_ca").await;
-    let dir = scratch_dir("tls-amqps-ca");
-    let exchange = unique_name("tls-amqps-ca");
+/// One broken connection (`broken_url` with `ca`): the relay stays up and unready with one
+/// reason naming the endpoint and `cause`, shows no secret, and once restarted against the
+/// TLS node with the right CA delivers every event written meanwhile.
+async fn broken_then_fixed(name: &str, broken_url: &str, ca: &Path, cause: &str) {
+    let (db, publisher) = publisher(&format!("tls_amqps_{name}")).await;
+    let dir = scratch_dir(&format!("tls-amqps-{name}"));
+    let exchange = unique_name(&format!("tls-amqps-{name}"));
     let queue = format!("{exchange}-all");
-    let broken = amqps_broker(&exchange, &queue, &tls_file("other-ca.crt"), &dir);
-    let doc = relay_document("amqps-ca", broken, per_event_type(), postgres_verify_full(), &dir);
-    let mut relay = RelayProcess::start(&doc, &test_database_url(&db), &dir, "amqps-broken");
+    let broken = amqps_broker_at(broken_url, &exchange, &queue, ca, &dir);
+    let doc = relay_document(name, broken, per_event_type(), postgres_verify_full(), &dir);
+    let mut relay = RelayProcess::start(&doc, &test_database_url(&db), &dir, &format!("{name}-broken"));
     let sent = write(&publisher, &db, 100).await;
-    let endpoint = "127.0.0.1:15676";
-    relay
+    let endpoint = broken_url
+        .trim_start_matches("amqps://")
+        .split('/')
+        .next()
+        .expect("host:port")
+        .to_owned();
+    let reason = relay
         .wait_unready_because(Duration::from_secs(60), |body| {
-            body.contains(endpoint) && body.to_lowercase().contains("unknownissuer")
+            body.contains(&endpoint) && body.to_lowercase().contains(cause)
         })
         .await;
+    eprintln!("{name}: /readyz says: {reason:?}");
+    assert!(reason.lines().count() <= 3, "{reason}");
     relay.stays_up_unready(Duration::from_secs(3)).await;
     let state = exposed_state(&relay, &db).await;
     let places: Vec<(&str, &str)> = state.iter().map(|(n, t)| (*n, t.as_str())).collect();
     assert_secret_absent(&password(), &places);
-    relay.kill().await;
+    let logs = relay.kill().await;
+    assert!(
+        logs.contains(&endpoint) && logs.to_lowercase().contains(cause),
+        "the log names the endpoint and the cause:\n{logs}"
+    );
 
     let fixed = amqps_broker(&exchange, &queue, &tls_file("ca.crt"), &dir);
-    let doc = relay_document("amqps-ca", fixed, per_event_type(), postgres_verify_full(), &dir);
-    let mut relay = RelayProcess::start(&doc, &test_database_url(&db), &dir, "amqps-fixed");
+    let doc = relay_document(name, fixed, per_event_type(), postgres_verify_full(), &dir);
+    let mut relay = RelayProcess::start(&doc, &test_database_url(&db), &dir, &format!("{name}-fixed"));
     relay.wait_ready(Duration::from_secs(60)).await;
     let received = drain(&queue, sent.len()).await;
     assert_delivered(&sent, &received, true);
     relay.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
     db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_untrusted_rabbitmq_ca_keeps_the_relay_unready_naming_the_endpoint_and_loses_nothing() {
+    broken_then_fixed("amqps-ca", &amqps_url(), &tls_file("other-ca.crt"), "unknownissuer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_rabbitmq_certificate_keeps_the_relay_unready_naming_the_endpoint_and_loses_nothing() {
+    broken_then_fixed("amqps-expired", &expired_url(), &tls_file("ca.crt"), "expired").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rabbitmq_host_name_mismatch_keeps_the_relay_unready_naming_the_endpoint_and_loses_nothing() {
+    broken_then_fixed(
+        "amqps-wronghost",
+        &wrong_host_url(),
+        &tls_file("ca.crt"),
+        "not valid for name",
+    )
+    .await;
 }
