@@ -22,6 +22,51 @@ pub const VERSION: &str = "v1alpha1";
 /// Both CRDs, in the order they are printed.
 pub fn definitions() -> Vec<CustomResourceDefinition> {
     vec![EventPublisher::crd(), ReplayJob::crd()]
+        .into_iter()
+        .map(reflow_descriptions)
+        .collect()
+}
+
+/// The schema's descriptions come from doc comments, wrapped at the source's line width;
+/// `kubectl explain` wraps again and would break lines mid-sentence. Lines of a paragraph are
+/// joined; blank lines and list items keep their breaks.
+fn reflow_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, child) in map.iter_mut() {
+                    match child {
+                        serde_json::Value::String(text) if key == "description" => *text = reflow(text),
+                        _ => walk(child),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    walk(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
+}
+
+fn reflow(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, paragraph) in text.split("\n\n").enumerate() {
+        if i > 0 {
+            out.push_str("\n\n");
+        }
+        for (j, line) in paragraph.lines().map(str::trim).enumerate() {
+            if j > 0 {
+                let item = line.starts_with("- ") || line.starts_with("* ");
+                out.push(if item { '\n' } else { ' ' });
+            }
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 /// A CRD that cannot be rendered as YAML.
@@ -66,6 +111,18 @@ pub fn files() -> Result<Vec<(String, String)>, RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptions_are_reflowed_into_paragraphs() {
+        assert_eq!(
+            reflow("Secret key holding the token (failed and dead-lettered\nevents). Without it\nthe API is off."),
+            "Secret key holding the token (failed and dead-lettered events). Without it the API is off."
+        );
+        assert_eq!(reflow("One.\n\nTwo\nlines:\n- a\n- b"), "One.\n\nTwo lines:\n- a\n- b");
+        // The admin token's doc comment breaks after "dead-lettered" in the source.
+        let json = serde_json::to_string(&definitions()[0]).expect("render");
+        assert!(json.contains("(failed and dead-lettered events)"), "a description still breaks mid-sentence");
+    }
 
     /// `crds/` and the chart's `charts/inventory-outbox/crds/` are generated: regenerate both with
     /// `inventory-outbox crd --out crds` (and `--out charts/inventory-outbox/crds`) after a change.
