@@ -121,7 +121,10 @@ mod tests {
         assert_eq!(reflow("One.\n\nTwo\nlines:\n- a\n- b"), "One.\n\nTwo lines:\n- a\n- b");
         // The admin token's doc comment breaks after "dead-lettered" in the source.
         let json = serde_json::to_string(&definitions()[0]).expect("render");
-        assert!(json.contains("(failed and dead-lettered events)"), "a description still breaks mid-sentence");
+        assert!(
+            json.contains("(failed and dead-lettered events)"),
+            "a description still breaks mid-sentence"
+        );
     }
 
     /// `crds/` and the chart's `charts/inventory-outbox/crds/` are generated: regenerate both with

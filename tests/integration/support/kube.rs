@@ -72,7 +72,10 @@ impl Drop for TestNamespace {
         let Ok(listed) = run(&["get", "eventpublishers,replayjobs", "-n", &self.0, "-o", "name"]) else {
             return;
         };
-        for object in String::from_utf8_lossy(&listed.stdout).lines().filter(|l| !l.is_empty()) {
+        for object in String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
             let _ = run(&[
                 "patch",
                 "-n",
