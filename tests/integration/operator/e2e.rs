@@ -205,6 +205,9 @@ impl E2e {
                     && condition(&p, "BrokerReady").as_deref() == Some("True")
                     && s.observed_generation == p.metadata.generation
                     && s.published_total == Some(stored)
+                    // publishedTotal comes from the store at once, lastPublishedTime from the
+                    // relays' heartbeats a moment later: wait for both to agree.
+                    && (stored == 0 || s.last_published_time.is_some())
                     && s.pending_events == Some(0)
                     && s.failed_event_count == Some(failed)
                     && s.dead_lettered_count == Some(dead)
