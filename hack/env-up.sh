@@ -2,6 +2,10 @@
 # Brings the whole local stack up (installing what is missing) and writes the environment
 # file that tests and the demo source. Idempotent: running services are left alone.
 source "$(dirname "$0")/lib/common.sh"
+# The services outlive the checkout that starts them (CI clones are deleted afterwards): start
+# them from the state directory, so none keeps a deleted working directory.
+mkdir -p "$OUTBOX_STATE"
+cd "$OUTBOX_STATE"
 
 components=(${OUTBOX_COMPONENTS:-tls postgres kafka rabbitmq moto kubernetes process-node})
 

@@ -192,7 +192,9 @@ our_pid() {
 
 mgmt_ok() { curl -sf -o /dev/null --max-time 3 -u outbox:outbox "http://127.0.0.1:$RABBITMQ_MGMT_PORT/api/overview"; }
 
-is_running() { our_pid >/dev/null && port_open "$AMQP_PORT" && port_open "$RABBITMQ_MGMT_PORT"; }
+# The management API is part of "running": a node whose API fails (for instance one started from a
+# clone that was deleted since, so its working directory is gone) is restarted, not trusted.
+is_running() { our_pid >/dev/null && port_open "$AMQP_PORT" && port_open "$RABBITMQ_MGMT_PORT" && mgmt_ok; }
 
 # wait_ready TIMEOUT -> waits for the node to boot, failing early when its process dies
 wait_ready() {
@@ -247,7 +249,9 @@ do_start() {
   ensure_cookie
   ensure_epmd
   log "starting rabbitmq node $NODE on 127.0.0.1:$AMQP_PORT"
-  env HOME="$STATE_DIR/home" ERL_CRASH_DUMP="$STATE_DIR/erl_crash.dump" \
+  # Started from its state directory: the node outlives the checkout that started it (CI clones
+  # are deleted), and with its working directory gone the management API fails with enoent.
+  env -C "$STATE_DIR" HOME="$STATE_DIR/home" ERL_CRASH_DUMP="$STATE_DIR/erl_crash.dump" \
     setsid nohup "$RMQ_BIN/rabbitmq-server" >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
   if ! wait_ready 120 || ! ensure_user || ! wait_for rabbitmq 30 mgmt_ok; then
