@@ -152,6 +152,7 @@ impl Relay {
         self.health.set_database_reachable(true);
         let background = tokio::spawn(self.clone().background(shutdown.clone()));
         let broker_watch = tokio::spawn(self.clone().watch_broker(shutdown.clone()));
+        let backlog_watch = tokio::spawn(self.clone().watch_backlog(shutdown.clone()));
         let listener = tokio::spawn(self.clone().listen_for_inserts());
 
         let min_poll = Duration::from_millis(self.config.outbox.min_poll_interval_ms);
@@ -193,6 +194,7 @@ impl Relay {
         };
         background.abort();
         broker_watch.abort();
+        backlog_watch.abort();
         listener.abort();
         self.leases.release_all().await?;
         tracing::info!(
@@ -224,16 +226,19 @@ impl Relay {
         }
     }
 
-    /// Heartbeats, leases, broker health and backlog figures.
+    /// Heartbeats and leases, nothing else: a lease renewed late hands shards to another
+    /// worker mid-batch, so slower work (backlog figures, broker checks) has its own tasks.
     async fn background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let interval = Duration::from_millis(self.config.workers.heartbeat_interval_ms);
-        let mut ticks: u64 = 0;
+        // Fixed rate from tick start to tick start: a slow tick shortens the next wait instead
+        // of adding to it, so a renewal is never later than one slow statement.
+        let mut every = tokio::time::interval(Duration::from_millis(self.config.workers.heartbeat_interval_ms));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await; // the first tick is immediate, and `run` has just ticked
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                () = tokio::time::sleep(interval) => {}
+                _ = every.tick() => {}
             }
-            ticks += 1;
             let report = self.report();
             let outcome = match self.owned.try_write() {
                 Ok(mut owned) => self.leases.tick(&report).await.map(|shards| {
@@ -256,10 +261,20 @@ impl Relay {
             if let Err(e) = outcome {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
-            if ticks % 5 == 1
-                && let Err(e) = self.refresh_backlog().await
-            {
+        }
+    }
+
+    /// Backlog and failed-event figures every five heartbeats; their queries scan the pending
+    /// events, which after an outage can take a while.
+    async fn watch_backlog(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.config.workers.heartbeat_interval_ms.saturating_mul(5));
+        loop {
+            if let Err(e) = self.refresh_backlog().await {
                 tracing::warn!(error = %e, "backlog figures failed");
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(every) => {}
             }
         }
     }

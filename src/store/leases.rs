@@ -37,6 +37,8 @@ pub struct LeaseManager {
     /// Shards above the fair share found by a tick during a round; given back by
     /// [`LeaseManager::release_pending`] before the next round starts.
     pending_release: Mutex<Vec<i16>>,
+    /// The shard list last written to the heartbeat row, so an unchanged one costs no write.
+    recorded: Mutex<Option<Vec<i16>>>,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -51,6 +53,7 @@ impl LeaseManager {
             worker_id: worker_id.into(),
             lease,
             pending_release: Mutex::new(Vec::new()),
+            recorded: Mutex::new(None),
         }
     }
 
@@ -112,54 +115,46 @@ impl LeaseManager {
         let pool = self.store.pool();
         let lease_ms = millis(self.lease);
 
-        let heartbeat = format!(
-            "INSERT INTO {schema}.worker_heartbeats (consumer, worker_id, circuit_state, published_total, \
-                 failed_total, dead_lettered_total, last_published_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (consumer, worker_id) DO UPDATE SET last_seen_at = now(), \
-                 circuit_state = EXCLUDED.circuit_state, published_total = EXCLUDED.published_total, \
-                 failed_total = EXCLUDED.failed_total, dead_lettered_total = EXCLUDED.dead_lettered_total, \
-                 last_published_at = coalesce(EXCLUDED.last_published_at, worker_heartbeats.last_published_at)"
+        // One round trip renews the leases, writes the heartbeat and counts the live workers,
+        // so a slow database delays a renewal by one statement, not four. The renewal needs no
+        // earlier result, and a lease that runs out while its holder is merely slow hands the
+        // shards to another worker mid-batch (re-sends), so it comes first. The live count reads
+        // the snapshot before this statement's own heartbeat write, hence "others + 1".
+        let renew = format!(
+            "WITH mine AS MATERIALIZED ( \
+                 SELECT shard FROM {schema}.relay_cursors WHERE consumer = $1 AND owner = $2 \
+                 ORDER BY shard FOR UPDATE), \
+             renewed AS ( \
+                 UPDATE {schema}.relay_cursors c \
+                 SET lease_expires_at = now() + make_interval(secs => $3::float8 / 1000) \
+                 FROM mine WHERE c.consumer = $1 AND c.shard = mine.shard RETURNING c.shard), \
+             beat AS ( \
+                 INSERT INTO {schema}.worker_heartbeats (consumer, worker_id, circuit_state, published_total, \
+                     failed_total, dead_lettered_total, last_published_at) VALUES ($1, $2, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (consumer, worker_id) DO UPDATE SET last_seen_at = now(), \
+                     circuit_state = EXCLUDED.circuit_state, published_total = EXCLUDED.published_total, \
+                     failed_total = EXCLUDED.failed_total, dead_lettered_total = EXCLUDED.dead_lettered_total, \
+                     last_published_at = coalesce(EXCLUDED.last_published_at, worker_heartbeats.last_published_at) \
+                 RETURNING 1) \
+             SELECT (SELECT count(*) FROM {schema}.worker_heartbeats \
+                     WHERE consumer = $1 AND worker_id <> $2 \
+                       AND last_seen_at > now() - make_interval(secs => $3::float8 / 1000)) \
+                    + (SELECT count(*) FROM beat), \
+                    coalesce((SELECT array_agg(shard ORDER BY shard) FROM renewed), '{{}}'::smallint[])"
         );
-        sqlx::query(sql(heartbeat))
+        let (live_workers, mut owned): (i64, Vec<i16>) = sqlx::query_as(sql(renew))
             .bind(&self.consumer)
             .bind(&self.worker_id)
+            .bind(lease_ms as f64)
             .bind(report.circuit_state)
             .bind(report.published_total)
             .bind(report.failed_total)
             .bind(report.dead_lettered_total)
             .bind(report.last_published_at)
-            .execute(pool)
-            .await
-            .map_err(StoreError::query("write heartbeat"))?;
-
-        let live = format!(
-            "SELECT count(*) FROM {schema}.worker_heartbeats \
-             WHERE consumer = $1 AND last_seen_at > now() - make_interval(secs => $2::float8 / 1000)"
-        );
-        let live_workers: i64 = sqlx::query_scalar(sql(live))
-            .bind(&self.consumer)
-            .bind(lease_ms as f64)
             .fetch_one(pool)
             .await
-            .map_err(StoreError::query("count live workers"))?;
+            .map_err(StoreError::query("renew shard leases and write heartbeat"))?;
         let share = (i64::from(SHARDS) + live_workers.max(1) - 1) / live_workers.max(1);
-
-        // Locks in shard order, like the reader's cursor commit (see the module comment).
-        let renew = format!(
-            "WITH mine AS MATERIALIZED ( \
-                 SELECT shard FROM {schema}.relay_cursors WHERE consumer = $1 AND owner = $2 \
-                 ORDER BY shard FOR UPDATE) \
-             UPDATE {schema}.relay_cursors c SET lease_expires_at = now() + make_interval(secs => $3::float8 / 1000) \
-             FROM mine WHERE c.consumer = $1 AND c.shard = mine.shard RETURNING c.shard"
-        );
-        let mut owned: Vec<i16> = sqlx::query_scalar(sql(renew))
-            .bind(&self.consumer)
-            .bind(&self.worker_id)
-            .bind(lease_ms as f64)
-            .fetch_all(pool)
-            .await
-            .map_err(StoreError::query("renew shard leases"))?;
-        owned.sort_unstable();
 
         let owned_count = i64::try_from(owned.len()).unwrap_or(i64::MAX);
         let surplus: Vec<i16> = if owned_count > share {
@@ -204,6 +199,13 @@ impl LeaseManager {
             owned.sort_unstable();
         }
 
+        if self
+            .recorded
+            .lock()
+            .is_ok_and(|r| r.as_deref() == Some(owned.as_slice()))
+        {
+            return Ok(owned);
+        }
         let record =
             format!("UPDATE {schema}.worker_heartbeats SET owned_shards = $3 WHERE consumer = $1 AND worker_id = $2");
         sqlx::query(sql(record))
@@ -213,6 +215,9 @@ impl LeaseManager {
             .execute(pool)
             .await
             .map_err(StoreError::query("record owned shards"))?;
+        if let Ok(mut r) = self.recorded.lock() {
+            *r = Some(owned.clone());
+        }
         Ok(owned)
     }
 
@@ -239,6 +244,9 @@ impl LeaseManager {
             .execute(self.store.pool())
             .await
             .map_err(StoreError::query("remove heartbeat"))?;
+        if let Ok(mut r) = self.recorded.lock() {
+            *r = None;
+        }
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub async fn create(prefix: &str) -> Self {
+        super::capture_logs();
         let admin_url = super::database_url();
         let name = super::unique_name(prefix).replace('-', "_");
         let mut admin = PgConnection::connect(&admin_url)
