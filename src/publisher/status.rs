@@ -5,7 +5,6 @@ use chrono::{DateTime, Utc};
 
 use super::{InventoryEventPublisher, PublishError};
 use crate::store::failed::FailedStatus;
-use crate::store::{StoreError, sql};
 
 /// One relay worker as its last heartbeat describes it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -23,7 +22,8 @@ pub struct WorkerStatus {
 #[serde(rename_all = "camelCase")]
 pub struct PublisherStatus {
     pub consumer: String,
-    /// Stored events this consumer has not handled yet.
+    /// Stored events this consumer has not handled yet, parked (retrying or held) ones
+    /// included (see [`crate::store::status::backlog`]).
     pub pending_events: i64,
     pub oldest_pending_at: Option<DateTime<Utc>>,
     pub retrying_events: i64,
@@ -35,46 +35,26 @@ pub struct PublisherStatus {
 impl InventoryEventPublisher {
     /// Status of `consumer` (a publisher name, or the handler consumer).
     pub async fn get_publisher_status(&self, consumer: &str) -> Result<PublisherStatus, PublishError> {
-        let schema = self.store.schema();
-        let pool = self.store.pool();
-        let pending = format!(
-            "SELECT count(e.position), min(e.recorded_at) FROM {schema}.relay_cursors c \
-             JOIN {schema}.events e ON e.shard = c.shard AND e.position > c.position WHERE c.consumer = $1"
-        );
-        let (pending_events, oldest_pending_at): (i64, Option<DateTime<Utc>>) = sqlx::query_as(sql(pending))
-            .bind(consumer)
-            .fetch_one(pool)
-            .await
-            .map_err(StoreError::query("count pending events"))?;
+        let backlog = crate::store::status::backlog(&self.store, consumer, None).await?;
         let counts = self.failed.counts(consumer).await?;
         let count = |s: FailedStatus| counts.iter().find(|(k, _)| *k == s).map_or(0, |(_, n)| *n);
-        let workers_sql = format!(
-            "SELECT worker_id, circuit_state, last_seen_at, published_total, failed_total \
-             FROM {schema}.worker_heartbeats WHERE consumer = $1 ORDER BY worker_id"
-        );
-        let workers: Vec<(String, String, DateTime<Utc>, i64, i64)> = sqlx::query_as(sql(workers_sql))
-            .bind(consumer)
-            .fetch_all(pool)
-            .await
-            .map_err(StoreError::query("read worker heartbeats"))?;
+        let workers = crate::store::status::worker_heartbeats(&self.store, consumer, None).await?;
         Ok(PublisherStatus {
             consumer: consumer.to_owned(),
-            pending_events,
-            oldest_pending_at,
+            pending_events: backlog.events,
+            oldest_pending_at: backlog.oldest_at,
             retrying_events: count(FailedStatus::Retrying),
             held_events: count(FailedStatus::Held),
             dead_lettered_events: count(FailedStatus::DeadLettered),
             workers: workers
                 .into_iter()
-                .map(
-                    |(worker_id, circuit_state, last_seen_at, published_total, failed_total)| WorkerStatus {
-                        worker_id,
-                        circuit_state,
-                        last_seen_at,
-                        published_total,
-                        failed_total,
-                    },
-                )
+                .map(|w| WorkerStatus {
+                    worker_id: w.worker_id,
+                    circuit_state: w.circuit_state,
+                    last_seen_at: w.last_seen_at,
+                    published_total: w.published_total,
+                    failed_total: w.failed_total,
+                })
                 .collect(),
         })
     }

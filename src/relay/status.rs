@@ -138,7 +138,7 @@ async fn report(state: &StatusState) -> Result<RelayStatus, crate::store::StoreE
         published_total: figures.published,
         failed_total: figures.workers.iter().map(|w| w.failed_total).sum(),
         dead_lettered_total: figures.workers.iter().map(|w| w.dead_lettered_total).sum(),
-        last_published_time: figures.workers.iter().filter_map(|w| w.last_published_at).max(),
+        last_published_time: figures.last_published_at,
         live_workers: i64::try_from(figures.workers.len()).unwrap_or(i64::MAX),
     })
 }

@@ -35,7 +35,7 @@ use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
 use crate::store::outbox::{CursorAdvance, OutboxReader, SHARDS};
-use crate::store::{Store, StoreError, sql};
+use crate::store::{Store, StoreError};
 
 /// Errors that stop a relay worker.
 #[derive(Debug, thiserror::Error)]
@@ -329,19 +329,9 @@ impl Relay {
     }
 
     async fn refresh_backlog(&self) -> Result<(), StoreError> {
-        let schema = self.store.schema();
-        let statement = format!(
-            "SELECT count(e.position), extract(epoch FROM now() - min(e.recorded_at))::float8 \
-             FROM {schema}.relay_cursors c JOIN {schema}.events e ON e.shard = c.shard AND e.position > c.position \
-             WHERE c.consumer = $1 AND c.owner = $2"
-        );
-        let (pending, oldest): (i64, Option<f64>) = sqlx::query_as(sql(statement))
-            .bind(&self.config.publisher)
-            .bind(self.leases.worker_id())
-            .fetch_one(self.store.pool())
-            .await
-            .map_err(StoreError::query("measure backlog"))?;
-        self.metrics.set_backlog(pending, oldest.unwrap_or(0.0));
+        let backlog =
+            crate::store::status::backlog(&self.store, &self.config.publisher, Some(self.leases.worker_id())).await?;
+        self.metrics.set_backlog(backlog.events, backlog.oldest_age_seconds);
         let counts = self.failed.counts(&self.config.publisher).await?;
         let count = |s: FailedStatus| counts.iter().find(|(k, _)| *k == s).map_or(0, |(_, n)| *n);
         let (retrying, dead) = (

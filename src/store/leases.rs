@@ -41,6 +41,9 @@ pub struct LeaseManager {
     recorded: Mutex<Option<Vec<i16>>>,
 }
 
+/// Heartbeat rows of workers stopped or silent this long are removed by a live worker.
+const STALE_ROWS_AFTER: &str = "10 minutes";
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -128,16 +131,21 @@ impl LeaseManager {
                  UPDATE {schema}.relay_cursors c \
                  SET lease_expires_at = now() + make_interval(secs => $3::float8 / 1000) \
                  FROM mine WHERE c.consumer = $1 AND c.shard = mine.shard RETURNING c.shard), \
+             gone AS ( \
+                 DELETE FROM {schema}.worker_heartbeats WHERE consumer = $1 AND worker_id <> $2 \
+                     AND coalesce(stopped_at, last_seen_at) < now() - interval '{STALE_ROWS_AFTER}' \
+                 RETURNING last_published_at), \
              beat AS ( \
                  INSERT INTO {schema}.worker_heartbeats (consumer, worker_id, circuit_state, published_total, \
-                     failed_total, dead_lettered_total, last_published_at) VALUES ($1, $2, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (consumer, worker_id) DO UPDATE SET last_seen_at = now(), \
+                     failed_total, dead_lettered_total, last_published_at) \
+                 VALUES ($1, $2, $4, $5, $6, $7, greatest($8, (SELECT max(last_published_at) FROM gone))) \
+                 ON CONFLICT (consumer, worker_id) DO UPDATE SET last_seen_at = now(), stopped_at = NULL, \
                      circuit_state = EXCLUDED.circuit_state, published_total = EXCLUDED.published_total, \
                      failed_total = EXCLUDED.failed_total, dead_lettered_total = EXCLUDED.dead_lettered_total, \
-                     last_published_at = coalesce(EXCLUDED.last_published_at, worker_heartbeats.last_published_at) \
+                     last_published_at = greatest(EXCLUDED.last_published_at, worker_heartbeats.last_published_at) \
                  RETURNING 1) \
              SELECT (SELECT count(*) FROM {schema}.worker_heartbeats \
-                     WHERE consumer = $1 AND worker_id <> $2 \
+                     WHERE consumer = $1 AND worker_id <> $2 AND stopped_at IS NULL \
                        AND last_seen_at > now() - make_interval(secs => $3::float8 / 1000)) \
                     + (SELECT count(*) FROM beat), \
                     coalesce((SELECT array_agg(shard ORDER BY shard) FROM renewed), '{{}}'::smallint[])"
@@ -221,7 +229,7 @@ impl LeaseManager {
         Ok(owned)
     }
 
-    /// Gives every shard back and removes the heartbeat, so others take over at once.
+    /// Gives every shard back and marks the heartbeat stopped, so others take over at once.
     pub async fn release_all(&self) -> Result<(), StoreError> {
         let schema = self.store.schema();
         let statement = format!(
@@ -237,13 +245,18 @@ impl LeaseManager {
             .execute(self.store.pool())
             .await
             .map_err(StoreError::query("release shard leases"))?;
-        let statement = format!("DELETE FROM {schema}.worker_heartbeats WHERE consumer = $1 AND worker_id = $2");
+        // Marked stopped rather than deleted: it no longer counts as live, and its last publish
+        // time stays for the status until a live worker's heartbeat folds it in (see `tick`).
+        let statement = format!(
+            "UPDATE {schema}.worker_heartbeats SET stopped_at = now(), owned_shards = '{{}}' \
+             WHERE consumer = $1 AND worker_id = $2"
+        );
         sqlx::query(sql(statement))
             .bind(&self.consumer)
             .bind(&self.worker_id)
             .execute(self.store.pool())
             .await
-            .map_err(StoreError::query("remove heartbeat"))?;
+            .map_err(StoreError::query("mark heartbeat stopped"))?;
         if let Ok(mut r) = self.recorded.lock() {
             *r = None;
         }

@@ -111,8 +111,30 @@ impl E2e {
 
     /// Both namespaces' state, for failure messages.
     pub async fn state(&self) -> String {
+        let publishers = match self.publishers.list(&Default::default()).await {
+            Ok(list) => list
+                .items
+                .iter()
+                .map(|p| format!("{:?}: {:?}", p.metadata.name, p.status))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("list EventPublishers: {e}"),
+        };
+        // Where delivery stands in the store: which side (relay or consumer) stalled.
+        let cursors: String = sqlx::query_scalar(
+            "SELECT coalesce(string_agg(format('%s: %s events at or below its cursors, %s above', consumer, \
+                 below, above), '; '), 'no cursors') FROM ( \
+               SELECT c.consumer, count(*) FILTER (WHERE e.position <= c.position) AS below, \
+                      count(*) FILTER (WHERE e.position > c.position) AS above \
+               FROM outbox.relay_cursors c JOIN outbox.events e ON e.shard = c.shard GROUP BY c.consumer) t",
+        )
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap_or_else(|e| format!("read cursors: {e}"));
+        let (stored, failed, dead) = self.database_counts().await;
         format!(
-            "{}\n--- tenant namespace {} ---\n{}",
+            "{}\n--- tenant namespace {} ---\n{}\n--- publishers ---\n{publishers}\n--- database ---\n\
+             {stored} stored, {failed} failed, {dead} dead-lettered; {cursors}",
             self.operator.describe(&self.admin).await,
             self.tenant,
             describe(&self.admin, &self.tenant).await

@@ -114,13 +114,17 @@ async fn a_gracefully_stopped_replica_hands_its_shards_over_at_once() {
 
     r1.stop().await;
     let stopped_at = Instant::now();
-    let heartbeats: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox.worker_heartbeats WHERE consumer = $1 AND worker_id = 'r1'")
-            .bind(PUBLISHER)
-            .fetch_one(&db.pool)
-            .await
-            .expect("count heartbeats");
-    assert_eq!(heartbeats, 0, "a stopped replica removes its heartbeat");
+    let (stopped, shards): (bool, Vec<i16>) = sqlx::query_as(
+        "SELECT stopped_at IS NOT NULL, owned_shards FROM outbox.worker_heartbeats WHERE consumer = $1 AND worker_id = 'r1'",
+    )
+    .bind(PUBLISHER)
+    .fetch_one(&db.pool)
+    .await
+    .expect("read r1's heartbeat");
+    assert!(
+        stopped && shards.is_empty(),
+        "a stopped replica marks its heartbeat stopped with no shards: {stopped} {shards:?}"
+    );
     // Well below the 3 s lease: the shards were released, not left to expire.
     eventually(
         Duration::from_secs(3),
