@@ -165,6 +165,24 @@ pub async fn run(
     result
 }
 
+/// The field manager of one contender's Lease writes. It must differ per identity: taking a
+/// free Lease is a server-side apply without force, and only a field owned by another manager
+/// makes the second of two simultaneous takers fail with a conflict. With one shared manager
+/// both applies succeeded, and the earlier taker reconciled as a second leader until its next
+/// renewal (seen in CI: Events from two operator processes right after a kill -9 takeover).
+fn lease_field_manager(identity: &str) -> String {
+    // The API server refuses field managers longer than 128 bytes.
+    let mut manager = format!("{FIELD_MANAGER}-lease-{identity}");
+    if manager.len() > 128 {
+        let mut end = 128;
+        while !manager.is_char_boundary(end) {
+            end -= 1;
+        }
+        manager.truncate(end);
+    }
+    manager
+}
+
 /// Competes for the Lease; runs the controllers while holding it.
 async fn run_elected(
     client: kube::Client,
@@ -184,7 +202,7 @@ async fn run_elected(
         .with_identity(&election.identity)
         .with_duration(election.lease_duration.as_secs().max(2))
         .with_grace(election.lease_grace.as_secs().max(1))
-        .with_field_manager(format!("{FIELD_MANAGER}-lease"))
+        .with_field_manager(lease_field_manager(&election.identity))
         .build()
         .await
         .map_err(|e| lease_error(e.to_string()))?;
@@ -238,4 +256,19 @@ async fn run_elected(
         other => tracing::warn!(outcome = ?other.map(|r| r.map(|r| r.map(|_| ()))), "lease release"),
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_field_manager;
+
+    #[test]
+    fn every_lease_contender_writes_under_its_own_field_manager_within_the_api_limit() {
+        let a = lease_field_manager("outbox-inventory-outbox-6ff578849c-8q4t4_fca0b067");
+        let b = lease_field_manager("outbox-inventory-outbox-6ff578849c-d4vrb_cbdfefc0");
+        assert_ne!(a, b);
+        assert!(a.ends_with("8q4t4_fca0b067"), "{a}");
+        let long = lease_field_manager(&"x".repeat(300));
+        assert_eq!(long.len(), 128);
+    }
 }
