@@ -27,8 +27,8 @@ pub struct PublisherFigures {
     pub workers: Vec<WorkerFigures>,
 }
 
-/// One live worker's heartbeat.
-#[derive(Clone, Debug, PartialEq)]
+/// One live worker's heartbeat (a row of `worker_heartbeats`, read by column name).
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct WorkerFigures {
     pub worker_id: String,
     /// `closed`, `half_open` or `open`: the worst of the worker's destinations.
@@ -154,35 +154,10 @@ pub async fn worker_heartbeats(
            AND ($2::float8 IS NULL OR last_seen_at > now() - make_interval(secs => $2)) \
          ORDER BY worker_id"
     );
-    type Row = (String, String, DateTime<Utc>, i64, i64, i64, Option<DateTime<Utc>>);
-    let rows: Vec<Row> = sqlx::query_as(sql(statement))
+    sqlx::query_as::<_, WorkerFigures>(sql(statement))
         .bind(consumer)
         .bind(alive_within.map(|d| d.as_secs_f64()))
         .fetch_all(store.pool())
         .await
-        .map_err(StoreError::query("read worker heartbeats"))?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                worker_id,
-                circuit_state,
-                last_seen_at,
-                published_total,
-                failed_total,
-                dead_lettered_total,
-                last_published_at,
-            )| {
-                WorkerFigures {
-                    worker_id,
-                    circuit_state,
-                    last_seen_at,
-                    published_total,
-                    failed_total,
-                    dead_lettered_total,
-                    last_published_at,
-                }
-            },
-        )
-        .collect())
+        .map_err(StoreError::query("read worker heartbeats"))
 }
