@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::{InventoryEventPublisher, PublishError};
 use crate::store::events::{self, EventRange};
-use crate::store::{StoreError, sql};
+use crate::store::{StoreError, replay};
 
 /// What to replay.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -41,19 +41,12 @@ impl InventoryEventPublisher {
         let schema = self.store.schema();
         let pool = self.store.pool();
         let started_at = Utc::now();
-        let upsert = format!(
-            "INSERT INTO {schema}.replay_checkpoints (replay_id) VALUES ($1) ON CONFLICT (replay_id) DO UPDATE \
-             SET updated_at = now() RETURNING position, matched, replayed, failed"
-        );
-        let (resume_at, matched, replayed, failed): (i64, i64, i64, i64) = sqlx::query_as(sql(upsert))
-            .bind(&options.replay_id)
-            .fetch_one(pool)
-            .await
-            .map_err(StoreError::query("load replay checkpoint"))?;
+        let checkpoint = replay::start(pool, schema, &options.replay_id).await?;
+        let resume_at = checkpoint.position;
         let mut result = ReplayResult {
-            matched: matched.unsigned_abs(),
-            replayed: replayed.unsigned_abs(),
-            failed: failed.unsigned_abs(),
+            matched: checkpoint.matched.unsigned_abs(),
+            replayed: checkpoint.replayed.unsigned_abs(),
+            failed: checkpoint.failed.unsigned_abs(),
             last_position: (resume_at > 0).then_some(resume_at),
             started_at: Some(started_at),
             completed_at: None,
@@ -91,28 +84,25 @@ impl InventoryEventPublisher {
         Ok(result)
     }
 
+    /// Saves where the replay stands. The library's replay fixes its end per run (a later run
+    /// with the same id also covers what was committed since), so no end is stored.
     async fn checkpoint(
         &self,
         options: &ReplayOptions,
         result: &ReplayResult,
         state: &str,
     ) -> Result<(), PublishError> {
-        let statement = format!(
-            "UPDATE {}.replay_checkpoints SET position = $2, matched = $3, replayed = $4, failed = $5, \
-             state = $6, updated_at = now() WHERE replay_id = $1",
-            self.store.schema()
-        );
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        sqlx::query(sql(statement))
-            .bind(&options.replay_id)
-            .bind(result.last_position.unwrap_or(0))
-            .bind(count(result.matched))
-            .bind(count(result.replayed))
-            .bind(count(result.failed))
-            .bind(state)
-            .execute(self.store.pool())
-            .await
-            .map_err(StoreError::query("save replay checkpoint"))?;
+        let checkpoint = replay::Checkpoint {
+            position: result.last_position.unwrap_or(0),
+            matched: count(result.matched),
+            replayed: count(result.replayed),
+            failed: count(result.failed),
+            end_position: None,
+            state: state.to_owned(),
+            ..Default::default()
+        };
+        replay::save(self.store.pool(), self.store.schema(), &options.replay_id, &checkpoint).await?;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
-//! SQL of the `replay` Job: the events (or dead letters) a ReplayJob selects, read in position
-//! order below a fixed end, and its checkpoint row in `replay_checkpoints`.
+//! SQL of replays: the events (or dead letters) a ReplayJob selects, read in position order
+//! below a fixed end, and the checkpoint rows in `replay_checkpoints` that the `replay` Job and
+//! the library's `replay_events` resume from.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
