@@ -4,7 +4,7 @@
 //! generation, ConfigMap, Deployment and Service created) and the operator's peak RSS; also the
 //! operator's reconciles and CPU time, the API server's requests by verb and resource over the
 //! run (the whole server's: other clients' included), and the load average.
-//! `source ~/.local/state/inventory-outbox/env.sh && cargo build --release && cargo run --release --example operator_scale -- 1000`
+//! `source ~/.local/state/inventory-outbox/env.sh && cargo build --release && cargo run --release --example operator_scale -- 1000 [concurrency]`
 
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,8 @@ where
 async fn main() -> anyhow::Result<()> {
     inventory_outbox::tls::install_crypto_provider();
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
+    // Optional: the operator's `--concurrency` (its default otherwise).
+    let concurrency: Option<u16> = std::env::args().nth(2).and_then(|a| a.parse().ok());
     let client = kube::Client::try_default().await?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in inventory_outbox::crd::definitions() {
@@ -136,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
     let mut operator = tokio::process::Command::new(&bin)
         .args(["operator", "--watch-namespaces", &ns, "--requeue-seconds", "300"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(concurrency.map(|c| format!("--concurrency={c}")))
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)

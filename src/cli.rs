@@ -135,6 +135,10 @@ pub struct OperatorArgs {
     /// leaves the rest behind.
     #[arg(long, env = "CLEANUP_DEADLINE_SECONDS", default_value_t = 300)]
     pub cleanup_deadline_seconds: u64,
+    /// Reconciles in flight at once (each is a few requests to the API server). Higher
+    /// settles a burst of new EventPublishers sooner when the API server has room.
+    #[arg(long, env = "RECONCILE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
     /// Listen address of /metrics, /livez and /readyz (the chart passes the Pod IP).
     #[arg(long, env = "OPERATOR_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: std::net::SocketAddr,
@@ -286,6 +290,7 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     let mut settings = crate::operator::reconcile::Settings {
         requeue_after: std::time::Duration::from_secs(args.requeue_seconds.max(1)),
         cleanup_deadline: std::time::Duration::from_secs(args.cleanup_deadline_seconds.max(1)),
+        concurrency: args.concurrency,
         instance: Some(identity.clone()),
         ..Default::default()
     };
