@@ -222,6 +222,24 @@ impl Error {
         }
     }
 
+    /// Whether the API server refused a child because the namespace is being deleted. The
+    /// namespace controller deletes the children first, which wakes their owner; its applies
+    /// are then refused until it is deleted itself, which starts the cleanup. Not a failure.
+    fn namespace_terminating(&self) -> bool {
+        let Error::Apply {
+            source: kube::Error::Api(status),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        status.code == 403
+            && status
+                .details
+                .as_ref()
+                .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+    }
+
     /// Whether retrying without a change to the object can help.
     pub fn is_transient(&self) -> bool {
         !matches!(self, Error::InvalidObject(_) | Error::InvalidSpec(_) | Error::Build(_))
@@ -233,6 +251,9 @@ pub fn error_policy(obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, c
     let retry_in = if let Error::CleanupPending { job } = error {
         tracing::debug!(job, "waiting for the cleanup Job");
         Duration::from_secs(3)
+    } else if error.namespace_terminating() {
+        tracing::debug!(error = %error, "namespace is being deleted; waiting for the publisher's own deletion");
+        Duration::from_secs(5)
     } else {
         ctx.metrics
             .failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
@@ -1002,4 +1023,34 @@ pub async fn run_with_metrics(
         })
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(status: serde_json::Value) -> Error {
+        Error::Apply {
+            kind: "ConfigMap",
+            name: "orders-relay".to_owned(),
+            source: kube::Error::Api(Box::new(serde_json::from_value(status).unwrap())),
+        }
+    }
+
+    #[test]
+    fn a_refusal_in_a_terminating_namespace_is_told_apart_from_other_refusals() {
+        let terminating = refused(serde_json::json!({
+            "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "configmaps \"orders-relay\" is forbidden: unable to create new content in namespace shop because it is being terminated",
+            "details": {"name": "orders-relay", "kind": "configmaps",
+                        "causes": [{"reason": "NamespaceTerminating", "message": "namespace shop is being terminated", "field": "metadata.namespace"}]}
+        }));
+        assert!(terminating.namespace_terminating());
+        let rbac = refused(serde_json::json!({
+            "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "configmaps is forbidden: User \"system:serviceaccount:x:y\" cannot patch resource \"configmaps\""
+        }));
+        assert!(!rbac.namespace_terminating());
+        assert!(!Error::Finalizer("x".to_owned()).namespace_terminating());
+    }
 }
