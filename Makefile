@@ -7,6 +7,10 @@ export CARGO_TARGET_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/inventory-outb
 # Tests run against the stack; two cores, so keep test threads modest (at 4 the load average
 # reached 15 while several tests each drive brokers, relays and Pods).
 TEST_THREADS ?= 3
+# Failure messages carry the state that explains them; CI shows only the head and tail of a
+# failed test's output, and a backtrace there pushed the message out. TEST_BACKTRACE=1 brings
+# backtraces back.
+TEST_BACKTRACE ?= 0
 
 .PHONY: env-up env-down env-status test lint chart-check unit-test integration-test demo demo-clean bench
 
@@ -31,12 +35,12 @@ unit-test:
 	cargo test --locked --lib --bins
 
 integration-test:
-	source $(ENV_FILE) && cargo test --locked --test integration -- --test-threads=$(TEST_THREADS)
+	source $(ENV_FILE) && RUST_BACKTRACE=$(TEST_BACKTRACE) cargo test --locked --test integration -- --test-threads=$(TEST_THREADS)
 
 # The README's test command: stack up, formatting, lints (all targets, benches included),
 # chart and Dockerfile checks, then every test. Benchmarks are compiled by clippy but run only by `cargo bench`.
 test: env-up lint chart-check
-	source $(ENV_FILE) && cargo test --locked --lib --bins --tests --examples -- --test-threads=$(TEST_THREADS)
+	source $(ENV_FILE) && RUST_BACKTRACE=$(TEST_BACKTRACE) cargo test --locked --lib --bins --tests --examples -- --test-threads=$(TEST_THREADS)
 
 # Benchmarks against the local stack; figures go to BENCHMARKS.md.
 bench: env-up

@@ -489,7 +489,11 @@ impl KafkaConfig {
         config
             .set("bootstrap.servers", self.bootstrap_servers.trim())
             .set("client.id", &self.client_id)
-            .set("security.protocol", self.security_protocol.as_str());
+            .set("security.protocol", self.security_protocol.as_str())
+            // librdkafka backs reconnects off up to 10 s by default: after a long outage the
+            // returning broker then waits up to 10 s for the relay, holding every event
+            // committed meanwhile. One connection attempt a second costs a broker nothing.
+            .set("reconnect.backoff.max.ms", "1000");
         if let Some(mechanism) = self.sasl_mechanism {
             config.set("sasl.mechanism", mechanism.as_str());
         }

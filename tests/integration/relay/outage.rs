@@ -391,12 +391,15 @@ fn assert_recovered_promptly(observed: &Observed) {
 fn assert_circuit_cycled(observed: &Observed) {
     let gauges = &observed.gauges;
     // Metric: 2 = open, 1 = half-open, 0 = closed.
-    let open = gauges.iter().position(|&g| g == 2).expect("circuit opened");
+    let open = gauges
+        .iter()
+        .position(|&g| g == 2)
+        .unwrap_or_else(|| panic!("the circuit never opened: {gauges:?}"));
     let half_open = open
         + gauges[open..]
             .iter()
             .position(|&g| g == 1)
-            .expect("circuit half-opened after opening");
+            .unwrap_or_else(|| panic!("the circuit never half-opened after opening: {gauges:?}"));
     assert!(
         gauges[half_open..].contains(&0),
         "circuit closed after half-opening: {gauges:?}"
@@ -410,7 +413,11 @@ fn assert_circuit_cycled(observed: &Observed) {
         heartbeats.iter().any(|s| s == "open"),
         "heartbeat reported open: {heartbeats:?}"
     );
-    assert_eq!(heartbeats.last().map(String::as_str), Some("closed"));
+    assert_eq!(
+        heartbeats.last().map(String::as_str),
+        Some("closed"),
+        "heartbeat ends closed: {heartbeats:?}"
+    );
 }
 
 /// Reads the dedicated Kafka's topic by partition assignment (no group coordinator needed on
