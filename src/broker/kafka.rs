@@ -1483,6 +1483,20 @@ mod tests {
     }
 
     #[test]
+    fn reconnects_back_off_at_most_a_second_unless_overridden() {
+        let config = valid();
+        let client = config.client_config().unwrap();
+        assert_eq!(client.get("reconnect.backoff.max.ms"), Some("1000"));
+        let mut config = valid();
+        config
+            .producer_overrides
+            .insert("reconnect.backoff.max.ms".into(), "5000".into());
+        assert_eq!(config.validate(), Ok(()));
+        let client = config.client_config().unwrap();
+        assert_eq!(client.get("reconnect.backoff.max.ms"), Some("5000"));
+    }
+
+    #[test]
     fn connect_names_an_unset_credential_variable() {
         let mut config = valid();
         config.security_protocol = KafkaSecurityProtocol::SaslPlaintext;
