@@ -824,6 +824,101 @@ async fn probe_round(env: &Env, batch: usize, topic: &str) -> anyhow::Result<Rou
     })
 }
 
+/// Raw lapin baseline: the same bodies and headers published to the relay's exchange and
+/// queue with the relay's settings (persistent, `mandatory`, publisher confirms), `chunk`
+/// messages queued at once and then their confirms awaited, as a hand-written publisher would.
+async fn raw_rabbitmq(env: &Env, exchange: &str, queue: &str, records: &[Record], chunk: usize) -> anyhow::Result<f64> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let conn = lapin::Connection::connect(&env.amqp, lapin::ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let start = Instant::now();
+    for part in records.chunks(chunk) {
+        let publishes = part.iter().map(|r| {
+            let mut headers = FieldTable::default();
+            for (key, value) in &r.headers {
+                headers.insert(key.as_str().into(), AMQPValue::LongString(LongString::from(value.as_str())));
+            }
+            let properties = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_headers(headers);
+            channel.basic_publish(
+                exchange.into(),
+                "inventory.stock".into(),
+                options,
+                &r.body,
+                properties,
+            )
+        });
+        let confirms = join_all(publishes).await;
+        for confirm in confirms {
+            let confirmation = confirm?.await?;
+            anyhow::ensure!(confirmation.is_ack(), "raw RabbitMQ publish was not acknowledged");
+        }
+    }
+    let rate = records.len() as f64 / start.elapsed().as_secs_f64();
+    conn.close(200, "bye".into()).await?;
+    amqp_cleanup(env, exchange, queue, true).await?;
+    Ok(rate)
+}
+
+/// Relay → RabbitMQ with publisher confirms, one run per batch size, each under a fresh
+/// publisher name over the same pre-filled outbox; the queue is purged after each run.
+async fn rabbitmq_runs(
+    env: &Env,
+    pool: &PgPool,
+    exchange: &str,
+    queue: &str,
+    goal: u64,
+) -> anyhow::Result<Vec<ThroughputRun>> {
+    let mut runs = Vec::new();
+    for batch in BATCH_SIZES {
+        let broker = json!({"rabbitmq": {"urlEnv": "AMQP_URL", "exchange": exchange,
+                                         "queues": [{"name": queue, "bindingKey": "#"}]}});
+        let publisher_name = format!("bench-rabbit-b{batch}");
+        let config = relay_config(&publisher_name, batch, broker, "inventory.stock");
+        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        inner.ensure_destinations(&["inventory.stock".to_owned()]).await?;
+        let timed = TimedBroker::new(inner, env.base, goal, false);
+        let run = relay_until(env, config, timed, format!("relay → RabbitMQ, batch {batch}"), goal).await?;
+        check_cursors(pool, &publisher_name).await?;
+        eprintln!("{}", run.breakdown());
+        amqp_cleanup(env, exchange, queue, true).await?;
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+/// Prints the RabbitMQ rows: each relay run, the raw lapin baseline and the ratio of the best run to it.
+fn rabbitmq_rows(runs: &[ThroughputRun], raw: f64, row: &dyn Fn(&str, String, &str, &str)) {
+    let best = runs
+        .iter()
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+        .expect("a run");
+    for r in runs {
+        let mark = if std::ptr::eq(r, best) { " (best)" } else { "" };
+        row(
+            &format!("{}{mark}", r.label),
+            format!("{:.0} ev/s", r.rate),
+            "≥ 30000",
+            status(r.rate >= TARGET_RABBIT),
+        );
+    }
+    row(
+        &format!("raw lapin, confirms, {} queued at a time", best.batch),
+        format!("{raw:.0} msg/s"),
+        "",
+        "",
+    );
+    row("ratio relay → RabbitMQ / raw lapin", format!("{:.2}", best.rate / raw), "", "");
+}
+
 async fn amqp_cleanup(env: &Env, exchange: &str, queue: &str, purge_only: bool) -> anyhow::Result<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions};
     let conn = lapin::Connection::connect(&env.amqp, lapin::ConnectionProperties::default()).await?;
@@ -965,6 +1060,27 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         }
     }
 
+    // RELAY_BENCH_RABBITMQ_ONLY=1: only the RabbitMQ runs and their raw lapin baseline.
+    if std::env::var("RELAY_BENCH_RABBITMQ_ONLY").is_ok_and(|v| v == "1") {
+        let runs = rabbitmq_runs(env, &pool, exchange, queue, goal).await?;
+        let best = runs
+            .iter()
+            .max_by(|a, b| a.rate.total_cmp(&b.rate))
+            .map_or(BATCH_SIZES[0], |r| r.batch);
+        let raw = raw_rabbitmq(env, exchange, queue, &records, best).await?;
+        pool.close().await;
+        println!();
+        let row = |name: &str, figure: String, target: &str, st: &str| {
+            println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
+        };
+        rabbitmq_rows(&runs, raw, &row);
+        println!();
+        for r in &runs {
+            println!("  {}", r.breakdown());
+        }
+        return Ok(());
+    }
+
     // 1. Relay → Kafka, per batch size.
     let mut kafka_runs = Vec::new();
     for batch in BATCH_SIZES {
@@ -1023,7 +1139,6 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     }
     let raw_all = raw_kafka(&raw_producer, &raw_topic, &records, records.len()).await?;
     let raw_batched = raw_kafka(&raw_producer, &raw_topic, &records, best.batch).await?;
-    drop(records);
 
     // Where a round's time goes, step by step (sends to the raw topic).
     let mut steps = Vec::new();
@@ -1031,26 +1146,14 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         steps.push(probe_round(env, batch, &raw_topic).await?);
     }
 
-    // 3. Relay → RabbitMQ with publisher confirms.
-    let mut rabbit_runs = Vec::new();
-    for batch in BATCH_SIZES {
-        let broker = json!({"rabbitmq": {"urlEnv": "AMQP_URL", "exchange": exchange,
-                                         "queues": [{"name": queue, "bindingKey": "#"}]}});
-        let publisher_name = format!("bench-rabbit-b{batch}");
-        let config = relay_config(&publisher_name, batch, broker, "inventory.stock");
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
-        inner.ensure_destinations(&["inventory.stock".to_owned()]).await?;
-        let timed = TimedBroker::new(inner, env.base, goal, false);
-        let run = relay_until(env, config, timed, format!("relay → RabbitMQ, batch {batch}"), goal).await?;
-        check_cursors(&pool, &publisher_name).await?;
-        eprintln!("{}", run.breakdown());
-        amqp_cleanup(env, exchange, queue, true).await?;
-        rabbit_runs.push(run);
-    }
-    let best_rabbit = rabbit_runs
+    // 3. Relay → RabbitMQ with publisher confirms, and the raw lapin baseline.
+    let rabbit_runs = rabbitmq_runs(env, &pool, exchange, queue, goal).await?;
+    let best_rabbit_batch = rabbit_runs
         .iter()
         .max_by(|a, b| a.rate.total_cmp(&b.rate))
-        .expect("a run");
+        .map_or(BATCH_SIZES[0], |r| r.batch);
+    let raw_rabbit = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch).await?;
+    drop(records);
     // 4. Latency at half the best relay rate, on the caught-up publisher of the best run; last,
     //    as it appends events the throughput runs must not see.
     let mut latencies = Vec::new();
@@ -1177,15 +1280,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
             "",
         );
     }
-    for r in &rabbit_runs {
-        let mark = if std::ptr::eq(r, best_rabbit) { " (best)" } else { "" };
-        row(
-            &format!("{}{mark}", r.label),
-            format!("{:.0} ev/s", r.rate),
-            "≥ 30000",
-            status(r.rate >= TARGET_RABBIT),
-        );
-    }
+    rabbitmq_rows(&rabbit_runs, raw_rabbit, &row);
     println!();
     println!("where the time goes (relay rounds send their batch in waves, one send_batch call per wave):");
     for r in kafka_runs.iter().chain([&linger0]).chain(&rabbit_runs) {

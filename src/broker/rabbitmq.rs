@@ -829,17 +829,43 @@ impl RabbitMqBroker {
         };
         let mut broken = false;
         let mut pending = Vec::with_capacity(items.len());
-        let mut items = items.into_iter();
-        for (i, encoded) in items.by_ref() {
-            let publish = session.channel.basic_publish(
+        // Queue the whole batch, then wait for the writes. lapin's `basic_publish` registers the
+        // delivery tag and queues the frames on the channel on its first poll, and only then
+        // waits for its I/O thread to write them; awaiting each publish in turn paid that
+        // cross-thread handshake per message (about 110 µs, most of a batch's time). Polling each
+        // publish once, in batch order, keeps the channel order and lets the writes overlap.
+        let write_deadline = Instant::now() + self.confirm_timeout();
+        let mut items = items;
+        let properties: Vec<BasicProperties> = items
+            .iter_mut()
+            .map(|(_, encoded)| std::mem::take(&mut encoded.properties))
+            .collect();
+        let mut writes = Vec::with_capacity(items.len());
+        for ((i, encoded), properties) in items.iter().zip(properties) {
+            let mut publish = Box::pin(session.channel.basic_publish(
                 exchange.clone(),
                 encoded.routing_key.clone(),
                 options,
                 &encoded.body,
-                encoded.properties,
-            );
-            match timeout(self.confirm_timeout(), publish).await {
-                Ok(Ok(confirm)) => pending.push((i, encoded.routing_key, encoded.message_id, confirm)),
+                properties,
+            ));
+            let first_poll = futures::poll!(publish.as_mut());
+            let queued = !matches!(first_poll, std::task::Poll::Ready(Err(_)));
+            writes.push((*i, encoded, first_poll, publish));
+            if !queued {
+                // Refused before queueing (the channel is closed): nothing after it is queued.
+                break;
+            }
+        }
+        let queued = writes.len();
+        let mut writes = writes.into_iter();
+        for (i, encoded, first_poll, publish) in writes.by_ref() {
+            let written = match first_poll {
+                std::task::Poll::Ready(result) => Ok(result),
+                std::task::Poll::Pending => timeout_at(write_deadline, publish).await,
+            };
+            match written {
+                Ok(Ok(confirm)) => pending.push((i, encoded.routing_key.clone(), encoded.message_id.clone(), confirm)),
                 Ok(Err(e)) => {
                     let text = format!("publishing to routing key {} failed: {e}", encoded.routing_key);
                     results[i] = Some(Err(if is_destination_refusal(&e) {
@@ -862,9 +888,17 @@ impl RabbitMqBroker {
                 }
             }
         }
-        // Stop at the first failure so later messages never overtake an unsent one.
-        for (i, encoded) in items {
+        // After a failed write, later messages count as failed even if queued (the session is
+        // replaced below, which drops them, or they may land and be redelivered on retry: at
+        // least once), so a message never counts as published behind one that failed.
+        for (i, encoded, _, _) in writes {
             results[i] = Some(Err(SendError::Transient(format!(
+                "not published (routing key {}): an earlier message of the batch failed",
+                encoded.routing_key
+            ))));
+        }
+        for (i, encoded) in items.iter().skip(queued) {
+            results[*i] = Some(Err(SendError::Transient(format!(
                 "not published (routing key {}): an earlier message of the batch failed",
                 encoded.routing_key
             ))));

@@ -12,8 +12,11 @@ use inventory_outbox::event::cloudevents::{self, AMQP_PREFIX};
 use inventory_outbox::event::validate::enrich;
 use inventory_outbox::event::{DomainEvent, NewEvent};
 use lapin::message::Delivery;
-use lapin::options::{BasicGetOptions, BasicRejectOptions, ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::types::AMQPValue;
+use lapin::options::{
+    BasicGetOptions, BasicRejectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -299,6 +302,87 @@ async fn a_routing_key_without_a_bound_queue_fails_retriably_while_routable_mess
         let expected: Vec<String> = [0, 2, 4].iter().map(|&i| batch[i].event.event_id.to_string()).collect();
         assert_eq!(ids, expected);
         consumer.assert_empty(&queue).await;
+        consumer.clean_up(&config).await;
+    })
+    .await;
+}
+
+/// With the whole batch queued on the channel before any confirm is awaited, a NACK still
+/// fails exactly its own message: a full queue that rejects publishes (`x-overflow:
+/// reject-publish`) NACKs the messages over its limit, and the messages around them, to
+/// another queue, are confirmed and arrive in order.
+#[tokio::test]
+async fn a_full_queue_nacks_exactly_the_messages_over_its_limit_in_a_pipelined_batch() {
+    bounded(async {
+        let config = config("rmq-nack");
+        let broker = broker(config.clone());
+        broker.ensure_destinations(&[]).await.unwrap();
+        let consumer = Consumer::open().await;
+        let full = format!("{}.full", config.exchange);
+        let open = format!("{}.open", config.exchange);
+        for (queue, key, limited) in [(&full, "full.#", true), (&open, "open.#", false)] {
+            let mut args = FieldTable::default();
+            if limited {
+                args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString(LongString::from("reject-publish")),
+                );
+            }
+            consumer
+                .channel
+                .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
+                .await
+                .unwrap();
+            consumer
+                .channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    config.exchange.as_str().into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+
+        // 0 fills the limited queue; 2, 4 and 6 overflow it; the others go to the open queue.
+        let batch: Vec<Message> = (0..8u32)
+            .map(|i| {
+                let key = if i % 2 == 0 { "full.StockLevelChanged" } else { "open.StockLevelChanged" };
+                message(key, event(&format!("item-{i}"), i))
+            })
+            .collect();
+        let results = broker.send_batch(&batch).await;
+        for (i, result) in results.iter().enumerate() {
+            match (i, result) {
+                (0, Ok(())) => {}
+                (i, Ok(())) if i % 2 == 1 => {}
+                (i, Err(SendError::Transient(m))) if i % 2 == 0 => {
+                    assert!(m.contains("NACKed"), "message {i}: {m}")
+                }
+                (i, other) => panic!("message {i}: unexpected result {other:?}; all: {results:?}"),
+            }
+        }
+        let ids = |got: &[Delivery]| -> Vec<String> {
+            got.iter()
+                .filter_map(|d| d.properties.message_id().as_ref().map(|id| id.to_string()))
+                .collect()
+        };
+        let expected_open: Vec<String> = [1, 3, 5, 7].iter().map(|&i| batch[i].event.event_id.to_string()).collect();
+        assert_eq!(ids(&consumer.get(&open, 4, true).await), expected_open);
+        assert_eq!(
+            ids(&consumer.get(&full, 1, true).await),
+            vec![batch[0].event.event_id.to_string()]
+        );
+        consumer.assert_empty(&full).await;
+        for queue in [&full, &open] {
+            let _ = consumer
+                .channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
         consumer.clean_up(&config).await;
     })
     .await;
