@@ -827,7 +827,16 @@ async fn probe_round(env: &Env, batch: usize, topic: &str) -> anyhow::Result<Rou
 /// Raw lapin baseline: the same bodies and headers published to the relay's exchange and
 /// queue with the relay's settings (persistent, `mandatory`, publisher confirms), `chunk`
 /// messages queued at once and then their confirms awaited, as a hand-written publisher would.
-async fn raw_rabbitmq(env: &Env, exchange: &str, queue: &str, records: &[Record], chunk: usize) -> anyhow::Result<f64> {
+/// `one_at_a_time` awaits each publish before the next instead (the adapter's former loop),
+/// which shows what a handshake with lapin's I/O thread per message costs.
+async fn raw_rabbitmq(
+    env: &Env,
+    exchange: &str,
+    queue: &str,
+    records: &[Record],
+    chunk: usize,
+    one_at_a_time: bool,
+) -> anyhow::Result<f64> {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     use lapin::types::{AMQPValue, FieldTable, LongString};
     let conn = lapin::Connection::connect(&env.amqp, lapin::ConnectionProperties::default()).await?;
@@ -842,21 +851,26 @@ async fn raw_rabbitmq(env: &Env, exchange: &str, queue: &str, records: &[Record]
         let publishes = part.iter().map(|r| {
             let mut headers = FieldTable::default();
             for (key, value) in &r.headers {
-                headers.insert(key.as_str().into(), AMQPValue::LongString(LongString::from(value.as_str())));
+                headers.insert(
+                    key.as_str().into(),
+                    AMQPValue::LongString(LongString::from(value.as_str())),
+                );
             }
             let properties = lapin::BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_headers(headers);
-            channel.basic_publish(
-                exchange.into(),
-                "inventory.stock".into(),
-                options,
-                &r.body,
-                properties,
-            )
+            channel.basic_publish(exchange.into(), "inventory.stock".into(), options, &r.body, properties)
         });
-        let confirms = join_all(publishes).await;
+        let confirms = if one_at_a_time {
+            let mut confirms = Vec::with_capacity(part.len());
+            for publish in publishes {
+                confirms.push(publish.await);
+            }
+            confirms
+        } else {
+            join_all(publishes).await
+        };
         for confirm in confirms {
             let confirmation = confirm?.await?;
             anyhow::ensure!(confirmation.is_ack(), "raw RabbitMQ publish was not acknowledged");
@@ -895,12 +909,10 @@ async fn rabbitmq_runs(
     Ok(runs)
 }
 
-/// Prints the RabbitMQ rows: each relay run, the raw lapin baseline and the ratio of the best run to it.
-fn rabbitmq_rows(runs: &[ThroughputRun], raw: f64, row: &dyn Fn(&str, String, &str, &str)) {
-    let best = runs
-        .iter()
-        .max_by(|a, b| a.rate.total_cmp(&b.rate))
-        .expect("a run");
+/// Prints the RabbitMQ rows: each relay run, the raw lapin baseline, the ratio of the best run
+/// to it, and the one-publish-at-a-time variant of the baseline.
+fn rabbitmq_rows(runs: &[ThroughputRun], raw: f64, raw_serial: f64, row: &dyn Fn(&str, String, &str, &str)) {
+    let best = runs.iter().max_by(|a, b| a.rate.total_cmp(&b.rate)).expect("a run");
     for r in runs {
         let mark = if std::ptr::eq(r, best) { " (best)" } else { "" };
         row(
@@ -916,7 +928,18 @@ fn rabbitmq_rows(runs: &[ThroughputRun], raw: f64, row: &dyn Fn(&str, String, &s
         "",
         "",
     );
-    row("ratio relay → RabbitMQ / raw lapin", format!("{:.2}", best.rate / raw), "", "");
+    row(
+        "ratio relay → RabbitMQ / raw lapin",
+        format!("{:.2}", best.rate / raw),
+        "",
+        "",
+    );
+    row(
+        "raw lapin, confirms, each publish awaited before the next",
+        format!("{raw_serial:.0} msg/s"),
+        "",
+        "",
+    );
 }
 
 async fn amqp_cleanup(env: &Env, exchange: &str, queue: &str, purge_only: bool) -> anyhow::Result<()> {
@@ -1067,13 +1090,14 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
             .iter()
             .max_by(|a, b| a.rate.total_cmp(&b.rate))
             .map_or(BATCH_SIZES[0], |r| r.batch);
-        let raw = raw_rabbitmq(env, exchange, queue, &records, best).await?;
+        let raw = raw_rabbitmq(env, exchange, queue, &records, best, false).await?;
+        let raw_serial = raw_rabbitmq(env, exchange, queue, &records, best, true).await?;
         pool.close().await;
         println!();
         let row = |name: &str, figure: String, target: &str, st: &str| {
             println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
         };
-        rabbitmq_rows(&runs, raw, &row);
+        rabbitmq_rows(&runs, raw, raw_serial, &row);
         println!();
         for r in &runs {
             println!("  {}", r.breakdown());
@@ -1152,7 +1176,8 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         .iter()
         .max_by(|a, b| a.rate.total_cmp(&b.rate))
         .map_or(BATCH_SIZES[0], |r| r.batch);
-    let raw_rabbit = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch).await?;
+    let raw_rabbit = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch, false).await?;
+    let raw_rabbit_serial = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch, true).await?;
     drop(records);
     // 4. Latency at half the best relay rate, on the caught-up publisher of the best run; last,
     //    as it appends events the throughput runs must not see.
@@ -1280,7 +1305,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
             "",
         );
     }
-    rabbitmq_rows(&rabbit_runs, raw_rabbit, &row);
+    rabbitmq_rows(&rabbit_runs, raw_rabbit, raw_rabbit_serial, &row);
     println!();
     println!("where the time goes (relay rounds send their batch in waves, one send_batch call per wave):");
     for r in kafka_runs.iter().chain([&linger0]).chain(&rabbit_runs) {

@@ -222,22 +222,10 @@ impl Error {
         }
     }
 
-    /// Whether the API server refused a child because the namespace is being deleted. The
-    /// namespace controller deletes the children first, which wakes their owner; its applies
-    /// are then refused until it is deleted itself, which starts the cleanup. Not a failure.
+    /// Whether the API server refused a child because the namespace is being deleted (see
+    /// [`super::shell::refused_for_terminating_namespace`]). Not a failure.
     fn namespace_terminating(&self) -> bool {
-        let Error::Apply {
-            source: kube::Error::Api(status),
-            ..
-        } = self
-        else {
-            return false;
-        };
-        status.code == 403
-            && status
-                .details
-                .as_ref()
-                .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+        matches!(self, Error::Apply { source, .. } if super::shell::refused_for_terminating_namespace(source))
     }
 
     /// Whether retrying without a change to the object can help.

@@ -24,6 +24,21 @@ pub trait ShellError: std::error::Error + Send + Sized + 'static {
     fn finalizer(reason: String) -> Self;
 }
 
+/// Whether the API server refused a write because the namespace is being deleted. The
+/// namespace controller deletes an owner's children first, which wakes the owner; its writes
+/// are then refused until it is deleted itself, which starts its cleanup. Both kinds wait for
+/// that quietly instead of counting a failed reconcile.
+pub fn refused_for_terminating_namespace(error: &kube::Error) -> bool {
+    let kube::Error::Api(status) = error else {
+        return false;
+    };
+    status.code == 403
+        && status
+            .details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+}
+
 /// Runs `apply` (the object lives) or `cleanup` (it is being deleted; returning `Ok` releases
 /// `finalizer_name`) for one round of one object.
 pub async fn finalized<K, E, A, AFut, C, CFut>(

@@ -127,8 +127,8 @@ pub async fn mark_redriven(
     Ok(done.rows_affected())
 }
 
-/// Where a replay stands, as its checkpoint row says.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Where a replay stands, as its checkpoint row says (fields named as its columns).
+#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Checkpoint {
     /// Every selected event at or below this position was handled (0 before the first batch).
     pub position: i64,
@@ -151,21 +151,11 @@ pub async fn start(pool: &PgPool, schema: &SchemaName, replay_id: &str) -> Resul
          ON CONFLICT (replay_id) DO UPDATE SET runs = replay_checkpoints.runs + 1, updated_at = now() \
          RETURNING position, matched, replayed, failed, end_position, state, runs, started_at"
     );
-    let row: (i64, i64, i64, i64, Option<i64>, String, i32, DateTime<Utc>) = sqlx::query_as(sql(text))
+    sqlx::query_as(sql(text))
         .bind(replay_id)
         .fetch_one(pool)
         .await
-        .map_err(StoreError::query("load the replay checkpoint"))?;
-    Ok(Checkpoint {
-        position: row.0,
-        matched: row.1,
-        replayed: row.2,
-        failed: row.3,
-        end_position: row.4,
-        state: row.5,
-        runs: row.6,
-        started_at: Some(row.7),
-    })
+        .map_err(StoreError::query("load the replay checkpoint"))
 }
 
 /// Writes the checkpoint; the end is set once (a later run cannot move it).

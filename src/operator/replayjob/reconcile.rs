@@ -106,6 +106,13 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
         }
     }
+
+    /// Whether the Job's create was refused because the namespace is being deleted (see
+    /// [`crate::operator::shell::refused_for_terminating_namespace`]): the ReplayJob's own
+    /// deletion follows, so this is a wait, not a failure.
+    fn namespace_terminating(&self) -> bool {
+        matches!(self, Error::CreateJob { source, .. } if crate::operator::shell::refused_for_terminating_namespace(source))
+    }
 }
 
 /// An unreadable object waits for a change; a pending cancel is checked again soon; anything
@@ -113,6 +120,10 @@ impl Error {
 pub fn error_policy(_obj: Arc<DeserializeGuard<ReplayJob>>, error: &Error, _ctx: Arc<Context>) -> Action {
     match error {
         Error::CancelPending { .. } => Action::requeue(Duration::from_secs(1)),
+        error if error.namespace_terminating() => {
+            tracing::debug!(error = %error, "namespace is being deleted; waiting for the ReplayJob's own deletion");
+            Action::requeue(Duration::from_secs(5))
+        }
         Error::InvalidObject(_) | Error::Build(_) => {
             tracing::warn!(error = %error, kind = error.metric_label(), "ReplayJob needs a change");
             Action::await_change()
@@ -451,4 +462,33 @@ pub async fn run(
         })
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create_refused(status: serde_json::Value) -> Error {
+        Error::CreateJob {
+            name: "orders-replay".to_owned(),
+            source: kube::Error::Api(Box::new(serde_json::from_value(status).unwrap())),
+        }
+    }
+
+    #[test]
+    fn a_job_refused_in_a_terminating_namespace_is_a_wait_and_other_refusals_are_failures() {
+        let terminating = create_refused(serde_json::json!({
+            "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "jobs.batch \"orders-replay\" is forbidden: unable to create new content in namespace shop because it is being terminated",
+            "details": {"name": "orders-replay", "group": "batch", "kind": "jobs",
+                        "causes": [{"reason": "NamespaceTerminating", "message": "namespace shop is being terminated", "field": "metadata.namespace"}]}
+        }));
+        assert!(terminating.namespace_terminating());
+        let quota = create_refused(serde_json::json!({
+            "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "jobs.batch \"orders-replay\" is forbidden: exceeded quota: compute"
+        }));
+        assert!(!quota.namespace_terminating());
+        assert!(!Error::CancelPending { name: "x".to_owned() }.namespace_terminating());
+    }
 }

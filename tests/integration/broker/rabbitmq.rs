@@ -350,7 +350,11 @@ async fn a_full_queue_nacks_exactly_the_messages_over_its_limit_in_a_pipelined_b
         // 0 fills the limited queue; 2, 4 and 6 overflow it; the others go to the open queue.
         let batch: Vec<Message> = (0..8u32)
             .map(|i| {
-                let key = if i % 2 == 0 { "full.StockLevelChanged" } else { "open.StockLevelChanged" };
+                let key = if i % 2 == 0 {
+                    "full.StockLevelChanged"
+                } else {
+                    "open.StockLevelChanged"
+                };
                 message(key, event(&format!("item-{i}"), i))
             })
             .collect();
@@ -370,7 +374,10 @@ async fn a_full_queue_nacks_exactly_the_messages_over_its_limit_in_a_pipelined_b
                 .filter_map(|d| d.properties.message_id().as_ref().map(|id| id.to_string()))
                 .collect()
         };
-        let expected_open: Vec<String> = [1, 3, 5, 7].iter().map(|&i| batch[i].event.event_id.to_string()).collect();
+        let expected_open: Vec<String> = [1, 3, 5, 7]
+            .iter()
+            .map(|&i| batch[i].event.event_id.to_string())
+            .collect();
         assert_eq!(ids(&consumer.get(&open, 4, true).await), expected_open);
         assert_eq!(
             ids(&consumer.get(&full, 1, true).await),

@@ -54,38 +54,35 @@ impl Drop for TestNamespace {
         if std::env::var_os("OUTBOX_KEEP_TEST_NAMESPACES").is_some() {
             return;
         }
-        // Drop cannot await; kubectl deletes without waiting for the namespace to finish.
+        // Drop cannot await: kubectl deletes without waiting, and a detached shell releases the
+        // product's finalizers until the namespace is gone. The test's operator usually goes
+        // away with its namespace, so nobody else would release them and the namespace would
+        // stay Terminating for good, piling up on the shared cluster. A release before the
+        // namespace controller reaches an object is not enough: an operator still running
+        // re-adds its finalizer, so the shell repeats until the namespace is gone (2 min at
+        // most). Deletion semantics are tested explicitly elsewhere; here the objects are let
+        // go, as an operator's user would.
         let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
-        let run = |args: &[&str]| {
-            std::process::Command::new(&kubectl)
-                .arg("--kubeconfig")
-                .arg(super::kubeconfig_path())
-                .args(args)
-                .stderr(std::process::Stdio::null())
-                .output()
-        };
-        let _ = run(&["delete", "namespace", &self.0, "--wait=false", "--ignore-not-found"]);
-        // The test's operator usually goes away with its own namespace at the same moment, so
-        // nobody would release the product's finalizers and the namespace would stay
-        // Terminating for good, piling up on the shared cluster. Deletion semantics are tested
-        // explicitly elsewhere; here the objects are let go, as an operator's user would.
-        let Ok(listed) = run(&["get", "eventpublishers,replayjobs", "-n", &self.0, "-o", "name"]) else {
-            return;
-        };
-        for object in String::from_utf8_lossy(&listed.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-        {
-            let _ = run(&[
-                "patch",
-                "-n",
-                &self.0,
-                object,
-                "--type=merge",
-                "-p",
-                r#"{"metadata":{"finalizers":null}}"#,
-            ]);
-        }
+        // The outer shell exits at once (and is waited for); the loop runs on in the background.
+        const RELEASE: &str = r#"k() { "$KUBECTL_BIN" --kubeconfig "$KUBECONFIG_PATH" --request-timeout=10s "$@"; }
+k delete namespace "$NS" --wait=false --ignore-not-found >/dev/null 2>&1
+(for _ in $(seq 120); do
+  k get namespace "$NS" >/dev/null 2>&1 || exit 0
+  for o in $(k get eventpublishers,replayjobs -n "$NS" -o name 2>/dev/null); do
+    k patch -n "$NS" "$o" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1
+  done
+  sleep 1
+done) &"#;
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(RELEASE)
+            .env("KUBECTL_BIN", kubectl)
+            .env("KUBECONFIG_PATH", super::kubeconfig_path())
+            .env("NS", &self.0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
