@@ -891,14 +891,9 @@ impl RabbitMqBroker {
         // After a failed write, later messages count as failed even if queued (the session is
         // replaced below, which drops them, or they may land and be redelivered on retry: at
         // least once), so a message never counts as published behind one that failed.
-        for (i, encoded, _, _) in writes {
+        let unqueued = items.iter().skip(queued).map(|(i, encoded)| (*i, encoded));
+        for (i, encoded) in writes.map(|(i, encoded, _, _)| (i, encoded)).chain(unqueued) {
             results[i] = Some(Err(SendError::Transient(format!(
-                "not published (routing key {}): an earlier message of the batch failed",
-                encoded.routing_key
-            ))));
-        }
-        for (i, encoded) in items.iter().skip(queued) {
-            results[*i] = Some(Err(SendError::Transient(format!(
                 "not published (routing key {}): an earlier message of the batch failed",
                 encoded.routing_key
             ))));
