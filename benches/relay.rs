@@ -7,7 +7,10 @@
 //!    linger 5 ms, 6 partitions, binary mode) is started per batch size in `BATCH_SIZES`, each
 //!    under its own publisher name so each reads the whole outbox from the start, and timed
 //!    from its start until the broker acknowledged every event.
-//!    The best batch size is run once more with `kafka.lingerMs` 0, for information.
+//!    The best batch size is run once more with `kafka.lingerMs` 0, for information, and once
+//!    with strict per-aggregate waves (the adapter's `keeps_aggregate_order` hidden), the
+//!    same-run "before" of sending a round's batch in one call. `RELAY_BENCH_KAFKA_ONLY=1`
+//!    stops after these runs and the raw baseline.
 //! 2. Baseline: a raw rdkafka `FutureProducer` with the adapter's settings sends the same
 //!    records (same keys, bodies and `ce_` headers) to another topic, all enqueued then awaited;
 //!    a second figure awaits them per batch of the relay's best batch size, as the relay does.
@@ -20,8 +23,9 @@
 //!    The same with `kafka.lingerMs` 0, then two runs at 1,000 single-event transactions/s
 //!    show the floor with the default `kafka.lingerMs` (5) and with 0.
 //!
-//! Diagnostics after the table: per run, the `send_batch` calls (the worker sends a round's
-//! batch in waves, one call per wave) and the wall time inside and outside them; one relay
+//! Diagnostics after the table: per run, the `send_batch` calls (one per wave: a round's batch
+//! to one Kafka topic is one wave, to RabbitMQ one per event of the hottest aggregate) and the
+//! wall time inside and outside them; one relay
 //! round replayed step by step with the same public APIs; `BENCH_DEBUG=1` also prints every
 //! call's size and start time. Everything it creates (database, topics, exchanges, queues) is
 //! dropped at the end. See BENCHMARKS.md for measured figures.
@@ -117,6 +121,9 @@ struct TimedBroker {
     goal_reached_us: AtomicU64,
     calls: Mutex<Vec<SendCall>>,
     acks: Option<Mutex<Vec<(Uuid, u64)>>>,
+    /// Hides the adapter's `keeps_aggregate_order`, so the relay sends strict per-aggregate
+    /// waves as it did for every broker before: the same-run "before" figure.
+    strict_waves: std::sync::atomic::AtomicBool,
 }
 
 impl TimedBroker {
@@ -129,6 +136,7 @@ impl TimedBroker {
             goal_reached_us: AtomicU64::new(0),
             calls: Mutex::new(Vec::new()),
             acks: record_acks.then(|| Mutex::new(Vec::new())),
+            strict_waves: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -180,6 +188,10 @@ impl Broker for TimedBroker {
 
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
         self.inner.check_health()
+    }
+
+    fn keeps_aggregate_order(&self) -> bool {
+        !self.strict_waves.load(Ordering::SeqCst) && self.inner.keeps_aggregate_order()
     }
 }
 
@@ -766,17 +778,21 @@ async fn probe_round(env: &Env, batch: usize, topic: &str) -> anyhow::Result<Rou
             })
             .collect();
         let messages_ms = lap();
-        // The worker's waves: the k-th event of each aggregate in the batch goes in wave k.
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        let mut waves: Vec<Vec<Message>> = Vec::new();
-        for m in &messages {
-            let k = seen.entry(m.event.aggregate_id.as_str()).or_insert(0);
-            if waves.len() <= *k {
-                waves.push(Vec::new());
-            }
-            waves[*k].push(m.clone());
-            *k += 1;
-        }
+        // The worker's waves (one for a batch to one Kafka topic).
+        let waves: Vec<Vec<Message>> = inventory_outbox::delivery::waves(
+            &messages,
+            |m| {
+                (
+                    m.event.aggregate_type.as_str(),
+                    m.event.aggregate_id.as_str(),
+                    m.destination.as_str(),
+                )
+            },
+            broker.keeps_aggregate_order(),
+        )
+        .into_iter()
+        .map(|wave| wave.into_iter().map(|i| messages[i].clone()).collect())
+        .collect();
         wave_counts.push(waves.len() as f64);
         for wave in &waves {
             let results = broker.send_batch(wave).await;
@@ -1145,6 +1161,25 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         run
     };
 
+    // The best batch size again with strict per-aggregate waves (every broker before this
+    // change): the same-run "before" of sending a batch to one topic in one call.
+    let strict = {
+        let batch = best.batch;
+        let topic = format!("bench-relay-{}-b{batch}-strict", env.tag);
+        topics.push(topic.clone());
+        let publisher_name = format!("bench-kafka-b{batch}-strict");
+        let config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
+        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
+        let timed = TimedBroker::new(inner, env.base, goal, false);
+        timed.strict_waves.store(true, Ordering::SeqCst);
+        let label = format!("relay → Kafka, batch {batch}, strict waves (before)");
+        let run = relay_until(env, config, timed, label, goal).await?;
+        check_cursors(&pool, &publisher_name).await?;
+        eprintln!("{}", run.breakdown());
+        run
+    };
+
     // 2. Raw producer baseline, same records.
     let kafka_admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &env.kafka).create()?;
@@ -1163,6 +1198,68 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     }
     let raw_all = raw_kafka(&raw_producer, &raw_topic, &records, records.len()).await?;
     let raw_batched = raw_kafka(&raw_producer, &raw_topic, &records, best.batch).await?;
+    let kafka_rows = |row: &dyn Fn(&str, String, &str, &str)| {
+        for r in &kafka_runs {
+            let mark = if std::ptr::eq(r, best) { " (best)" } else { "" };
+            row(
+                &format!("{}{mark}", r.label),
+                format!("{:.0} ev/s", r.rate),
+                "≥ 50000",
+                status(r.rate >= TARGET_RELAY_KAFKA),
+            );
+        }
+        for r in [&linger0, &strict] {
+            row(
+                &format!("{} (information)", r.label),
+                format!("{:.0} ev/s", r.rate),
+                "",
+                "",
+            );
+        }
+        row(
+            "one call per batch / strict waves (same batch size)",
+            format!("{:.2}", best.rate / strict.rate),
+            "",
+            "",
+        );
+        row(
+            "raw FutureProducer, all enqueued then awaited",
+            format!("{raw_all:.0} msg/s"),
+            "",
+            "",
+        );
+        row(
+            &format!("raw FutureProducer, awaited per {}", best.batch),
+            format!("{raw_batched:.0} msg/s"),
+            "",
+            "",
+        );
+        row(
+            "ratio relay (best) / raw (all enqueued)",
+            format!("{:.2}", best.rate / raw_all),
+            "≥ 0.70",
+            status(best.rate / raw_all >= TARGET_RATIO),
+        );
+        row(
+            &format!("ratio relay (best) / raw (per {})", best.batch),
+            format!("{:.2}", best.rate / raw_batched),
+            "",
+            "",
+        );
+    };
+    // RELAY_BENCH_KAFKA_ONLY=1: only the Kafka throughput runs and the raw producer baseline.
+    if std::env::var("RELAY_BENCH_KAFKA_ONLY").is_ok_and(|v| v == "1") {
+        pool.close().await;
+        println!();
+        kafka_rows(&|name: &str, figure: String, target: &str, st: &str| {
+            println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
+        });
+        println!();
+        for r in kafka_runs.iter().chain([&linger0, &strict]) {
+            println!("  {}", r.breakdown());
+        }
+        return Ok(());
+    }
 
     // Where a round's time goes, step by step (sends to the raw topic).
     let mut steps = Vec::new();
@@ -1226,45 +1323,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     let row = |name: &str, figure: String, target: &str, st: &str| {
         println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
     };
-    for r in &kafka_runs {
-        let mark = if std::ptr::eq(r, best) { " (best)" } else { "" };
-        row(
-            &format!("{}{mark}", r.label),
-            format!("{:.0} ev/s", r.rate),
-            "≥ 50000",
-            status(r.rate >= TARGET_RELAY_KAFKA),
-        );
-    }
-    row(
-        &format!("{} (information)", linger0.label),
-        format!("{:.0} ev/s", linger0.rate),
-        "",
-        "",
-    );
-    row(
-        "raw FutureProducer, all enqueued then awaited",
-        format!("{raw_all:.0} msg/s"),
-        "",
-        "",
-    );
-    row(
-        &format!("raw FutureProducer, awaited per {}", best.batch),
-        format!("{raw_batched:.0} msg/s"),
-        "",
-        "",
-    );
-    row(
-        "ratio relay (best) / raw (all enqueued)",
-        format!("{:.2}", best.rate / raw_all),
-        "≥ 0.70",
-        status(best.rate / raw_all >= TARGET_RATIO),
-    );
-    row(
-        &format!("ratio relay (best) / raw (per {})", best.batch),
-        format!("{:.2}", best.rate / raw_batched),
-        "",
-        "",
-    );
+    kafka_rows(&row);
     for (i, lat) in latencies.iter().enumerate() {
         // The targets apply to the default configuration at half the maximum rate.
         let targets = i == 0;
@@ -1307,8 +1366,8 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     }
     rabbitmq_rows(&rabbit_runs, raw_rabbit, raw_rabbit_serial, &row);
     println!();
-    println!("where the time goes (relay rounds send their batch in waves, one send_batch call per wave):");
-    for r in kafka_runs.iter().chain([&linger0]).chain(&rabbit_runs) {
+    println!("where the time goes (one send_batch call per wave; to one Kafka topic a round is one wave):");
+    for r in kafka_runs.iter().chain([&linger0, &strict]).chain(&rabbit_runs) {
         println!("  {}", r.breakdown());
     }
     println!("one relay round replayed step by step (median ms of rounds 1-5; src/relay/worker.rs Relay::round):");

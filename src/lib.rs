@@ -18,6 +18,7 @@ pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod crd;
+pub mod delivery;
 pub mod event;
 pub mod operator;
 pub mod publisher;

@@ -14,7 +14,7 @@
 //! and why; a certificate failure, which librdkafka words the same way for every cause, is
 //! named by a handshake of our own (`tls::diagnose_server_certificate`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -1040,16 +1040,47 @@ impl KafkaBroker {
     }
 
     /// Enqueues every record first (so they pipeline into batches), then awaits every delivery
-    /// report. Results are in input order.
-    async fn deliver(&self, records: Vec<Result<Outgoing, SendError>>) -> Vec<Result<(), SendError>> {
+    /// report. Results are in input order; `records[i]` encodes `messages[i]`.
+    ///
+    /// Once a record of an aggregate cannot be encoded or enqueued, that aggregate's later
+    /// records of the call are not handed to librdkafka (they fail as withheld), so the relay
+    /// may send several events of one aggregate in one call (`keeps_aggregate_order`). A
+    /// record refused later, in its delivery report, has its successors already enqueued:
+    /// librdkafka's idempotent producer writes one partition in enqueue order and fails the
+    /// queued successors of a timed-out record with it, except when a successor's own
+    /// timeout falls after the broker is back (librdkafka's documented gap); the relay checks
+    /// every call's results for that and counts it.
+    async fn deliver(
+        &self,
+        records: Vec<Result<Outgoing, SendError>>,
+        messages: &[Message],
+    ) -> Vec<Result<(), SendError>> {
         let timeout = self.config.message_timeout();
         let enqueue_deadline = Instant::now() + timeout;
         let mut enqueued = Vec::with_capacity(records.len());
-        for record in &records {
-            enqueued.push(match record {
+        // (topic, aggregate type, aggregate id) of every aggregate with a refused record here.
+        let mut refused: HashSet<(&str, &str, &str)> = HashSet::new();
+        for (record, message) in records.iter().zip(messages) {
+            let aggregate = (
+                message.destination.as_str(),
+                message.event.aggregate_type.as_str(),
+                message.event.aggregate_id.as_str(),
+            );
+            if refused.contains(&aggregate) {
+                enqueued.push(Enqueued::Failed(SendError::Transient(format!(
+                    "withheld: an earlier event of aggregate {} {} failed in the same batch",
+                    aggregate.1, aggregate.2
+                ))));
+                continue;
+            }
+            let state = match record {
                 Ok(outgoing) => self.enqueue(outgoing, enqueue_deadline).await,
                 Err(error) => Enqueued::Failed(error.clone()),
-            });
+            };
+            if matches!(state, Enqueued::Failed(_)) {
+                refused.insert(aggregate);
+            }
+            enqueued.push(state);
         }
         // librdkafka reports every record within message.timeout.ms of its enqueue; the grace
         // only guards against a report that never comes.
@@ -1191,7 +1222,7 @@ impl Broker for KafkaBroker {
                     })
                     .collect(),
             };
-            self.deliver(records).await
+            self.deliver(records, messages).await
         })
     }
 
@@ -1202,11 +1233,14 @@ impl Broker for KafkaBroker {
                 (ORIGINAL_TOPIC_HEADER, message.destination.as_str()),
             ];
             let record = self.encode(message, &self.config.dead_letter_topic, &extra);
-            self.deliver(vec![record]).await.pop().unwrap_or_else(|| {
-                Err(SendError::Transient(
-                    "no delivery result for the dead letter".to_owned(),
-                ))
-            })
+            self.deliver(vec![record], std::slice::from_ref(message))
+                .await
+                .pop()
+                .unwrap_or_else(|| {
+                    Err(SendError::Transient(
+                        "no delivery result for the dead letter".to_owned(),
+                    ))
+                })
         })
     }
 
@@ -1216,6 +1250,13 @@ impl Broker for KafkaBroker {
 
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.fetch_cluster_metadata())
+    }
+
+    /// Records are keyed by aggregate id, so one aggregate's records share a partition, which
+    /// the idempotent producer writes in enqueue order; `deliver` withholds an aggregate's
+    /// records after one of them was refused.
+    fn keeps_aggregate_order(&self) -> bool {
+        true
     }
 
     fn send_budget(&self) -> Duration {

@@ -111,6 +111,16 @@ pub trait Broker: Send + Sync {
     /// Creates the given destinations and the dead-letter destination when missing (idempotent).
     fn ensure_destinations<'a>(&'a self, destinations: &'a [String]) -> BoxFuture<'a, Result<(), SendError>>;
 
+    /// Whether one `send_batch` call may carry several events of one aggregate to one
+    /// destination. An adapter says yes only when the broker writes one key's messages in call
+    /// order and the adapter hands none of them over once an earlier one failed in the same
+    /// call (it returns an error for those instead). The relay then sends a whole batch in
+    /// one call; otherwise it sends per-aggregate waves, one broker round trip each, so that a
+    /// failure is known before the aggregate's next event goes out.
+    fn keeps_aggregate_order(&self) -> bool {
+        false
+    }
+
     /// A cheap round trip proving the broker is reachable, for readiness.
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>>;
 

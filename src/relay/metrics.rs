@@ -81,6 +81,8 @@ pub struct RelayMetrics {
     circuit_state: Family<DestinationLabel, Gauge>,
     /// `failed_events`.
     failed_events: Family<StatusLabel, Gauge>,
+    /// `aggregate_order_broken_total`.
+    aggregate_order_broken: Counter,
 }
 
 impl RelayMetrics {
@@ -99,6 +101,7 @@ impl RelayMetrics {
             oldest_pending_age: Gauge::default(),
             circuit_state: Family::default(),
             failed_events: Family::default(),
+            aggregate_order_broken: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +152,11 @@ impl RelayMetrics {
             "Failed events of this publisher, by status",
             metrics.failed_events.clone(),
         );
+        registry.register(
+            "aggregate_order_broken",
+            "Events the broker acknowledged after an earlier event of their aggregate failed in the same call and still waits (should stay 0)",
+            metrics.aggregate_order_broken.clone(),
+        );
         Self { registry, ..metrics }
     }
 
@@ -182,6 +190,11 @@ impl RelayMetrics {
         self.retried
             .get_or_create(&Self::event_labels(event_type, destination))
             .inc();
+    }
+
+    /// Counts one event acknowledged out of its aggregate's order.
+    pub fn aggregate_order_broken(&self) {
+        self.aggregate_order_broken.inc();
     }
 
     /// Counts one dead-lettered event.

@@ -15,7 +15,7 @@
 //! while the circuit is closed and never for destination-level errors, so an outage cannot
 //! dead-letter events that did nothing wrong.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use super::metrics::RelayMetrics;
 use super::retry::RetryDecision;
 use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message, SendError};
+use crate::delivery::waves;
 use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
@@ -433,11 +434,16 @@ impl Relay {
         })
     }
 
-    /// Sends events in waves (wave k carries the k-th event of every aggregate, so when one
-    /// fails its successors have not been sent and wait behind it), asking each destination's
-    /// circuit per wave. `stopped` holds the aggregates that must not go on: those blocked
-    /// before, and those whose event failed here. An event read fresh from the outbox behind a
-    /// stopped aggregate is parked as held; an event of a chain already has its row.
+    /// Sends events in waves, asking each destination's circuit per wave. A wave never holds
+    /// an event whose predecessor's outcome could still stop it: with a broker that keeps
+    /// aggregate order within a call (Kafka) an aggregate's run of events to one destination
+    /// shares a wave, so a batch to one topic is one call; otherwise wave k carries the k-th
+    /// event of every aggregate. `stopped` holds the aggregates that must not go on: those
+    /// blocked before, and those whose event failed here. An event read fresh from the outbox
+    /// behind a stopped aggregate is parked as held; an event of a chain already has its row.
+    /// Events the adapter withheld behind a failure of their aggregate in the same call go
+    /// again in a wave of their own when the failure does not stop the aggregate (a dead
+    /// letter without `deadLetter.blockAggregate`).
     async fn deliver(
         &self,
         events: Vec<Pending<'_>>,
@@ -445,14 +451,29 @@ impl Relay {
     ) -> Result<Delivered, StoreError> {
         let consumer = &self.config.publisher;
         let mut outcome = Delivered::default();
-        let refs: Vec<&StoredEvent> = events.iter().map(|p| p.stored).collect();
         let mut delivered_ids = Vec::new();
-        for wave in waves(&refs) {
+        let together = self.broker.keeps_aggregate_order();
+        let mut queue: VecDeque<Vec<usize>> = waves(
+            &events,
+            |p| {
+                let e = &p.stored.event;
+                (
+                    e.aggregate_type.as_str(),
+                    e.aggregate_id.as_str(),
+                    p.message.destination.as_str(),
+                )
+            },
+            together,
+        )
+        .into();
+        while let Some(wave) = queue.pop_front() {
             let mut hold = Vec::new();
             let mut park: Vec<(&StoredEvent, Duration, &str)> = Vec::new();
             let mut sending: Vec<(&Pending, Gate)> = Vec::with_capacity(wave.len());
+            // `sending[k]` is `events[sending_index[k]]`.
+            let mut sending_index: Vec<usize> = Vec::with_capacity(wave.len());
+            let mut hold_behind: Vec<&StoredEvent> = Vec::new();
             let mut gates: HashMap<&str, Gate> = HashMap::new();
-            let mut invalid: Vec<(&Pending, SendError)> = Vec::new();
             for i in wave {
                 let item = &events[i];
                 if stopped.contains(&aggregate_key(item.stored)) {
@@ -462,7 +483,14 @@ impl Relay {
                     continue;
                 }
                 if let Err(error) = self.check_schema(item.stored).await? {
-                    invalid.push((item, error));
+                    // At once, not after the loop: the aggregate's next event may be in this wave.
+                    let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
+                    if self
+                        .on_failed(item.stored, &item.message, &error, attempts, true)
+                        .await?
+                    {
+                        stopped.insert(aggregate_key(item.stored));
+                    }
                     continue;
                 }
                 let destination = item.message.destination.as_str();
@@ -484,16 +512,10 @@ impl Relay {
                             park.push((item.stored, retry_in, destination));
                         }
                     }
-                    Gate::Allowed | Gate::Probe => sending.push((item, gate)),
-                }
-            }
-            for (item, error) in invalid {
-                let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
-                if self
-                    .on_failed(item.stored, &item.message, &error, attempts, true)
-                    .await?
-                {
-                    stopped.insert(aggregate_key(item.stored));
+                    Gate::Allowed | Gate::Probe => {
+                        sending.push((item, gate));
+                        sending_index.push(i);
+                    }
                 }
             }
             self.failed.park(consumer, &hold, None).await?;
@@ -517,8 +539,40 @@ impl Relay {
             // One outcome per permit: a closed circuit's permit covers every message of the wave
             // to that destination; each probe reports its own.
             let mut wave_outcome: HashMap<&str, bool> = HashMap::new();
-            for ((item, gate), result) in sending.iter().zip(results) {
+            // Aggregates with a failed event earlier in this wave, and what stays to resend.
+            let mut failed_here: HashSet<(String, String)> = HashSet::new();
+            let mut withheld: Vec<usize> = Vec::new();
+            for ((index, (item, gate)), result) in sending.iter().enumerate().zip(results) {
                 let destination = item.message.destination.as_str();
+                let aggregate = aggregate_key(item.stored);
+                if failed_here.contains(&aggregate) {
+                    match &result {
+                        // Not this event's failure: it was not handed over behind the first one.
+                        Err(_) if stopped.contains(&aggregate) => {
+                            if item.attempts.is_none() {
+                                hold_behind.push(item.stored);
+                            }
+                            continue;
+                        }
+                        Err(_) => {
+                            withheld.push(sending_index[index]);
+                            continue;
+                        }
+                        // Acknowledged while its aggregate waits behind the failed event: the
+                        // broker wrote it first (librdkafka's timeout gap). Said, and counted.
+                        Ok(()) if stopped.contains(&aggregate) => {
+                            self.metrics.aggregate_order_broken();
+                            tracing::error!(
+                                event_id = %item.stored.event.event_id,
+                                aggregate_id = %item.stored.event.aggregate_id,
+                                destination,
+                                "the broker acknowledged an event after an earlier event of its aggregate failed in the same batch"
+                            );
+                        }
+                        // The failed one was dead-lettered and does not block: in order anyway.
+                        Ok(()) => {}
+                    }
+                }
                 match &result {
                     Ok(()) => {
                         self.on_published(item.stored, &item.message);
@@ -528,6 +582,7 @@ impl Relay {
                         }
                     }
                     Err(error) => {
+                        failed_here.insert(aggregate.clone());
                         let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
                         let counted = matches!(gate, Gate::Allowed);
                         if self
@@ -554,6 +609,11 @@ impl Relay {
             }
             for (destination, ok) in wave_outcome {
                 self.record_circuit(destination, ok);
+            }
+            self.failed.park(consumer, &hold_behind, None).await?;
+            if !withheld.is_empty() {
+                // Before any later wave: those may hold these aggregates' next events.
+                queue.push_front(withheld);
             }
         }
         self.failed.mark_all_delivered(consumer, &delivered_ids).await?;
@@ -808,55 +868,6 @@ struct Delivered {
     rejected_for: Option<Duration>,
 }
 
-/// Splits a batch (in position order) into waves: wave k holds the k-th event of each
-/// aggregate, in position order. Returns indexes into `events`.
-fn waves(events: &[&StoredEvent]) -> Vec<Vec<usize>> {
-    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    for (i, event) in events.iter().enumerate() {
-        let n = seen
-            .entry((&event.event.aggregate_type, &event.event.aggregate_id))
-            .or_insert(0);
-        if waves.len() <= *n {
-            waves.push(Vec::new());
-        }
-        waves[*n].push(i);
-        *n += 1;
-    }
-    waves
-}
-
 fn aggregate_key(event: &StoredEvent) -> (String, String) {
     (event.event.aggregate_type.clone(), event.event.aggregate_id.clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::{NewEvent, validate::enrich};
-
-    fn stored(position: i64, aggregate: &str) -> StoredEvent {
-        let draft = NewEvent::raw("Stockout", "InventoryItem", aggregate, 1, serde_json::json!({}));
-        StoredEvent {
-            position,
-            shard: 0,
-            recorded_at: Utc::now(),
-            event: enrich(draft, "", Utc::now()),
-        }
-    }
-
-    #[test]
-    fn waves_hold_the_kth_event_of_each_aggregate_in_position_order() {
-        let events = [
-            stored(1, "a"),
-            stored(2, "b"),
-            stored(3, "a"),
-            stored(4, "c"),
-            stored(5, "a"),
-            stored(6, "b"),
-        ];
-        let refs: Vec<&StoredEvent> = events.iter().collect();
-        assert_eq!(waves(&refs), vec![vec![0, 1, 3], vec![2, 5], vec![4]]);
-        assert!(waves(&[]).is_empty());
-    }
 }

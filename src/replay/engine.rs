@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::plan::{PublishPlan, waves};
+use super::plan::PublishPlan;
 use super::report::{ReplayReport, ReportPhase};
 use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message};
+use crate::delivery::waves;
 use crate::relay::retry::{RetryDecision, RetryPolicy};
 use crate::store::replay::{self as sql_replay, Checkpoint};
 use crate::store::{Store, StoreError, events::StoredEvent};
@@ -161,9 +162,13 @@ impl Engine {
             };
             let mut delivered: Vec<Uuid> = Vec::new();
             let mut failed = 0_i64;
-            for wave in waves(&batch, |e| {
-                (e.event.aggregate_type.as_str(), e.event.aggregate_id.as_str())
-            }) {
+            // Strict waves whatever the broker: a given-up event stops its aggregate's later
+            // events, which must not have gone out in the same call.
+            for wave in waves(
+                &batch,
+                |e| (e.event.aggregate_type.as_str(), e.event.aggregate_id.as_str(), ""),
+                false,
+            ) {
                 let mut messages = Vec::with_capacity(wave.len());
                 for i in wave {
                     let stored = &batch[i];

@@ -134,22 +134,6 @@ impl PublishPlan {
     }
 }
 
-/// The waves of a batch: wave k holds the k-th event of every aggregate in it, so an
-/// aggregate's later event is sent only after the earlier one was acknowledged (or given up).
-pub fn waves<T>(batch: &[T], key: impl Fn(&T) -> (&str, &str)) -> Vec<Vec<usize>> {
-    let mut seen: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    for (i, item) in batch.iter().enumerate() {
-        let n = seen.entry(key(item)).or_insert(0);
-        if waves.len() <= *n {
-            waves.push(Vec::new());
-        }
-        waves[*n].push(i);
-        *n += 1;
-    }
-    waves
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,12 +213,5 @@ mod tests {
             PlanError::RateLimit(0)
         );
         assert!(matches!(plan(json!({"from": {}})), Err(PlanError::Parse(_))));
-    }
-
-    #[test]
-    fn waves_keep_each_aggregates_events_in_order() {
-        let batch = [("A", "1"), ("A", "2"), ("A", "1"), ("A", "3"), ("A", "1")];
-        let waves = waves(&batch, |e| (e.0, e.1));
-        assert_eq!(waves, vec![vec![0, 1, 3], vec![2], vec![4]]);
     }
 }

@@ -4,6 +4,7 @@ mod config;
 mod crash;
 mod destinations;
 mod isolation;
+mod ordering;
 mod outage;
 mod poison;
 mod replicas;
