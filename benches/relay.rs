@@ -7,9 +7,10 @@
 //!    linger 5 ms, 6 partitions, binary mode) is started per batch size in `BATCH_SIZES`, each
 //!    under its own publisher name so each reads the whole outbox from the start, and timed
 //!    from its start until the broker acknowledged every event.
-//!    The best batch size is run once more with `kafka.lingerMs` 0, for information, and once
-//!    with strict per-aggregate waves (the adapter's `keeps_aggregate_order` hidden), the
-//!    same-run "before" of sending a round's batch in one call. `RELAY_BENCH_KAFKA_ONLY=1`
+//!    The best batch size is run once more with `kafka.lingerMs` 0, for information, once as
+//!    the loop was before (strict per-aggregate waves, the adapter's `keeps_aggregate_order`
+//!    hidden, and `outbox.readAhead` off) and once with one call per batch but no read-ahead:
+//!    the same-run "before" of each change. `RELAY_BENCH_KAFKA_ONLY=1`
 //!    stops after these runs and the raw baseline.
 //! 2. Baseline: a raw rdkafka `FutureProducer` with the adapter's settings sends the same
 //!    records (same keys, bodies and `ce_` headers) to another topic, all enqueued then awaited;
@@ -1161,24 +1162,32 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         run
     };
 
-    // The best batch size again with strict per-aggregate waves (every broker before this
-    // change): the same-run "before" of sending a batch to one topic in one call.
-    let strict = {
+    // The best batch size again without this round's two changes, same process: strict
+    // per-aggregate waves and no read-ahead (the loop as it was), then one call per batch but
+    // no read-ahead, so each change has its own before/after.
+    let mut variant = async |suffix: &str, strict_waves: bool, read_ahead: bool| -> anyhow::Result<ThroughputRun> {
         let batch = best.batch;
-        let topic = format!("bench-relay-{}-b{batch}-strict", env.tag);
+        let topic = format!("bench-relay-{}-b{batch}-{suffix}", env.tag);
         topics.push(topic.clone());
-        let publisher_name = format!("bench-kafka-b{batch}-strict");
-        let config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
+        let publisher_name = format!("bench-kafka-b{batch}-{suffix}");
+        let mut config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
+        config.outbox.read_ahead = read_ahead;
         let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
         inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
         let timed = TimedBroker::new(inner, env.base, goal, false);
-        timed.strict_waves.store(true, Ordering::SeqCst);
-        let label = format!("relay → Kafka, batch {batch}, strict waves (before)");
+        timed.strict_waves.store(strict_waves, Ordering::SeqCst);
+        let label = format!(
+            "relay → Kafka, batch {batch}, {}, {}",
+            if strict_waves { "strict waves" } else { "one call" },
+            if read_ahead { "read-ahead" } else { "no read-ahead" }
+        );
         let run = relay_until(env, config, timed, label, goal).await?;
         check_cursors(&pool, &publisher_name).await?;
         eprintln!("{}", run.breakdown());
-        run
+        Ok(run)
     };
+    let strict = variant("strict", true, false).await?;
+    let no_read_ahead = variant("one-call", false, false).await?;
 
     // 2. Raw producer baseline, same records.
     let kafka_admin: AdminClient<DefaultClientContext> =
@@ -1208,7 +1217,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
                 status(r.rate >= TARGET_RELAY_KAFKA),
             );
         }
-        for r in [&linger0, &strict] {
+        for r in [&linger0, &strict, &no_read_ahead] {
             row(
                 &format!("{} (information)", r.label),
                 format!("{:.0} ev/s", r.rate),
@@ -1217,8 +1226,20 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
             );
         }
         row(
-            "one call per batch / strict waves (same batch size)",
+            "best / strict waves, no read-ahead (the loop before)",
             format!("{:.2}", best.rate / strict.rate),
+            "",
+            "",
+        );
+        row(
+            "  of which one call per batch (one call / strict waves)",
+            format!("{:.2}", no_read_ahead.rate / strict.rate),
+            "",
+            "",
+        );
+        row(
+            "  of which read-ahead (best / one call, no read-ahead)",
+            format!("{:.2}", best.rate / no_read_ahead.rate),
             "",
             "",
         );
@@ -1255,7 +1276,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
             println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
         });
         println!();
-        for r in kafka_runs.iter().chain([&linger0, &strict]) {
+        for r in kafka_runs.iter().chain([&linger0, &strict, &no_read_ahead]) {
             println!("  {}", r.breakdown());
         }
         return Ok(());
@@ -1367,7 +1388,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     rabbitmq_rows(&rabbit_runs, raw_rabbit, raw_rabbit_serial, &row);
     println!();
     println!("where the time goes (one send_batch call per wave; to one Kafka topic a round is one wave):");
-    for r in kafka_runs.iter().chain([&linger0, &strict]).chain(&rabbit_runs) {
+    for r in kafka_runs.iter().chain([&linger0, &strict, &no_read_ahead]).chain(&rabbit_runs) {
         println!("  {}", r.breakdown());
     }
     println!("one relay round replayed step by step (median ms of rounds 1-5; src/relay/worker.rs Relay::round):");

@@ -350,6 +350,7 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             max_connections: positive32(spec.outbox.max_connections),
             // The provision init container migrates before the relays start.
             migrate: false,
+            read_ahead: true,
             tls: postgres_tls,
         },
         broker,

@@ -9,6 +9,12 @@
 //!    `maxAttempts` counted attempts;
 //! 4. only then the cursor moves, so a crash at any point re-sends, never skips.
 //!
+//! While a full batch is being delivered the next one is read ahead from where the current
+//! batch's cursor move leaves the cursors, so with a backlog the database read overlaps the
+//! broker round trip; at most two batches are in memory. The read-ahead is used only by the
+//! next round, on the same shards, after the current move was committed for every shard;
+//! otherwise it is dropped (nothing of it was sent, no cursor moved).
+//!
 //! Each destination has its own circuit: an open one holds only its own events (parked as
 //! retrying heads without a counted attempt, or, with a single destination, left in the
 //! outbox), a half-open one lets single probe messages through. Attempts are counted only
@@ -35,7 +41,7 @@ use crate::delivery::waves;
 use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
-use crate::store::outbox::{CursorAdvance, OutboxReader, SHARDS};
+use crate::store::outbox::{CursorAdvance, OutboxReader, ReadBatch, SHARDS};
 use crate::store::{Store, StoreError};
 
 /// Errors that stop a relay worker.
@@ -159,12 +165,16 @@ impl Relay {
         let min_poll = Duration::from_millis(self.config.outbox.min_poll_interval_ms);
         let max_poll = Duration::from_millis(self.config.outbox.max_poll_interval_ms);
         let mut idle_wait = min_poll;
+        let mut ahead: Option<ReadAhead> = None;
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
             }
-            let outcome = match self.round().await {
-                Ok(o) => o,
+            let outcome = match self.round(ahead.take()).await {
+                Ok((o, next)) => {
+                    ahead = next;
+                    o
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "relay round failed; retrying");
                     RoundOutcome {
@@ -351,8 +361,9 @@ impl Relay {
         Ok(())
     }
 
-    /// One read-send-commit round over the owned shards.
-    async fn round(&self) -> Result<RoundOutcome, StoreError> {
+    /// One read-send-commit round over the owned shards, using `ahead` when it was read on
+    /// them; returns the next batch when it was read ahead during this one.
+    async fn round(&self, ahead: Option<ReadAhead>) -> Result<(RoundOutcome, Option<ReadAhead>), StoreError> {
         let next = self.next_owned.lock().ok().and_then(|mut n| n.take());
         if let Some(next) = next {
             *self.owned.write().await = next;
@@ -364,7 +375,7 @@ impl Relay {
         }
         let owned = self.owned.read().await;
         if owned.is_empty() {
-            return Ok(RoundOutcome::default());
+            return Ok((RoundOutcome::default(), None));
         }
         let consumer = &self.config.publisher;
         let block = self.config.dead_letter.block_aggregate;
@@ -388,22 +399,27 @@ impl Relay {
         if let Routing::Single { destination } = &self.config.routing
             && let Some(wait) = self.open_for(destination)
         {
-            return Ok(RoundOutcome {
+            let outcome = RoundOutcome {
                 read: retried.delivered,
                 full: retried.delivered > 0,
                 blocked_by_circuit: (retried.delivered == 0).then_some(wait),
-            });
+            };
+            return Ok((outcome, None));
         }
-        let batch = self.reader.read(&owned, self.config.outbox.batch_size).await?;
+        let batch = match ahead {
+            Some(ahead) if ahead.shards == *owned => ahead.batch,
+            _ => self.reader.read(&owned, self.config.outbox.batch_size).await?,
+        };
         let read = batch.events.len();
         let full = read == self.config.outbox.batch_size;
         if read == 0 {
             self.commit_round(batch.advance, &owned).await?;
-            return Ok(RoundOutcome {
+            let outcome = RoundOutcome {
                 read: retried.delivered,
                 full: retried.delivered > 0 || chain_rows as i64 == limit,
                 blocked_by_circuit: retried.rejected_for.filter(|_| retried.delivered == 0),
-            });
+            };
+            return Ok((outcome, None));
         }
         let mut blocked: HashSet<(String, String)> = self
             .failed
@@ -421,17 +437,35 @@ impl Relay {
             })
             .collect();
         self.metrics.observe_batch(read);
-        let fresh = self.deliver(pending, &mut blocked).await?;
-        self.commit_round(batch.advance, &owned).await?;
+        let (fresh, next) = if full && self.config.outbox.read_ahead {
+            // A backlog: read the next batch while this one is on its way to the broker.
+            let (fresh, next) = tokio::join!(
+                self.deliver(pending, &mut blocked),
+                self.reader
+                    .read_after(&owned, self.config.outbox.batch_size, &batch.advance)
+            );
+            let next = next
+                .inspect_err(|e| tracing::warn!(error = %e, "reading ahead failed; the next round reads again"))
+                .ok();
+            (fresh?, next)
+        } else {
+            (self.deliver(pending, &mut blocked).await?, None)
+        };
+        let all_moved = self.commit_round(batch.advance, &owned).await?;
         let delivered = retried.delivered + fresh.delivered;
-        Ok(RoundOutcome {
+        let outcome = RoundOutcome {
             read: read + retried.delivered,
             full: full || retried.delivered > 0 || chain_rows as i64 == limit,
             blocked_by_circuit: None
                 .or(retried.rejected_for)
                 .or(fresh.rejected_for)
                 .filter(|_| delivered == 0),
-        })
+        };
+        let ahead = next.filter(|_| all_moved).map(|batch| ReadAhead {
+            shards: owned.clone(),
+            batch,
+        });
+        Ok((outcome, ahead))
     }
 
     /// Sends events in waves, asking each destination's circuit per wave. A wave never holds
@@ -696,8 +730,10 @@ impl Relay {
 
     /// Moves the cursors; shards whose move was refused were lost to another worker since
     /// the read (its lease epoch changed): they are dropped, and their events count once.
-    async fn commit_round(&self, advance: CursorAdvance, owned: &[i16]) -> Result<(), StoreError> {
+    /// Returns whether every shard's move went through.
+    async fn commit_round(&self, advance: CursorAdvance, owned: &[i16]) -> Result<bool, StoreError> {
         let refused = self.reader.commit(advance).await?.refused;
+        let all_moved = refused.is_empty();
         if !refused.is_empty() {
             tracing::warn!(worker = self.leases.worker_id(), lost = ?refused, "shards lost during the round; dropping them");
             if let Ok(mut next) = self.next_owned.lock() {
@@ -705,7 +741,7 @@ impl Relay {
                     .retain(|s| !refused.contains(s));
             }
         }
-        Ok(())
+        Ok(all_moved)
     }
 
     fn message(&self, event: &StoredEvent) -> Message {
@@ -839,6 +875,12 @@ impl Relay {
             }
         }
     }
+}
+
+/// A batch read ahead during the previous round, and the shards it was read on.
+struct ReadAhead {
+    shards: Vec<i16>,
+    batch: ReadBatch,
 }
 
 /// One event on its way, with what the store knows of its past.

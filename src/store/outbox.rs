@@ -114,6 +114,28 @@ impl OutboxReader {
     /// Reads up to `limit` events not yet handled by this consumer in `shards`, without moving
     /// any cursor: call [`OutboxReader::commit`] with the batch's advance once they are handled.
     pub async fn read(&self, shards: &[i16], limit: usize) -> Result<ReadBatch, StoreError> {
+        self.read_with(shards, limit, None).await
+    }
+
+    /// Reads the batch that follows `previous` (read but not yet committed) while `previous`
+    /// is still being delivered: the cursors of the shards it moves start where its advance
+    /// leaves them. Commit `previous` first, then this batch's advance, which carries the
+    /// lease epochs `previous` was read under, so a shard lost in between is refused for both.
+    pub async fn read_after(
+        &self,
+        shards: &[i16],
+        limit: usize,
+        previous: &CursorAdvance,
+    ) -> Result<ReadBatch, StoreError> {
+        self.read_with(shards, limit, Some(previous)).await
+    }
+
+    async fn read_with(
+        &self,
+        shards: &[i16],
+        limit: usize,
+        previous: Option<&CursorAdvance>,
+    ) -> Result<ReadBatch, StoreError> {
         let schema = self.store.schema();
         let mut conn = self.store.pool().acquire().await.map_err(StoreError::Connect)?;
         let mut tx = conn.begin().await.map_err(StoreError::query("begin read"))?;
@@ -141,7 +163,15 @@ impl OutboxReader {
             in_progress: parse_txids(&in_progress)?,
         };
 
-        let states = load_states(&mut tx, schema, &self.consumer, shards, self.owner.as_deref()).await?;
+        let mut states = load_states(&mut tx, schema, &self.consumer, shards, self.owner.as_deref()).await?;
+        if let Some(previous) = previous {
+            for (shard, state, epoch) in &mut states {
+                if let Some((_, moved, read_under)) = previous.updates.iter().find(|(s, _, _)| s == shard) {
+                    *state = moved.clone();
+                    *epoch = *read_under;
+                }
+            }
+        }
         // Shards with identical state are read together (in steady state: all of them).
         let mut groups: BTreeMap<CursorState, Vec<(i16, i64)>> = BTreeMap::new();
         for (shard, state, epoch) in states {

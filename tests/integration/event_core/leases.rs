@@ -175,3 +175,53 @@ async fn a_cursor_move_read_under_a_lost_lease_is_refused_even_after_the_lease_i
     assert!(outcome.refused.is_empty(), "{outcome:?}");
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_batch_read_ahead_of_a_move_that_is_refused_is_refused_too() {
+    const CONSUMER: &str = "fenced-ahead";
+    let (db, publisher) = publisher("leaseahead").await;
+    let store = publisher.store().clone();
+    let shards: Vec<i16> = (0..SHARDS).collect();
+    let reader = OutboxReader::new(store.clone(), CONSUMER).with_owner("w1");
+    reader.ensure_cursors(&shards).await.unwrap();
+    let w1 = LeaseManager::new(store.clone(), CONSUMER, "w1", Duration::from_secs(6));
+    assert_eq!(w1.tick(&report()).await.unwrap().len(), 64);
+    let mut tx = db.pool.begin().await.unwrap();
+    let written = publisher
+        .publish_events(&mut tx, (0..20).map(|_| stock_changed(Uuid::now_v7(), 1)).collect())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // The next batch is read from where the first one's uncommitted move leaves the cursors.
+    let first = reader.read(&shards, 10).await.unwrap();
+    let ahead = reader.read_after(&shards, 10, &first.advance).await.unwrap();
+    let mut ids: Vec<Uuid> = first
+        .events
+        .iter()
+        .chain(&ahead.events)
+        .map(|e| e.event.event_id)
+        .collect();
+    ids.sort();
+    let mut want: Vec<Uuid> = written.iter().map(|e| e.event_id).collect();
+    want.sort();
+    assert_eq!((first.events.len(), ahead.events.len()), (10, 10));
+    assert_eq!(ids, want, "the two batches split the events, none twice");
+
+    // The lease is lost and retaken before either move lands: both are refused.
+    w1.release_all().await.unwrap();
+    assert_eq!(w1.tick(&report()).await.unwrap().len(), 64);
+    assert!(!reader.commit(first.advance).await.unwrap().refused.is_empty());
+    let outcome = reader.commit(ahead.advance).await.unwrap();
+    assert!(!outcome.refused.is_empty(), "{outcome:?}");
+    let moved: i64 = sqlx::query_scalar("SELECT max(position) FROM outbox.relay_cursors WHERE consumer = $1")
+        .bind(CONSUMER)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(moved, 0, "no cursor moved");
+    // Read again under the new lease: all 20 come back.
+    let again = reader.read(&shards, 100).await.unwrap();
+    assert_eq!(again.events.len(), written.len());
+    db.drop().await;
+}
