@@ -1388,7 +1388,11 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     rabbitmq_rows(&rabbit_runs, raw_rabbit, raw_rabbit_serial, &row);
     println!();
     println!("where the time goes (one send_batch call per wave; to one Kafka topic a round is one wave):");
-    for r in kafka_runs.iter().chain([&linger0, &strict, &no_read_ahead]).chain(&rabbit_runs) {
+    for r in kafka_runs
+        .iter()
+        .chain([&linger0, &strict, &no_read_ahead])
+        .chain(&rabbit_runs)
+    {
         println!("  {}", r.breakdown());
     }
     println!("one relay round replayed step by step (median ms of rounds 1-5; src/relay/worker.rs Relay::round):");

@@ -140,7 +140,11 @@ async fn main() -> anyhow::Result<()> {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(concurrency.map(|c| format!("--concurrency={c}")))
         .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
+        // OPERATOR_LOG overrides the operator's log filter (e.g. to follow a slow release).
+        .env(
+            "RUST_LOG",
+            std::env::var("OPERATOR_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .kill_on_drop(true)
         .spawn()?;
     let pid = operator
@@ -268,8 +272,15 @@ async fn main() -> anyhow::Result<()> {
         );
         let release = Patch::Merge(json!({"metadata": {"finalizers": null}}));
         for publisher in api.list_metadata(&ListParams::default().match_any()).await?.items {
-            api.patch_metadata(&publisher.name_any(), &PatchParams::default(), &release)
-                .await?;
+            // One the operator released meanwhile is gone (404): go on with the rest.
+            match api
+                .patch_metadata(&publisher.name_any(), &PatchParams::default(), &release)
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let _ = tokio::process::Command::new("kill")
