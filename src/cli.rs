@@ -253,7 +253,7 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         }
         let _ = stop.send(true);
     });
-    crate::relay::run(config, &worker_id, shutdown).await
+    crate::app::run_relay(config, &worker_id, shutdown).await
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@
 //! `store` (PostgreSQL), `broker` (one adapter per broker), `relay`, `operator`, `crd`.
 
 pub mod admin;
+pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod crd;

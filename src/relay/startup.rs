@@ -39,9 +39,13 @@ pub async fn connect_store(
         .route("/readyz", get(readyz))
         .with_state(reason.clone());
     let (stop_probes, mut probes_stopped) = watch::channel(false);
-    let server = tokio::spawn(crate::admin::api::serve(duplicate(listener)?, probes, async move {
-        let _ = probes_stopped.wait_for(|stop| *stop).await;
-    }));
+    let server = tokio::spawn(
+        axum::serve(duplicate(listener)?, probes)
+            .with_graceful_shutdown(async move {
+                let _ = probes_stopped.wait_for(|stop| *stop).await;
+            })
+            .into_future(),
+    );
     let connect = Store::connect_retrying(
         url,
         config.outbox.tls.as_ref(),

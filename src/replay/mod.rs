@@ -53,13 +53,13 @@ pub async fn run(settings: ReplaySettings, shutdown: watch::Receiver<bool>) -> a
         .await
         .with_context(|| format!("listen on {}", settings.listen))?;
     let mut http_stop = shutdown.clone();
-    let server = tokio::spawn(crate::admin::api::serve(
-        listener,
-        status::router(progress.clone()),
-        async move {
-            let _ = http_stop.wait_for(|stop| *stop).await;
-        },
-    ));
+    let server = tokio::spawn(
+        axum::serve(listener, status::router(progress.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|stop| *stop).await;
+            })
+            .into_future(),
+    );
     let result = execute(&settings, plan, progress.clone(), shutdown).await;
     let report = match &result {
         Ok(report) => report.clone(),
