@@ -1066,7 +1066,7 @@ impl KafkaBroker {
                 message.event.aggregate_type.as_str(),
                 message.event.aggregate_id.as_str(),
             );
-            if refused.contains(&aggregate) {
+            if !refused.is_empty() && refused.contains(&aggregate) {
                 enqueued.push(Enqueued::Failed(SendError::Transient(format!(
                     "withheld: an earlier event of aggregate {} {} failed in the same batch",
                     aggregate.1, aggregate.2

@@ -574,12 +574,14 @@ impl Relay {
             // to that destination; each probe reports its own.
             let mut wave_outcome: HashMap<&str, bool> = HashMap::new();
             // Aggregates with a failed event earlier in this wave, and what stays to resend.
-            let mut failed_here: HashSet<(String, String)> = HashSet::new();
+            let mut failed_here: HashSet<(&str, &str)> = HashSet::new();
             let mut withheld: Vec<usize> = Vec::new();
             for ((index, (item, gate)), result) in sending.iter().enumerate().zip(results) {
                 let destination = item.message.destination.as_str();
-                let aggregate = aggregate_key(item.stored);
-                if failed_here.contains(&aggregate) {
+                let event = &item.stored.event;
+                let borrowed = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+                if failed_here.contains(&borrowed) {
+                    let aggregate = aggregate_key(item.stored);
                     match &result {
                         // Not this event's failure: it was not handed over behind the first one.
                         Err(_) if stopped.contains(&aggregate) => {
@@ -616,7 +618,7 @@ impl Relay {
                         }
                     }
                     Err(error) => {
-                        failed_here.insert(aggregate.clone());
+                        failed_here.insert(borrowed);
                         let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
                         let counted = matches!(gate, Gate::Allowed);
                         if self

@@ -123,23 +123,53 @@ async fn lease_renewals_and_cursor_commits_of_one_worker_never_deadlock() {
     db.drop().await;
 }
 
-#[tokio::test]
-async fn a_cursor_move_read_under_a_lost_lease_is_refused_even_after_the_lease_is_retaken() {
-    const CONSUMER: &str = "fenced-relay";
-    let (db, publisher) = publisher("leasefence").await;
+/// A database with 20 committed events, a reader of `consumer` owned by "w1", and w1 holding
+/// every shard's lease.
+struct Fenced {
+    db: crate::support::postgres::TestDatabase,
+    publisher: inventory_outbox::publisher::InventoryEventPublisher,
+    shards: Vec<i16>,
+    reader: OutboxReader,
+    w1: LeaseManager,
+    written: Vec<inventory_outbox::event::DomainEvent>,
+}
+
+async fn fenced(database: &str, consumer: &str) -> Fenced {
+    let (db, publisher) = publisher(database).await;
     let store = publisher.store().clone();
     let shards: Vec<i16> = (0..SHARDS).collect();
-    let reader = OutboxReader::new(store.clone(), CONSUMER).with_owner("w1");
+    let reader = OutboxReader::new(store.clone(), consumer).with_owner("w1");
     reader.ensure_cursors(&shards).await.unwrap();
-    let w1 = LeaseManager::new(store.clone(), CONSUMER, "w1", Duration::from_secs(6));
+    let w1 = LeaseManager::new(store, consumer, "w1", Duration::from_secs(6));
     assert_eq!(w1.tick(&report()).await.unwrap().len(), 64);
-
     let mut tx = db.pool.begin().await.unwrap();
     let written = publisher
         .publish_events(&mut tx, (0..20).map(|_| stock_changed(Uuid::now_v7(), 1)).collect())
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    Fenced {
+        db,
+        publisher,
+        shards,
+        reader,
+        w1,
+        written,
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_move_read_under_a_lost_lease_is_refused_even_after_the_lease_is_retaken() {
+    const CONSUMER: &str = "fenced-relay";
+    let Fenced {
+        db,
+        publisher,
+        shards,
+        reader,
+        w1,
+        written,
+    } = fenced("leasefence", CONSUMER).await;
+    let store = publisher.store().clone();
     let stale = reader.read(&shards, 100).await.unwrap();
     assert_eq!(stale.events.len(), written.len());
 
@@ -179,19 +209,14 @@ async fn a_cursor_move_read_under_a_lost_lease_is_refused_even_after_the_lease_i
 #[tokio::test]
 async fn a_batch_read_ahead_of_a_move_that_is_refused_is_refused_too() {
     const CONSUMER: &str = "fenced-ahead";
-    let (db, publisher) = publisher("leaseahead").await;
-    let store = publisher.store().clone();
-    let shards: Vec<i16> = (0..SHARDS).collect();
-    let reader = OutboxReader::new(store.clone(), CONSUMER).with_owner("w1");
-    reader.ensure_cursors(&shards).await.unwrap();
-    let w1 = LeaseManager::new(store.clone(), CONSUMER, "w1", Duration::from_secs(6));
-    assert_eq!(w1.tick(&report()).await.unwrap().len(), 64);
-    let mut tx = db.pool.begin().await.unwrap();
-    let written = publisher
-        .publish_events(&mut tx, (0..20).map(|_| stock_changed(Uuid::now_v7(), 1)).collect())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let Fenced {
+        db,
+        shards,
+        reader,
+        w1,
+        written,
+        ..
+    } = fenced("leaseahead", CONSUMER).await;
 
     // The next batch is read from where the first one's uncommitted move leaves the cursors.
     let first = reader.read(&shards, 10).await.unwrap();
