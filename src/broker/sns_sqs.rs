@@ -30,19 +30,22 @@
 //! # Batching and ordering
 //!
 //! `send_batch` groups messages by destination (in order of first appearance, destinations in
-//! parallel) and sends each group in calls of at most 10 entries and 256 KiB: always 10 entries
-//! while 10 or more remain, unless the size limit splits earlier (see [`plan_batches`]).
+//! parallel) and sends each group in consecutive calls of at most 10 entries and 256 KiB,
+//! carrying **at most one entry per aggregate** (see `next_call`): a call is full whenever
+//! 10 or more entries of distinct aggregates remain and fit. One destination's calls go one
+//! after the other, so an aggregate's next entry is sent only once the call carrying its
+//! previous one has answered.
 //!
-//! Per-aggregate order: SNS and SQS FIFO deliver a message group (= aggregate) in send order,
-//! and the relay holds later events of an aggregate whose event failed, so a failed event is
-//! retried before its successors are sent. Within one `send_batch`, once an entry of an
-//! aggregate fails (or is refused before sending), the later entries of that aggregate to the
-//! same destination are not sent and are reported retriable. Entries of that aggregate in the
-//! *same* call as the failed one may still have been accepted; that case needs a per-entry
-//! failure in the middle of a FIFO group, which the size check before sending makes rare.
+//! Per-aggregate order: SNS and SQS FIFO deliver a message group (= aggregate) in send order.
+//! Once an entry of an aggregate fails (or is refused before sending), that aggregate's later
+//! entries to the same destination are not sent and are reported retriable, and the relay
+//! holds them behind the failure. Because no call carries two entries of one aggregate, a
+//! per-entry failure can never leave a successor accepted in the same call; this is what lets
+//! the adapter say [`Broker::keeps_aggregate_order`] and take a whole relay batch in one
+//! `send_batch` instead of one wave per event of the hottest aggregate (which made most calls
+//! short: a wave's tail, and the waves of the few hot aggregates).
 
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -287,34 +290,47 @@ impl SnsSqsConfig {
     }
 }
 
-/// Splits messages of the given sizes (bytes, each at most [`MAX_BATCH_BYTES`]) into
-/// consecutive calls of at most [`MAX_BATCH_ENTRIES`] entries and [`MAX_BATCH_BYTES`] bytes,
-/// greedily: a call is full (10 entries) whenever 10 or more remain and they fit in 256 KiB.
-/// A message larger than the limit still gets a call of its own (the caller refuses such
-/// messages before planning).
-pub fn plan_batches(sizes: &[usize]) -> Vec<Range<usize>> {
-    let mut calls = Vec::new();
-    let mut start = 0;
-    while start < sizes.len() {
-        let end = start + next_call_len(&sizes[start..]);
-        calls.push(start..end);
-        start = end;
-    }
-    calls
-}
-
-/// How many of the leading messages go into the next call (at least one when any remain).
-fn next_call_len(sizes: &[usize]) -> usize {
+/// The positions (ascending) of the pending entries, given as (size in bytes, aggregate) in send
+/// order, that make up the next call: at most [`MAX_BATCH_ENTRIES`] entries and
+/// [`MAX_BATCH_BYTES`] bytes, at most one per aggregate, taken in order among the entries that
+/// fit and whose aggregate has no earlier entry left for a later call; so a call is full
+/// whenever 10 such entries remain. The first pending entry always goes, even one larger than
+/// the limit (the caller refuses those before planning).
+fn next_call(pending: &[(usize, &str)]) -> Vec<usize> {
+    let mut picked = Vec::with_capacity(MAX_BATCH_ENTRIES);
+    // Aggregates already placed in this call or passed over for it: a later entry of either
+    // must wait for a later call, or it would overtake (or share a call with) its predecessor.
+    let mut seen: HashSet<&str> = HashSet::new();
     let mut total = 0;
-    let mut count = 0;
-    for &size in sizes.iter().take(MAX_BATCH_ENTRIES) {
-        if count > 0 && total + size > MAX_BATCH_BYTES {
+    for (position, &(size, aggregate)) in pending.iter().enumerate() {
+        if picked.len() == MAX_BATCH_ENTRIES {
             break;
         }
+        if !seen.insert(aggregate) {
+            continue;
+        }
+        if !picked.is_empty() && total + size > MAX_BATCH_BYTES {
+            continue;
+        }
         total += size;
-        count += 1;
+        picked.push(position);
     }
-    count
+    picked
+}
+
+/// Splits `items` into those at `positions` (ascending) and the rest, both in order.
+fn split_off<T>(items: Vec<T>, positions: &[usize]) -> (Vec<T>, Vec<T>) {
+    let mut taken = positions.iter().copied().peekable();
+    let mut picked = Vec::with_capacity(positions.len());
+    let mut rest = Vec::with_capacity(items.len().saturating_sub(positions.len()));
+    for (position, item) in items.into_iter().enumerate() {
+        if taken.next_if_eq(&position).is_some() {
+            picked.push(item);
+        } else {
+            rest.push(item);
+        }
+    }
+    (picked, rest)
 }
 
 /// Counters of the batch calls made (`PublishBatch` / `SendMessageBatch`), for metrics and
@@ -879,8 +895,12 @@ impl SnsSqsBroker {
             if pending.is_empty() {
                 break;
             }
-            let sizes: Vec<usize> = pending.iter().map(|p| p.size).collect();
-            let call: Vec<Pending<'_>> = pending.drain(..next_call_len(&sizes)).collect();
+            let keys: Vec<(usize, &str)> = pending
+                .iter()
+                .map(|p| (p.size, p.message.event.aggregate_id.as_str()))
+                .collect();
+            let (call, rest) = split_off(pending, &next_call(&keys));
+            pending = rest;
             self.stats.record(call.len());
             match self.send_call(&target, &call).await {
                 Ok(outcomes) => {
@@ -1098,10 +1118,18 @@ impl Broker for SnsSqsBroker {
     fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.health())
     }
+
+    /// One destination's calls are sequential and carry one entry per aggregate, and a failed
+    /// entry's later entries are withheld (`send_destination`), so a whole batch can be one call.
+    fn keeps_aggregate_order(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+
     use super::*;
     use crate::event::NewEvent;
     use crate::event::validate::enrich;
@@ -1186,33 +1214,109 @@ mod tests {
         assert!(c.physical_name(&"t".repeat(200)).is_ok());
     }
 
-    #[test]
-    fn batches_are_full_while_ten_or_more_remain() {
-        assert_eq!(plan_batches(&[]), Vec::<Range<usize>>::new());
-        assert_eq!(plan_batches(&[100; 25]), vec![0..10, 10..20, 20..25]);
-        assert_eq!(plan_batches(&[100; 10]), vec![0..10]);
-        assert_eq!(plan_batches(&[100; 11]), vec![0..10, 10..11]);
-        assert_eq!(plan_batches(&[100; 3]), vec![0..3]);
+    /// Every call of a batch, as `send_destination` forms them when no entry fails.
+    fn plan_calls(entries: &[(usize, &str)]) -> Vec<Vec<usize>> {
+        let mut left: Vec<usize> = (0..entries.len()).collect();
+        let mut calls = Vec::new();
+        while !left.is_empty() {
+            let keys: Vec<(usize, &str)> = left.iter().map(|&i| entries[i]).collect();
+            let (call, rest) = split_off(left, &next_call(&keys));
+            calls.push(call);
+            left = rest;
+        }
+        calls
+    }
+
+    /// Entries of distinct aggregates with the given sizes.
+    fn distinct(sizes: &[usize]) -> Vec<(usize, String)> {
+        sizes.iter().enumerate().map(|(i, &s)| (s, format!("a{i}"))).collect()
+    }
+
+    fn plan(entries: &[(usize, String)]) -> Vec<Vec<usize>> {
+        let keys: Vec<(usize, &str)> = entries.iter().map(|(s, a)| (*s, a.as_str())).collect();
+        plan_calls(&keys)
+    }
+
+    fn ranges(calls: Vec<Vec<usize>>) -> Vec<Range<usize>> {
+        calls
+            .into_iter()
+            .map(|c| {
+                let range = c[0]..c[c.len() - 1] + 1;
+                assert_eq!(c, range.clone().collect::<Vec<_>>(), "not contiguous");
+                range
+            })
+            .collect()
     }
 
     #[test]
-    fn batches_stay_within_256_kib() {
+    fn calls_are_full_while_ten_or_more_remain() {
+        assert_eq!(plan(&[]), Vec::<Vec<usize>>::new());
+        assert_eq!(ranges(plan(&distinct(&[100; 25]))), vec![0..10, 10..20, 20..25]);
+        assert_eq!(ranges(plan(&distinct(&[100; 10]))), vec![0..10]);
+        assert_eq!(ranges(plan(&distinct(&[100; 11]))), vec![0..10, 10..11]);
+        assert_eq!(ranges(plan(&distinct(&[100; 3]))), vec![0..3]);
+    }
+
+    #[test]
+    fn calls_stay_within_256_kib() {
         let kib = 1024;
         // 30 KiB each: 8 fit (240 KiB), the 9th would exceed 256 KiB.
-        assert_eq!(plan_batches(&[30 * kib; 12]), vec![0..8, 8..12]);
+        assert_eq!(ranges(plan(&distinct(&[30 * kib; 12]))), vec![0..8, 8..12]);
         // Exactly at the limit is fine.
-        assert_eq!(plan_batches(&[128 * kib, 128 * kib, 1]), vec![0..2, 2..3]);
+        assert_eq!(ranges(plan(&distinct(&[128 * kib, 128 * kib, 1]))), vec![0..2, 2..3]);
         assert_eq!(
-            plan_batches(&[MAX_BATCH_BYTES, 1, MAX_BATCH_BYTES]),
+            ranges(plan(&distinct(&[MAX_BATCH_BYTES, 1, MAX_BATCH_BYTES]))),
             vec![0..1, 1..2, 2..3]
         );
-        let mixed = [200 * kib, 10, 10, 60 * kib, 10];
-        let calls = plan_batches(&mixed);
-        assert_eq!(calls, vec![0..3, 3..5]);
+        // A large entry that does not fit is passed over by smaller ones of other aggregates.
+        let mixed = distinct(&[200 * kib, 10, 10, 60 * kib, 10]);
+        let calls = plan(&mixed);
+        assert_eq!(calls, vec![vec![0, 1, 2, 4], vec![3]]);
         for call in calls {
-            assert!(mixed[call.clone()].iter().sum::<usize>() <= MAX_BATCH_BYTES);
-            assert!(call.len() <= MAX_BATCH_ENTRIES);
+            assert!(call.iter().map(|&i| mixed[i].0).sum::<usize>() <= MAX_BATCH_BYTES);
         }
+    }
+
+    #[test]
+    fn a_call_carries_one_entry_per_aggregate_and_keeps_each_aggregates_order() {
+        // A hot aggregate "h" between 20 others: each call takes h's next entry only.
+        let mut entries = Vec::new();
+        for i in 0..20 {
+            entries.push((100, format!("a{i}")));
+            if i % 2 == 0 {
+                entries.push((100, "h".to_owned()));
+            }
+        }
+        let calls = plan(&entries);
+        let mut sent = Vec::new();
+        for call in &calls {
+            assert!(call.len() <= MAX_BATCH_ENTRIES);
+            let aggregates: HashSet<&str> = call.iter().map(|&i| entries[i].1.as_str()).collect();
+            assert_eq!(aggregates.len(), call.len(), "two entries of one aggregate in {call:?}");
+            sent.extend(call.iter().copied());
+        }
+        let order =
+            |aggregate: &str| -> Vec<usize> { sent.iter().copied().filter(|&i| entries[i].1 == aggregate).collect() };
+        let hot = order("h");
+        assert_eq!(hot.len(), 10);
+        assert!(hot.windows(2).all(|w| w[0] < w[1]), "h out of order: {hot:?}");
+        assert_eq!(sent.len(), entries.len());
+        // 30 entries: every call is full while 10 entries of distinct aggregates remain.
+        assert_eq!(calls[0].len(), 10);
+        assert_eq!(calls[1].len(), 10);
+        // A size skip also keeps the skipped aggregate's later entry back.
+        let blocked = vec![
+            (200 * 1024, "x".to_owned()),
+            (100 * 1024, "x".to_owned()),
+            (100 * 1024, "y".to_owned()),
+        ];
+        assert_eq!(plan(&blocked), vec![vec![0], vec![1, 2]]);
+        let skipped = vec![
+            (200 * 1024, "x".to_owned()),
+            (100 * 1024, "y".to_owned()),
+            (10, "y".to_owned()),
+        ];
+        assert_eq!(plan(&skipped), vec![vec![0], vec![1], vec![2]]);
     }
 
     fn full_event() -> DomainEvent {

@@ -298,7 +298,7 @@ async fn a_topic_fans_out_to_a_subscribed_queue() {
         .await
         .expect("ensure");
     let url = subscribed_queue(&sns, &sqs, &topic, false).await;
-    let sent = messages(&topic, (0..12).map(|n| event(&format!("item-{}", n % 3), n)));
+    let sent = messages(&topic, (0..12).map(|n| event(&format!("item-{n}"), n)));
 
     assert_all_ok(&within("publish", broker.send_batch(&sent)).await);
 
@@ -306,6 +306,35 @@ async fn a_topic_fans_out_to_a_subscribed_queue() {
     assert_round_trip(&sent, &received);
     assert_eq!(broker.kind(), "sns");
     assert_eq!(broker.stats().calls, 2, "12 messages take two PublishBatch calls");
+}
+
+#[tokio::test]
+async fn a_hot_aggregate_goes_one_entry_per_call_in_order_while_the_calls_stay_full() {
+    let broker = broker(config(SnsSqsTarget::Sqs, true)).await;
+    let (_, sqs) = clients().await;
+    let queue = unique_name("sqs-hot");
+    // 10 events of one aggregate between 20 single-event aggregates, in one send_batch (as
+    // the relay sends a batch now that the adapter keeps aggregate order).
+    let mut events = Vec::new();
+    for n in 0..20 {
+        events.push(event(&format!("item-{n}"), n));
+        if n % 2 == 0 {
+            events.push(event("hot", 100 + n));
+        }
+    }
+    let sent = messages(&queue, events);
+    assert!(broker.keeps_aggregate_order());
+
+    assert_all_ok(&within("send", broker.send_batch(&sent)).await);
+
+    // No call carries two entries of "hot", so it takes at least 10 calls; the first two are
+    // full (10 distinct aggregates were pending), the rest carry what is left.
+    let stats = broker.stats();
+    assert_eq!(stats.entries, 30, "{stats:?}");
+    assert!(stats.calls >= 10 && stats.full_calls >= 2, "{stats:?}");
+    let received = receive(&sqs, &queue_url(&sqs, &format!("{queue}.fifo")).await, 30).await;
+    assert_round_trip(&sent, &received);
+    assert_eq!(by_group(&received), sent_by_aggregate(&sent));
 }
 
 #[tokio::test]
