@@ -23,6 +23,11 @@
 //!    around the broker); consume time when a Kafka consumer in this process receives it.
 //!    The same with `kafka.lingerMs` 0, then two runs at 1,000 single-event transactions/s
 //!    show the floor with the default `kafka.lingerMs` (5) and with 0.
+//! 5. Relay → SQS FIFO (moto) on a skewed workload of its own: how full the `SendMessageBatch`
+//!    calls are, one call per batch next to strict waves (`relay_parts/sqs.rs`;
+//!    `RELAY_BENCH_SQS_ONLY=1` runs only this).
+//! 6. Relay peak RSS: the relay binary drains a 1,000,000-event backlog to Kafka
+//!    (`relay_parts/backlog.rs`; `RELAY_BENCH_BACKLOG_ONLY=1` runs only this).
 //!
 //! Diagnostics after the table: per run, the `send_batch` calls (one per wave: a round's batch
 //! to one Kafka topic is one wave, to RabbitMQ one per event of the hottest aggregate) and the
@@ -31,6 +36,10 @@
 //! call's size and start time. Everything it creates (database, topics, exchanges, queues) is
 //! dropped at the end. See BENCHMARKS.md for measured figures.
 
+#[path = "relay_parts/backlog.rs"]
+mod backlog;
+#[path = "relay_parts/sqs.rs"]
+mod sqs;
 mod support;
 
 use std::collections::HashMap;
@@ -262,6 +271,7 @@ struct Env {
     url: String,
     kafka: String,
     amqp: String,
+    aws_endpoint: String,
     base: Instant,
     tag: String,
 }
@@ -363,7 +373,19 @@ async fn relay_until(
     label: String,
     goal: u64,
 ) -> anyhow::Result<ThroughputRun> {
-    let store = Store::connect(&env.url, SchemaName::default(), config.outbox.max_connections).await?;
+    relay_until_in(env, SchemaName::default(), config, timed, label, goal).await
+}
+
+/// [`relay_until`] on the outbox in `schema`.
+async fn relay_until_in(
+    env: &Env,
+    schema: SchemaName,
+    config: RelayConfig,
+    timed: Arc<TimedBroker>,
+    label: String,
+    goal: u64,
+) -> anyhow::Result<ThroughputRun> {
+    let store = Store::connect(&env.url, schema, config.outbox.max_connections).await?;
     let batch = config.outbox.batch_size;
     let relay = Arc::new(Relay::new(config, store, timed.clone(), "bench-worker"));
     let (stop, shutdown) = watch::channel(false);
@@ -1004,6 +1026,8 @@ async fn main() -> anyhow::Result<()> {
         url: url.clone(),
         kafka: std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:19092".into()),
         amqp: std::env::var("AMQP_URL").map_err(|_| anyhow::anyhow!("set AMQP_URL (make env-up)"))?,
+        aws_endpoint: std::env::var("AWS_ENDPOINT_URL")
+            .map_err(|_| anyhow::anyhow!("set AWS_ENDPOINT_URL (make env-up)"))?,
         base: Instant::now(),
         tag: tag.clone(),
     };
@@ -1119,6 +1143,24 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         for r in &runs {
             println!("  {}", r.breakdown());
         }
+        return Ok(());
+    }
+
+    let row = |name: &str, figure: String, target: &str, st: &str| {
+        println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
+    };
+    // RELAY_BENCH_SQS_ONLY=1 / RELAY_BENCH_BACKLOG_ONLY=1: only that section.
+    if std::env::var("RELAY_BENCH_SQS_ONLY").is_ok_and(|v| v == "1") {
+        let runs = sqs::sqs_runs(env, &pool).await?;
+        println!();
+        sqs::sqs_rows(&runs, &row);
+        return Ok(());
+    }
+    if std::env::var("RELAY_BENCH_BACKLOG_ONLY").is_ok_and(|v| v == "1") {
+        drop(records);
+        let run = backlog::backlog_run(env, &pool, topics).await?;
+        println!();
+        backlog::backlog_rows(&run, &row);
         return Ok(());
     }
 
@@ -1297,6 +1339,9 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     let raw_rabbit = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch, false).await?;
     let raw_rabbit_serial = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch, true).await?;
     drop(records);
+    // 5. Relay → SQS: how full the batch calls are. 6. Relay memory with a 1,000,000-event backlog.
+    let sqs_runs = sqs::sqs_runs(env, &pool).await?;
+    let backlog = backlog::backlog_run(env, &pool, topics).await?;
     // 4. Latency at half the best relay rate, on the caught-up publisher of the best run; last,
     //    as it appends events the throughput runs must not see.
     let mut latencies = Vec::new();
@@ -1341,9 +1386,6 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         "{:<64} {:>18} {:>10} {:>7}",
         "measurement", "figure", "target", "status"
     );
-    let row = |name: &str, figure: String, target: &str, st: &str| {
-        println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
-    };
     kafka_rows(&row);
     for (i, lat) in latencies.iter().enumerate() {
         // The targets apply to the default configuration at half the maximum rate.
@@ -1386,12 +1428,15 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         );
     }
     rabbitmq_rows(&rabbit_runs, raw_rabbit, raw_rabbit_serial, &row);
+    sqs::sqs_rows(&sqs_runs, &row);
+    backlog::backlog_rows(&backlog, &row);
     println!();
     println!("where the time goes (one send_batch call per wave; to one Kafka topic a round is one wave):");
     for r in kafka_runs
         .iter()
         .chain([&linger0, &strict, &no_read_ahead])
         .chain(&rabbit_runs)
+        .chain(sqs_runs.iter().map(|r| &r.run))
     {
         println!("  {}", r.breakdown());
     }

@@ -343,6 +343,10 @@ pub struct SendStats {
     pub entries: u64,
     /// Calls that carried the maximum of 10 entries.
     pub full_calls: u64,
+    /// Calls that carried fewer than 10 entries while 10 or more of their destination were
+    /// pending: fewer than 10 distinct aggregates among them (one entry per aggregate per
+    /// call), or the 256 KiB limit.
+    pub short_with_ten_pending: u64,
 }
 
 #[derive(Default)]
@@ -350,14 +354,18 @@ struct Stats {
     calls: AtomicU64,
     entries: AtomicU64,
     full_calls: AtomicU64,
+    short_with_ten_pending: AtomicU64,
 }
 
 impl Stats {
-    fn record(&self, entries: usize) {
+    /// One call of `entries` made while `pending` entries (these included) were left to send.
+    fn record(&self, entries: usize, pending: usize) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.entries.fetch_add(entries as u64, Ordering::Relaxed);
         if entries == MAX_BATCH_ENTRIES {
             self.full_calls.fetch_add(1, Ordering::Relaxed);
+        } else if pending >= MAX_BATCH_ENTRIES {
+            self.short_with_ten_pending.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -366,6 +374,7 @@ impl Stats {
             calls: self.calls.load(Ordering::Relaxed),
             entries: self.entries.load(Ordering::Relaxed),
             full_calls: self.full_calls.load(Ordering::Relaxed),
+            short_with_ten_pending: self.short_with_ten_pending.load(Ordering::Relaxed),
         }
     }
 }
@@ -899,9 +908,10 @@ impl SnsSqsBroker {
                 .iter()
                 .map(|p| (p.size, p.message.event.aggregate_id.as_str()))
                 .collect();
+            let left = pending.len();
             let (call, rest) = split_off(pending, &next_call(&keys));
             pending = rest;
-            self.stats.record(call.len());
+            self.stats.record(call.len(), left);
             match self.send_call(&target, &call).await {
                 Ok(outcomes) => {
                     for (sent, outcome) in call.iter().zip(outcomes) {

@@ -367,6 +367,7 @@ async fn batches_are_full_while_ten_or_more_messages_remain() {
     // 3 calls, 25 entries, 2 of them full: exactly 10, 10 and 5.
     let stats = broker.stats();
     assert_eq!((stats.calls, stats.entries, stats.full_calls), (3, 25, 2), "{stats:?}");
+    assert_eq!(stats.short_with_ten_pending, 0, "{stats:?}");
     receive(&sqs, &queue_url(&sqs, &queue).await, 25).await;
 }
 
