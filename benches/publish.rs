@@ -5,6 +5,15 @@
 //! transaction per batch. The baseline inserts the same rows with one UNNEST statement into a
 //! table with the same columns, a bigserial key and a unique event id, without validation,
 //! trigger or extra indexes: what a naive outbox costs.
+//!
+//! Then the same-run before/after of write-path changes, each on a second outbox (its own
+//! schema, set up by the product and then altered here) next to the product's:
+//! - the two time-range indexes (`recorded_at`, `occurred_at`, used by replay filters) as BRIN
+//!   instead of B-tree, batches of 100 and 1,000 on one connection;
+//! - the statement-level NOTIFY trigger dropped, with 16 writers committing one event per
+//!   transaction while a listener drains the channel (as an idle relay listens).
+//!
+//! Each pair runs twice, alternating, and the table shows both rounds.
 
 mod support;
 
@@ -17,6 +26,9 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 const EVENTS_PER_RUN: usize = 20_000;
+/// Concurrent writers in the NOTIFY measurement, and the single-event transactions each commits.
+const WRITERS: usize = 16;
+const TXNS_PER_WRITER: usize = 400;
 
 fn draft(aggregate: Uuid) -> NewEvent {
     support::kib_draft(aggregate)
@@ -69,6 +81,43 @@ async fn plain_insert(pool: &PgPool, publisher: &InventoryEventPublisher, batch:
     EVENTS_PER_RUN as f64 / (start_total.elapsed() - spent_preparing).as_secs_f64()
 }
 
+/// A second outbox in `schema`, set up by the product, then changed by `alter` (bench-only
+/// DDL; `{s}` stands for the schema).
+async fn variant(pool: &PgPool, schema: &str, alter: &[&str]) -> anyhow::Result<InventoryEventPublisher> {
+    let store = Store::from_pool(pool.clone(), SchemaName::new(schema)?);
+    let publisher = InventoryEventPublisher::setup(store, PublisherConfig::default()).await?;
+    for statement in alter {
+        sqlx::query(sqlx::AssertSqlSafe(statement.replace("{s}", schema)))
+            .execute(pool)
+            .await?;
+    }
+    Ok(publisher)
+}
+
+/// `WRITERS` tasks commit `TXNS_PER_WRITER` single-event transactions each; transactions/s.
+async fn concurrent_single_events(publisher: &InventoryEventPublisher, pool: &PgPool, aggregates: &[Uuid]) -> f64 {
+    let start = Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (publisher, pool, aggregates) = (publisher.clone(), pool.clone(), aggregates.to_vec());
+            tokio::spawn(async move {
+                for t in 0..TXNS_PER_WRITER {
+                    let mut tx = pool.begin().await.expect("begin");
+                    publisher
+                        .publish_event(&mut tx, draft(aggregates[(w * TXNS_PER_WRITER + t) % aggregates.len()]))
+                        .await
+                        .expect("publish");
+                    tx.commit().await.expect("commit");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    (WRITERS * TXNS_PER_WRITER) as f64 / start.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     inventory_outbox::tls::install_crypto_provider();
@@ -82,7 +131,10 @@ async fn main() -> anyhow::Result<()> {
         "{}/{db}",
         admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(base, _)| base)
     );
-    let pool = PgPool::connect(&url).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(WRITERS as u32 + 4)
+        .connect(&url)
+        .await?;
     sqlx::query(
         "CREATE TABLE bench_plain (position bigserial PRIMARY KEY, event_id uuid NOT NULL UNIQUE, \
          event_type text NOT NULL, aggregate_id text NOT NULL, occurred_at timestamptz NOT NULL, payload jsonb NOT NULL)",
@@ -105,6 +157,67 @@ async fn main() -> anyhow::Result<()> {
         let plain = plain_insert(&pool, &publisher, batch, &aggregates).await;
         println!("{batch:>6} {ours:>18.0} {plain:>18.0} {:>7.2}", ours / plain);
     }
+
+    // Time-range indexes as BRIN: the rows arrive in (nearly) time order, so a BRIN summary
+    // of each block range serves the replay's range filters at a fraction of a B-tree's
+    // per-insert cost. Same run, alternating.
+    let brin = variant(
+        &pool,
+        "bench_brin",
+        &[
+            "DROP INDEX {s}.events_recorded_at",
+            "DROP INDEX {s}.events_occurred_at",
+            "CREATE INDEX events_recorded_at ON {s}.events USING brin (recorded_at)",
+            "CREATE INDEX events_occurred_at ON {s}.events USING brin (occurred_at)",
+        ],
+    )
+    .await?;
+    publish(&brin, &pool, 1000, &aggregates).await;
+    println!();
+    println!("time-range indexes B-tree (as shipped) vs BRIN, publish_events/s, same run, two rounds");
+    println!(
+        "{:>6} {:>6} {:>14} {:>14} {:>7}",
+        "batch", "round", "B-tree", "BRIN", "ratio"
+    );
+    for round in 1..=2 {
+        for batch in [100, 1000] {
+            let btree = publish(&publisher, &pool, batch, &aggregates).await;
+            let brin = publish(&brin, &pool, batch, &aggregates).await;
+            println!("{batch:>6} {round:>6} {btree:>14.0} {brin:>14.0} {:>7.2}", brin / btree);
+        }
+    }
+
+    // One NOTIFY per inserting statement, with 16 concurrent writers of single-event
+    // transactions, against the same outbox without the trigger; a listener drains the
+    // channel meanwhile, as an idle relay would.
+    let quiet = variant(&pool, "bench_nonotify", &["DROP TRIGGER events_notify ON {s}.events"]).await?;
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+    listener.listen("outbox_events").await?;
+    let drained = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = drained.clone();
+    let drain = tokio::spawn(async move {
+        while listener.recv().await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    concurrent_single_events(&quiet, &pool, &aggregates).await;
+    println!();
+    println!(
+        "{WRITERS} writers, {} single-event transactions per measurement, a listener on the channel: \
+         transactions/s with the NOTIFY trigger (as shipped) and without, same run, two rounds",
+        WRITERS * TXNS_PER_WRITER
+    );
+    println!("{:>6} {:>14} {:>14} {:>7}", "round", "NOTIFY", "no NOTIFY", "ratio");
+    for round in 1..=2 {
+        let notify = concurrent_single_events(&publisher, &pool, &aggregates).await;
+        let silent = concurrent_single_events(&quiet, &pool, &aggregates).await;
+        println!("{round:>6} {notify:>14.0} {silent:>14.0} {:>7.2}", notify / silent);
+    }
+    drain.abort();
+    println!(
+        "notifications received by the listener: {}",
+        drained.load(std::sync::atomic::Ordering::Relaxed)
+    );
     pool.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
         .execute(&mut admin)

@@ -1070,6 +1070,24 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     let store = Store::from_pool(pool.clone(), SchemaName::default());
     let publisher = InventoryEventPublisher::setup(store, PublisherConfig::default()).await?;
     let aggregates: Vec<Uuid> = (0..AGGREGATES).map(|_| Uuid::now_v7()).collect();
+    // RELAY_BENCH_SQS_ONLY=1 / RELAY_BENCH_BACKLOG_ONLY=1: only that section (each writes its
+    // own outbox, so the main pre-fill is skipped).
+    let only = |section: &str| std::env::var(section).is_ok_and(|v| v == "1");
+    if only("RELAY_BENCH_SQS_ONLY") || only("RELAY_BENCH_BACKLOG_ONLY") {
+        let row = |name: &str, figure: String, target: &str, st: &str| {
+            println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
+        };
+        if only("RELAY_BENCH_SQS_ONLY") {
+            let runs = sqs::sqs_runs(env, &pool).await?;
+            println!();
+            sqs::sqs_rows(&runs, &row);
+        } else {
+            let run = backlog::backlog_run(env, &pool, topics).await?;
+            println!();
+            backlog::backlog_rows(&run, &row);
+        }
+        return Ok(());
+    }
 
     // Pre-fill (untimed for the relay figures).
     let fill_start = Instant::now();
@@ -1149,20 +1167,6 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     let row = |name: &str, figure: String, target: &str, st: &str| {
         println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
     };
-    // RELAY_BENCH_SQS_ONLY=1 / RELAY_BENCH_BACKLOG_ONLY=1: only that section.
-    if std::env::var("RELAY_BENCH_SQS_ONLY").is_ok_and(|v| v == "1") {
-        let runs = sqs::sqs_runs(env, &pool).await?;
-        println!();
-        sqs::sqs_rows(&runs, &row);
-        return Ok(());
-    }
-    if std::env::var("RELAY_BENCH_BACKLOG_ONLY").is_ok_and(|v| v == "1") {
-        drop(records);
-        let run = backlog::backlog_run(env, &pool, topics).await?;
-        println!();
-        backlog::backlog_rows(&run, &row);
-        return Ok(());
-    }
 
     // 1. Relay → Kafka, per batch size.
     let mut kafka_runs = Vec::new();

@@ -95,6 +95,8 @@ pub struct Context {
     /// The PodDisruptionBudgets this operator manages (metadata only): an unwanted one is
     /// deleted only when it exists, instead of a DELETE answered 404 on every reconcile.
     pdbs: Option<Store<PartialObjectMeta<PodDisruptionBudget>>>,
+    /// Namespaces being deleted: their publishers write nothing until their own deletion.
+    terminating: super::shell::TerminatingNamespaces,
 }
 
 impl Context {
@@ -123,6 +125,7 @@ impl Context {
             recorder,
             written: Mutex::default(),
             pdbs: None,
+            terminating: Default::default(),
         })
     }
 
@@ -241,7 +244,8 @@ pub fn error_policy(obj: Arc<DeserializeGuard<EventPublisher>>, error: &Error, c
         Duration::from_secs(3)
     } else if error.namespace_terminating() {
         tracing::debug!(error = %error, "namespace is being deleted; waiting for the publisher's own deletion");
-        Duration::from_secs(5)
+        ctx.terminating.refused(&obj.namespace().unwrap_or_default());
+        super::shell::TERMINATING_RECHECK
     } else {
         ctx.metrics
             .failed(super::metrics::EVENT_PUBLISHER, error.metric_label());
@@ -276,8 +280,15 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<EventPublisher>>, ctx: Arc<Cont
         &ctx.client,
         FINALIZER,
         move |p| async move {
-            reconcile_publisher(&p, ctx).await?;
             let namespace = p.namespace().unwrap_or_default();
+            if ctx
+                .terminating
+                .holds(&namespace, p.metadata.creation_timestamp.as_ref())
+            {
+                tracing::debug!("namespace is being deleted; waiting for the publisher's own deletion");
+                return Ok(Action::requeue(super::shell::TERMINATING_RECHECK));
+            }
+            reconcile_publisher(&p, ctx).await?;
             ctx.metrics
                 .requeued(super::metrics::EVENT_PUBLISHER, &namespace, &p.name_any(), requeue);
             Ok(Action::requeue(requeue))

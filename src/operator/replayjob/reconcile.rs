@@ -122,7 +122,7 @@ pub fn error_policy(_obj: Arc<DeserializeGuard<ReplayJob>>, error: &Error, _ctx:
         Error::CancelPending { .. } => Action::requeue(Duration::from_secs(1)),
         error if error.namespace_terminating() => {
             tracing::debug!(error = %error, "namespace is being deleted; waiting for the ReplayJob's own deletion");
-            Action::requeue(Duration::from_secs(5))
+            Action::requeue(crate::operator::shell::TERMINATING_RECHECK)
         }
         Error::InvalidObject(_) | Error::Build(_) => {
             tracing::warn!(error = %error, kind = error.metric_label(), "ReplayJob needs a change");
