@@ -23,8 +23,8 @@
 //!    around the broker); consume time when a Kafka consumer in this process receives it.
 //!    The same with `kafka.lingerMs` 0, then two runs at 1,000 single-event transactions/s
 //!    show the floor with the default `kafka.lingerMs` (5) and with 0.
-//! 5. Relay → SQS FIFO (moto) on a skewed workload of its own: how full the `SendMessageBatch`
-//!    calls are, one call per batch next to strict waves (`relay_parts/sqs.rs`;
+//! 5. Relay → SNS (moto) on a skewed workload of its own: how full the `PublishBatch` calls
+//!    are (planned as `SendMessageBatch` calls are), one call per batch next to strict waves (`relay_parts/sqs.rs`;
 //!    `RELAY_BENCH_SQS_ONLY=1` runs only this).
 //! 6. Relay peak RSS: the relay binary drains a 1,000,000-event backlog to Kafka
 //!    (`relay_parts/backlog.rs`; `RELAY_BENCH_BACKLOG_ONLY=1` runs only this).
@@ -1343,7 +1343,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     let raw_rabbit = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch, false).await?;
     let raw_rabbit_serial = raw_rabbitmq(env, exchange, queue, &records, best_rabbit_batch, true).await?;
     drop(records);
-    // 5. Relay → SQS: how full the batch calls are. 6. Relay memory with a 1,000,000-event backlog.
+    // 5. Relay → SNS/SQS: how full the batch calls are. 6. Relay memory with a 1,000,000-event backlog.
     let sqs_runs = sqs::sqs_runs(env, &pool).await?;
     let backlog = backlog::backlog_run(env, &pool, topics).await?;
     // 4. Latency at half the best relay rate, on the caught-up publisher of the best run; last,

@@ -31,10 +31,10 @@
 //!
 //! `send_batch` groups messages by destination (in order of first appearance, destinations in
 //! parallel) and sends each group in consecutive calls of at most 10 entries and 256 KiB,
-//! carrying **at most one entry per aggregate** (see `next_call`): a call is full whenever
-//! 10 or more entries of distinct aggregates remain and fit. One destination's calls go one
-//! after the other, so an aggregate's next entry is sent only once the call carrying its
-//! previous one has answered.
+//! carrying **at most one entry per aggregate**, the aggregates with the most entries left
+//! first (see `next_call`): a call is full whenever 10 aggregates have entries left and they
+//! fit. One destination's calls go one after the other, so an aggregate's next entry is sent
+//! only once the call carrying its previous one has answered.
 //!
 //! Per-aggregate order: SNS and SQS FIFO deliver a message group (= aggregate) in send order.
 //! Once an entry of an aggregate fails (or is refused before sending), that aggregate's later
@@ -290,47 +290,32 @@ impl SnsSqsConfig {
     }
 }
 
-/// The positions (ascending) of the pending entries, given as (size in bytes, aggregate) in send
-/// order, that make up the next call: at most [`MAX_BATCH_ENTRIES`] entries and
-/// [`MAX_BATCH_BYTES`] bytes, at most one per aggregate, taken in order among the entries that
-/// fit and whose aggregate has no earlier entry left for a later call; so a call is full
-/// whenever 10 such entries remain. The first pending entry always goes, even one larger than
-/// the limit (the caller refuses those before planning).
-fn next_call(pending: &[(usize, &str)]) -> Vec<usize> {
+/// The lanes (one per aggregate, each given as its entries left and the size of its next
+/// entry) whose next entry goes in the next call: at most [`MAX_BATCH_ENTRIES`] entries and
+/// [`MAX_BATCH_BYTES`] bytes, one per lane, the lanes with the most entries left first (ties in
+/// lane order). An aggregate with k entries left needs k more calls, so serving the longest
+/// lanes first keeps every call full for as long as 10 lanes have entries (highest-level-first
+/// scheduling of chains, which needs the fewest calls); taking entries in batch order instead
+/// left a hot aggregate's run for the end, one entry per call. The longest lane always goes,
+/// even with an entry larger than the limit (the caller refuses those before planning).
+fn next_call(lanes: &[(usize, usize)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lanes.len()).filter(|&l| lanes[l].0 > 0).collect();
+    order.sort_by_key(|&l| std::cmp::Reverse(lanes[l].0));
     let mut picked = Vec::with_capacity(MAX_BATCH_ENTRIES);
-    // Aggregates already placed in this call or passed over for it: a later entry of either
-    // must wait for a later call, or it would overtake (or share a call with) its predecessor.
-    let mut seen: HashSet<&str> = HashSet::new();
     let mut total = 0;
-    for (position, &(size, aggregate)) in pending.iter().enumerate() {
+    for lane in order {
         if picked.len() == MAX_BATCH_ENTRIES {
             break;
         }
-        if !seen.insert(aggregate) {
-            continue;
-        }
+        let size = lanes[lane].1;
         if !picked.is_empty() && total + size > MAX_BATCH_BYTES {
             continue;
         }
         total += size;
-        picked.push(position);
+        picked.push(lane);
     }
+    picked.sort_unstable();
     picked
-}
-
-/// Splits `items` into those at `positions` (ascending) and the rest, both in order.
-fn split_off<T>(items: Vec<T>, positions: &[usize]) -> (Vec<T>, Vec<T>) {
-    let mut taken = positions.iter().copied().peekable();
-    let mut picked = Vec::with_capacity(positions.len());
-    let mut rest = Vec::with_capacity(items.len().saturating_sub(positions.len()));
-    for (position, item) in items.into_iter().enumerate() {
-        if taken.next_if_eq(&position).is_some() {
-            picked.push(item);
-        } else {
-            rest.push(item);
-        }
-    }
-    (picked, rest)
 }
 
 /// Counters of the batch calls made (`PublishBatch` / `SendMessageBatch`), for metrics and
@@ -344,9 +329,12 @@ pub struct SendStats {
     /// Calls that carried the maximum of 10 entries.
     pub full_calls: u64,
     /// Calls that carried fewer than 10 entries while 10 or more of their destination were
-    /// pending: fewer than 10 distinct aggregates among them (one entry per aggregate per
-    /// call), or the 256 KiB limit.
+    /// pending: fewer than 10 aggregates among them (one entry per aggregate per call), or the
+    /// 256 KiB limit.
     pub short_with_ten_pending: u64,
+    /// Of those, the calls made while 10 or more aggregates had entries pending: only the
+    /// 256 KiB limit can cut those short.
+    pub short_with_ten_aggregates_pending: u64,
 }
 
 #[derive(Default)]
@@ -355,17 +343,22 @@ struct Stats {
     entries: AtomicU64,
     full_calls: AtomicU64,
     short_with_ten_pending: AtomicU64,
+    short_with_ten_aggregates_pending: AtomicU64,
 }
 
 impl Stats {
-    /// One call of `entries` made while `pending` entries (these included) were left to send.
-    fn record(&self, entries: usize, pending: usize) {
+    /// One call of `entries` made while `pending` entries of `aggregates` aggregates (these
+    /// included) were left to send.
+    fn record(&self, entries: usize, pending: usize, aggregates: usize) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.entries.fetch_add(entries as u64, Ordering::Relaxed);
         if entries == MAX_BATCH_ENTRIES {
             self.full_calls.fetch_add(1, Ordering::Relaxed);
         } else if pending >= MAX_BATCH_ENTRIES {
             self.short_with_ten_pending.fetch_add(1, Ordering::Relaxed);
+            if aggregates >= MAX_BATCH_ENTRIES {
+                self.short_with_ten_aggregates_pending.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -375,6 +368,7 @@ impl Stats {
             entries: self.entries.load(Ordering::Relaxed),
             full_calls: self.full_calls.load(Ordering::Relaxed),
             short_with_ten_pending: self.short_with_ten_pending.load(Ordering::Relaxed),
+            short_with_ten_aggregates_pending: self.short_with_ten_aggregates_pending.load(Ordering::Relaxed),
         }
     }
 }
@@ -870,7 +864,9 @@ impl SnsSqsBroker {
                 "not sent: an earlier event of aggregate {aggregate} to {destination} failed in this batch"
             ))
         };
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(indices.len());
+        // One lane per aggregate, in order of first appearance, each in batch order.
+        let mut lanes: Vec<std::collections::VecDeque<Pending<'_>>> = Vec::new();
+        let mut lane_of: HashMap<&str, usize> = HashMap::new();
         for &index in indices {
             let message = &messages[index];
             let aggregate = message.event.aggregate_id.as_str();
@@ -879,44 +875,44 @@ impl SnsSqsBroker {
                 continue;
             }
             match self.encode(index, message) {
-                Ok((size, entry)) => pending.push(Pending {
-                    index,
-                    message,
-                    size,
-                    entry,
-                }),
+                Ok((size, entry)) => {
+                    let lane = *lane_of.entry(aggregate).or_insert_with(|| {
+                        lanes.push(Default::default());
+                        lanes.len() - 1
+                    });
+                    lanes[lane].push_back(Pending {
+                        index,
+                        message,
+                        size,
+                        entry,
+                    });
+                }
                 Err(e) => {
                     failed.insert(aggregate);
                     results.push((index, Err(e)));
                 }
             }
         }
-        while !pending.is_empty() {
-            let (held_back, rest): (Vec<_>, Vec<_>) = pending
-                .into_iter()
-                .partition(|p| failed.contains(p.message.event.aggregate_id.as_str()));
-            results.extend(
-                held_back
-                    .iter()
-                    .map(|p| (p.index, Err(held(&p.message.event.aggregate_id)))),
-            );
-            pending = rest;
-            if pending.is_empty() {
+        loop {
+            let shape: Vec<(usize, usize)> = lanes
+                .iter()
+                .map(|lane| (lane.len(), lane.front().map_or(0, |p| p.size)))
+                .collect();
+            let picked = next_call(&shape);
+            if picked.is_empty() {
                 break;
             }
-            let keys: Vec<(usize, &str)> = pending
-                .iter()
-                .map(|p| (p.size, p.message.event.aggregate_id.as_str()))
-                .collect();
-            let left = pending.len();
-            let (call, rest) = split_off(pending, &next_call(&keys));
-            pending = rest;
-            self.stats.record(call.len(), left);
+            let left = shape.iter().map(|(n, _)| n).sum();
+            let aggregates_left = shape.iter().filter(|(n, _)| *n > 0).count();
+            let call: Vec<Pending<'_>> = picked.iter().filter_map(|&lane| lanes[lane].pop_front()).collect();
+            self.stats.record(call.len(), left, aggregates_left);
             match self.send_call(&target, &call).await {
                 Ok(outcomes) => {
-                    for (sent, outcome) in call.iter().zip(outcomes) {
+                    for ((sent, outcome), &lane) in call.iter().zip(outcomes).zip(&picked) {
                         if outcome.is_err() {
-                            failed.insert(sent.message.event.aggregate_id.as_str());
+                            // The aggregate's later entries wait behind the failed one.
+                            let aggregate = sent.message.event.aggregate_id.as_str();
+                            results.extend(lanes[lane].drain(..).map(|p| (p.index, Err(held(aggregate)))));
                         }
                         results.push((sent.index, outcome));
                     }
@@ -928,7 +924,9 @@ impl SnsSqsBroker {
                     results.extend(call.iter().map(|p| (p.index, Err(e.clone()))));
                     let skipped =
                         SendError::Transient(format!("not sent: an earlier call to {destination} failed: {e}"));
-                    results.extend(pending.drain(..).map(|p| (p.index, Err(skipped.clone()))));
+                    for lane in &mut lanes {
+                        results.extend(lane.drain(..).map(|p| (p.index, Err(skipped.clone()))));
+                    }
                 }
             }
         }
@@ -1226,15 +1224,29 @@ mod tests {
 
     /// Every call of a batch, as `send_destination` forms them when no entry fails.
     fn plan_calls(entries: &[(usize, &str)]) -> Vec<Vec<usize>> {
-        let mut left: Vec<usize> = (0..entries.len()).collect();
-        let mut calls = Vec::new();
-        while !left.is_empty() {
-            let keys: Vec<(usize, &str)> = left.iter().map(|&i| entries[i]).collect();
-            let (call, rest) = split_off(left, &next_call(&keys));
-            calls.push(call);
-            left = rest;
+        let mut lanes: Vec<std::collections::VecDeque<usize>> = Vec::new();
+        let mut lane_of: HashMap<&str, usize> = HashMap::new();
+        for (index, &(_, aggregate)) in entries.iter().enumerate() {
+            let lane = *lane_of.entry(aggregate).or_insert_with(|| {
+                lanes.push(Default::default());
+                lanes.len() - 1
+            });
+            lanes[lane].push_back(index);
         }
-        calls
+        let mut calls = Vec::new();
+        loop {
+            let shape: Vec<(usize, usize)> = lanes
+                .iter()
+                .map(|lane| (lane.len(), lane.front().map_or(0, |&i| entries[i].0)))
+                .collect();
+            let picked = next_call(&shape);
+            if picked.is_empty() {
+                return calls;
+            }
+            let mut call: Vec<usize> = picked.iter().filter_map(|&lane| lanes[lane].pop_front()).collect();
+            call.sort_unstable();
+            calls.push(call);
+        }
     }
 
     /// Entries of distinct aggregates with the given sizes.
@@ -1265,6 +1277,19 @@ mod tests {
         assert_eq!(ranges(plan(&distinct(&[100; 10]))), vec![0..10]);
         assert_eq!(ranges(plan(&distinct(&[100; 11]))), vec![0..10, 10..11]);
         assert_eq!(ranges(plan(&distinct(&[100; 3]))), vec![0..3]);
+    }
+
+    #[test]
+    fn hot_aggregates_at_the_end_of_a_batch_ride_along_so_every_call_is_full() {
+        // 80 single-event aggregates, then 4 aggregates of 5 events each (as a shard-ordered
+        // read puts them): 100 entries fit in exactly 10 full calls.
+        let mut entries: Vec<(usize, String)> = (0..80).map(|i| (100, format!("a{i}"))).collect();
+        for h in 0..4 {
+            entries.extend((0..5).map(|_| (100, format!("h{h}"))));
+        }
+        let calls = plan(&entries);
+        assert_eq!(calls.len(), 10, "{calls:?}");
+        assert!(calls.iter().all(|c| c.len() == MAX_BATCH_ENTRIES), "{calls:?}");
     }
 
     #[test]
@@ -1311,9 +1336,12 @@ mod tests {
         assert_eq!(hot.len(), 10);
         assert!(hot.windows(2).all(|w| w[0] < w[1]), "h out of order: {hot:?}");
         assert_eq!(sent.len(), entries.len());
-        // 30 entries: every call is full while 10 entries of distinct aggregates remain.
+        // 30 entries: the hot lane rides along in every call, so the calls are full while 10
+        // aggregates have entries (2 calls), and it takes the 10 calls its run needs, no more.
         assert_eq!(calls[0].len(), 10);
         assert_eq!(calls[1].len(), 10);
+        assert_eq!(calls.len(), 10);
+        assert!(calls.iter().all(|c| c.iter().any(|&i| entries[i].1 == "h")));
         // A size skip also keeps the skipped aggregate's later entry back.
         let blocked = vec![
             (200 * 1024, "x".to_owned()),
@@ -1321,12 +1349,13 @@ mod tests {
             (100 * 1024, "y".to_owned()),
         ];
         assert_eq!(plan(&blocked), vec![vec![0], vec![1, 2]]);
+        // The longer lane (y, 2 left) goes first; x's large entry then no longer fits.
         let skipped = vec![
             (200 * 1024, "x".to_owned()),
             (100 * 1024, "y".to_owned()),
             (10, "y".to_owned()),
         ];
-        assert_eq!(plan(&skipped), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(plan(&skipped), vec![vec![1], vec![0, 2]]);
     }
 
     fn full_event() -> DomainEvent {
