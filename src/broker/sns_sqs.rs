@@ -45,7 +45,7 @@
 //! `send_batch` instead of one wave per event of the hottest aggregate (which made most calls
 //! short: a wave's tail, and the waves of the few hot aggregates).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -316,6 +316,67 @@ fn next_call(lanes: &[(usize, usize)]) -> Vec<usize> {
     }
     picked.sort_unstable();
     picked
+}
+
+/// One destination's entries still to send, one lane per aggregate (lanes in order of first
+/// appearance, each lane in batch order), cut into calls by [`next_call`].
+struct Lanes<T> {
+    lanes: Vec<VecDeque<T>>,
+}
+
+/// The next call taken from [`Lanes`].
+struct Call<T> {
+    /// The lanes the entries came from, ascending, one entry each.
+    lanes: Vec<usize>,
+    entries: Vec<T>,
+    /// Entries, and lanes with entries, left before this call was taken (its own included).
+    pending: usize,
+    pending_lanes: usize,
+}
+
+impl<T> Lanes<T> {
+    fn new<'a>(items: impl IntoIterator<Item = (&'a str, T)>) -> Self {
+        let mut lanes: Vec<VecDeque<T>> = Vec::new();
+        let mut lane_of: HashMap<&str, usize> = HashMap::new();
+        for (aggregate, item) in items {
+            let lane = *lane_of.entry(aggregate).or_insert_with(|| {
+                lanes.push(VecDeque::new());
+                lanes.len() - 1
+            });
+            lanes[lane].push_back(item);
+        }
+        Self { lanes }
+    }
+
+    /// Takes the next call, `size` giving an entry's bytes; `None` once every lane is empty.
+    fn next_call(&mut self, size: impl Fn(&T) -> usize) -> Option<Call<T>> {
+        let shape: Vec<(usize, usize)> = self
+            .lanes
+            .iter()
+            .map(|lane| (lane.len(), lane.front().map_or(0, &size)))
+            .collect();
+        let lanes = next_call(&shape);
+        if lanes.is_empty() {
+            return None;
+        }
+        let entries = lanes.iter().filter_map(|&l| self.lanes[l].pop_front()).collect();
+        Some(Call {
+            lanes,
+            entries,
+            pending: shape.iter().map(|(n, _)| n).sum(),
+            pending_lanes: shape.iter().filter(|(n, _)| *n > 0).count(),
+        })
+    }
+
+    /// Empties `lane`, returning what it held.
+    fn drain(&mut self, lane: usize) -> impl Iterator<Item = T> + '_ {
+        self.lanes[lane].drain(..)
+    }
+
+    /// Empties every lane, returning what they held.
+    fn drain_all(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.lanes.iter_mut().flat_map(|lane| lane.drain(..))
+    }
 }
 
 /// Counters of the batch calls made (`PublishBatch` / `SendMessageBatch`), for metrics and
@@ -864,9 +925,7 @@ impl SnsSqsBroker {
                 "not sent: an earlier event of aggregate {aggregate} to {destination} failed in this batch"
             ))
         };
-        // One lane per aggregate, in order of first appearance, each in batch order.
-        let mut lanes: Vec<std::collections::VecDeque<Pending<'_>>> = Vec::new();
-        let mut lane_of: HashMap<&str, usize> = HashMap::new();
+        let mut encoded: Vec<(&str, Pending<'_>)> = Vec::with_capacity(indices.len());
         for &index in indices {
             let message = &messages[index];
             let aggregate = message.event.aggregate_id.as_str();
@@ -875,58 +934,43 @@ impl SnsSqsBroker {
                 continue;
             }
             match self.encode(index, message) {
-                Ok((size, entry)) => {
-                    let lane = *lane_of.entry(aggregate).or_insert_with(|| {
-                        lanes.push(Default::default());
-                        lanes.len() - 1
-                    });
-                    lanes[lane].push_back(Pending {
+                Ok((size, entry)) => encoded.push((
+                    aggregate,
+                    Pending {
                         index,
                         message,
                         size,
                         entry,
-                    });
-                }
+                    },
+                )),
                 Err(e) => {
                     failed.insert(aggregate);
                     results.push((index, Err(e)));
                 }
             }
         }
-        loop {
-            let shape: Vec<(usize, usize)> = lanes
-                .iter()
-                .map(|lane| (lane.len(), lane.front().map_or(0, |p| p.size)))
-                .collect();
-            let picked = next_call(&shape);
-            if picked.is_empty() {
-                break;
-            }
-            let left = shape.iter().map(|(n, _)| n).sum();
-            let aggregates_left = shape.iter().filter(|(n, _)| *n > 0).count();
-            let call: Vec<Pending<'_>> = picked.iter().filter_map(|&lane| lanes[lane].pop_front()).collect();
-            self.stats.record(call.len(), left, aggregates_left);
-            match self.send_call(&target, &call).await {
+        let mut lanes = Lanes::new(encoded);
+        while let Some(call) = lanes.next_call(|p| p.size) {
+            self.stats.record(call.entries.len(), call.pending, call.pending_lanes);
+            match self.send_call(&target, &call.entries).await {
                 Ok(outcomes) => {
-                    for ((sent, outcome), &lane) in call.iter().zip(outcomes).zip(&picked) {
+                    for ((sent, outcome), &lane) in call.entries.iter().zip(outcomes).zip(&call.lanes) {
                         if outcome.is_err() {
                             // The aggregate's later entries wait behind the failed one.
                             let aggregate = sent.message.event.aggregate_id.as_str();
-                            results.extend(lanes[lane].drain(..).map(|p| (p.index, Err(held(aggregate)))));
+                            results.extend(lanes.drain(lane).map(|p| (p.index, Err(held(aggregate)))));
                         }
                         results.push((sent.index, outcome));
                     }
                 }
                 Err(e) => {
-                    warn!(destination, entries = call.len(), error = %e, "batch call failed");
+                    warn!(destination, entries = call.entries.len(), error = %e, "batch call failed");
                     // The topic or queue may be gone: resolve it again next time.
                     self.forget(destination);
-                    results.extend(call.iter().map(|p| (p.index, Err(e.clone()))));
+                    results.extend(call.entries.iter().map(|p| (p.index, Err(e.clone()))));
                     let skipped =
                         SendError::Transient(format!("not sent: an earlier call to {destination} failed: {e}"));
-                    for lane in &mut lanes {
-                        results.extend(lane.drain(..).map(|p| (p.index, Err(skipped.clone()))));
-                    }
+                    results.extend(lanes.drain_all().map(|p| (p.index, Err(skipped.clone()))));
                 }
             }
         }
@@ -1224,29 +1268,19 @@ mod tests {
 
     /// Every call of a batch, as `send_destination` forms them when no entry fails.
     fn plan_calls(entries: &[(usize, &str)]) -> Vec<Vec<usize>> {
-        let mut lanes: Vec<std::collections::VecDeque<usize>> = Vec::new();
-        let mut lane_of: HashMap<&str, usize> = HashMap::new();
-        for (index, &(_, aggregate)) in entries.iter().enumerate() {
-            let lane = *lane_of.entry(aggregate).or_insert_with(|| {
-                lanes.push(Default::default());
-                lanes.len() - 1
-            });
-            lanes[lane].push_back(index);
-        }
-        let mut calls = Vec::new();
-        loop {
-            let shape: Vec<(usize, usize)> = lanes
+        let mut lanes = Lanes::new(
+            entries
                 .iter()
-                .map(|lane| (lane.len(), lane.front().map_or(0, |&i| entries[i].0)))
-                .collect();
-            let picked = next_call(&shape);
-            if picked.is_empty() {
-                return calls;
-            }
-            let mut call: Vec<usize> = picked.iter().filter_map(|&lane| lanes[lane].pop_front()).collect();
-            call.sort_unstable();
-            calls.push(call);
+                .enumerate()
+                .map(|(index, &(_, aggregate))| (aggregate, index)),
+        );
+        let mut calls = Vec::new();
+        while let Some(call) = lanes.next_call(|&index| entries[index].0) {
+            let mut indices = call.entries;
+            indices.sort_unstable();
+            calls.push(indices);
         }
+        calls
     }
 
     /// Entries of distinct aggregates with the given sizes.
