@@ -147,6 +147,15 @@ pub async fn backlog_run(env: &Env, pool: &PgPool, topics: &mut Vec<String>) -> 
     })
 }
 
+/// "`secs` s, `rate` ev/s" for the whole backlog in `elapsed`.
+fn took(elapsed: Duration) -> String {
+    format!(
+        "{:.1} s, {:.0} ev/s",
+        elapsed.as_secs_f64(),
+        BACKLOG_EVENTS as f64 / elapsed.as_secs_f64()
+    )
+}
+
 /// The report's rows.
 pub fn backlog_rows(run: &BacklogRun, row: &dyn Fn(&str, String, &str, &str)) {
     let peak_mib = run.peak_kib as f64 / 1024.0;
@@ -164,21 +173,13 @@ pub fn backlog_rows(run: &BacklogRun, row: &dyn Fn(&str, String, &str, &str)) {
     );
     row(
         "  drained in (relay process start to last cursor)",
-        format!(
-            "{:.1} s, {:.0} ev/s",
-            run.drain.as_secs_f64(),
-            BACKLOG_EVENTS as f64 / run.drain.as_secs_f64()
-        ),
+        took(run.drain),
         "",
         "",
     );
     row(
         &format!("  backlog written ({WRITERS} writers, {PER_TRANSACTION}/transaction)"),
-        format!(
-            "{:.1} s, {:.0} ev/s",
-            run.fill.as_secs_f64(),
-            BACKLOG_EVENTS as f64 / run.fill.as_secs_f64()
-        ),
+        took(run.fill),
         "",
         "",
     );
