@@ -245,6 +245,8 @@ impl Relay {
         let mut every = tokio::time::interval(Duration::from_millis(self.config.workers.heartbeat_interval_ms));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await; // the first tick is immediate, and `run` has just ticked
+        let lease = Duration::from_millis(self.config.workers.lease_duration_ms);
+        let mut renewed_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -269,8 +271,22 @@ impl Relay {
             };
             // The heartbeat is the database round trip readiness relies on.
             self.health.set_database_reachable(outcome.is_ok());
-            if let Err(e) = outcome {
-                tracing::warn!(error = %e, "heartbeat failed");
+            match outcome {
+                Ok(()) => {
+                    // Said before it costs anything: past the lease, another worker may take
+                    // these shards mid-batch and send that batch again.
+                    let gap = renewed_at.elapsed();
+                    if gap > lease / 2 {
+                        tracing::warn!(
+                            worker = self.leases.worker_id(),
+                            since_last_renewal_ms = gap.as_millis(),
+                            lease_ms = lease.as_millis(),
+                            "shard leases renewed late (a slow database or an overloaded node)"
+                        );
+                    }
+                    renewed_at = tokio::time::Instant::now();
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
         }
     }

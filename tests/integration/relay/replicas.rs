@@ -30,6 +30,24 @@ async fn wait_for_even_split(db: &TestDatabase, publisher: &str) {
     .await;
 }
 
+/// Each shard's lease epoch (bumped by every claim).
+async fn lease_epochs(db: &TestDatabase, consumer: &str) -> Vec<(i16, i64)> {
+    sqlx::query_as("SELECT shard, lease_epoch FROM outbox.relay_cursors WHERE consumer = $1 ORDER BY shard")
+        .bind(consumer)
+        .fetch_all(&db.pool)
+        .await
+        .expect("read lease epochs")
+}
+
+/// The shards whose epoch differs between two readings.
+fn changed_epochs(before: &[(i16, i64)], after: &[(i16, i64)]) -> Vec<i16> {
+    after
+        .iter()
+        .filter(|shard| !before.contains(shard))
+        .map(|&(shard, _)| shard)
+        .collect()
+}
+
 /// Only the events of `sent` among `received`.
 fn only(sent: &[DomainEvent], received: Vec<DomainEvent>) -> Vec<DomainEvent> {
     let ids: HashSet<Uuid> = sent.iter().map(|e| e.event_id).collect();
@@ -48,12 +66,29 @@ async fn two_replicas_split_the_shards_without_duplicates_and_one_takes_over_whe
     wait_for_even_split(&db, PUBLISHER).await;
 
     let collector = TopicCollector::start(&topic);
+    let epochs_at_split = lease_epochs(&db, PUBLISHER).await;
     let sent = write_events(&publisher, &db, 8, 250, 200).await;
     let received = collector
         .wait_for(&sent, Duration::from_secs(40), Duration::from_secs(2))
         .await;
-    assert_delivered(&sent, &received, false);
-    assert_eq!(owners(&db, PUBLISHER).await.len(), 2, "both replicas kept their shards");
+    // Every claim bumps a shard's epoch: unchanged epochs mean both replicas held their
+    // shards throughout, and then nothing may arrive twice. A replica stalled past its lease
+    // on an overloaded machine (seen once in CI: 111 re-sent of 2000) hands its shards over
+    // mid-batch; the survivor re-sends at most that replica's in-flight batch.
+    let handed_over = changed_epochs(&epochs_at_split, &lease_epochs(&db, PUBLISHER).await);
+    let duplicates = assert_delivered(&sent, &received, !handed_over.is_empty());
+    if !handed_over.is_empty() {
+        eprintln!("a lease ran out while its holder was slow (shards {handed_over:?}): {duplicates} re-sent");
+        assert!(
+            duplicates <= batch_size,
+            "{duplicates} duplicates after a lease ran out exceed one in-flight batch of {batch_size}"
+        );
+    }
+    let first_duplicates = duplicates;
+    eventually(Duration::from_secs(10), "both replicas to hold shards", async || {
+        owners(&db, PUBLISHER).await.len() == 2
+    })
+    .await;
 
     // r1 dies while the next 1000 events are being written and relayed: no release.
     let before = collector.len();
@@ -95,7 +130,7 @@ async fn two_replicas_split_the_shards_without_duplicates_and_one_takes_over_whe
         "{duplicates} duplicates exceed r1's in-flight batch of {batch_size}"
     );
     // Nothing of the first 2000 was sent again.
-    let first_again = only(&sent, collector.received()).len() - sent.len();
+    let first_again = only(&sent, collector.received()).len() - sent.len() - first_duplicates;
     assert_eq!(first_again, 0, "events delivered before the crash were re-sent");
 
     r2.stop().await;
