@@ -793,13 +793,12 @@ async fn publish_transitions(
     let reference = publisher.object_ref(&());
     for changed in conditions::transitions(previous, &status.conditions) {
         if changed.type_ == types::PAUSED {
-            // Pausing is news (the relays stop); resuming only after a pause, not for every
-            // new publisher whose Paused condition first appears False.
-            let was_paused = previous.iter().any(|c| c.type_ == types::PAUSED && c.status == "True");
-            let reason = match changed.status.as_str() {
-                "True" => "Paused",
-                "False" if was_paused => "Resumed",
-                _ => continue,
+            let before = previous
+                .iter()
+                .find(|c| c.type_ == types::PAUSED)
+                .map(|c| c.status.as_str());
+            let Some(reason) = pause_event_reason(before, &changed.status) else {
+                continue;
             };
             let event = Event {
                 type_: EventType::Normal,
@@ -856,6 +855,18 @@ async fn publish_transitions(
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             tracing::warn!(error = %e, "publish Event");
         }
+    }
+}
+
+/// The Event for a change of the Paused condition from `before` (absent on the first status)
+/// to `now`. Pausing running relays is news (they stop), and so is resuming after a pause; a
+/// publisher created paused or running has changed nothing yet, and an Event for each would be
+/// one write in eight when many publishers are created at once.
+fn pause_event_reason(before: Option<&str>, now: &str) -> Option<&'static str> {
+    match (before, now) {
+        (Some("False"), "True") => Some("Paused"),
+        (Some("True"), "False") => Some("Resumed"),
+        _ => None,
     }
 }
 
@@ -1051,5 +1062,15 @@ mod tests {
         }));
         assert!(!rbac.namespace_terminating());
         assert!(!Error::Finalizer("x".to_owned()).namespace_terminating());
+    }
+
+    #[test]
+    fn only_a_pause_of_running_relays_and_a_resume_after_a_pause_are_events() {
+        assert_eq!(pause_event_reason(Some("False"), "True"), Some("Paused"));
+        assert_eq!(pause_event_reason(Some("True"), "False"), Some("Resumed"));
+        // The first status of a publisher created paused, or created running.
+        assert_eq!(pause_event_reason(None, "True"), None);
+        assert_eq!(pause_event_reason(None, "False"), None);
+        assert_eq!(pause_event_reason(Some("True"), "True"), None);
     }
 }

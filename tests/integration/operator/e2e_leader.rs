@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::e2e::E2e;
@@ -28,43 +28,63 @@ async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-/// Creates a paused publisher and returns the identities on its Events once its status is written.
+/// Creates a publisher, waits for its status, pauses it and returns the identities on its
+/// Events once the "Paused" Event (a transition, written only by the reconciler that saw it)
+/// is there. Its Secret does not exist, so no relay starts in the moment before the pause.
 async fn reconciled_by(e2e: &E2e, name: &str) -> Vec<String> {
     e2e.create_publisher(
         name,
         json!({
+            "outbox": {"databaseUrlSecretRef": {"name": "no-such-secret", "key": "url"}},
             "broker": {"kafka": {"bootstrapServers": kafka_bootstrap()}},
-            "routing": {"strategy": "single", "destination": format!("{name}.events")},
-            "paused": true
+            "routing": {"strategy": "single", "destination": format!("{name}.events")}
         }),
     )
     .await;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(e2e.admin.clone(), &e2e.tenant);
-    e2e.eventually(Duration::from_secs(60), &format!("{name} reconciled"), async || {
-        let written = e2e
-            .publishers
-            .get(name)
-            .await
-            .ok()
-            .and_then(|p| p.status)
-            .is_some_and(|s| s.observed_generation == Some(1));
-        let reporters: Vec<String> = events
-            .list(&Default::default())
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                    .filter_map(|e| e.reporting_instance)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if written && !reporters.is_empty() {
-            Ok(reporters)
-        } else {
-            Err(format!("status written {written}, Event reporters {reporters:?}"))
-        }
-    })
+    let mut paused = false;
+    e2e.eventually(
+        Duration::from_secs(60),
+        &format!("{name} reconciled and paused"),
+        async || {
+            let written = e2e
+                .publishers
+                .get(name)
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| s.observed_generation == Some(1));
+            if written && !paused {
+                e2e.publishers
+                    .patch(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"paused": true}})),
+                    )
+                    .await
+                    .map_err(|e| format!("pause {name}: {e}"))?;
+                paused = true;
+            }
+            let reported: Vec<(String, String)> = events
+                .list(&Default::default())
+                .await
+                .map(|l| {
+                    l.items
+                        .into_iter()
+                        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                        .filter_map(|e| Some((e.reason.unwrap_or_default(), e.reporting_instance?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if reported.iter().any(|(reason, _)| reason == "Paused") {
+                Ok(reported.into_iter().map(|(_, instance)| instance).collect())
+            } else {
+                Err(format!(
+                    "status written {written}, paused {paused}, Events {reported:?}"
+                ))
+            }
+        },
+    )
     .await
 }
 

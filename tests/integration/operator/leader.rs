@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
@@ -112,7 +112,8 @@ async fn leader_gauge(port: u16) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Creates a paused publisher and waits for its status; returns the identities that
+/// Creates a publisher, waits for its status, pauses it and waits for the "Paused" Event (a
+/// transition, so only the reconciler that saw it writes one); returns the identities that
 /// reported Events about it.
 async fn reconciled_by(client: &kube::Client, ns: &str, name: &str, ops: &[&Operator]) -> Vec<String> {
     let api: Api<EventPublisher> = Api::namespaced(client.clone(), ns);
@@ -121,33 +122,43 @@ async fn reconciled_by(client: &kube::Client, ns: &str, name: &str, ops: &[&Oper
         "spec": {
             "outbox": {"databaseUrlSecretRef": {"name": "db", "key": "url"}},
             "broker": {"kafka": {"bootstrapServers": kafka_bootstrap()}},
-            "routing": {"strategy": "single", "destination": format!("{name}.events")},
-            "paused": true
+            "routing": {"strategy": "single", "destination": format!("{name}.events")}
         }
     }))
     .expect("publisher");
     api.create(&PostParams::default(), &p).await.expect("create publisher");
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let mut paused = false;
     loop {
         let written = api.get(name).await.ok().and_then(|p| p.status).is_some();
-        let reporters: Vec<String> = events
+        if written && !paused {
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"paused": true}})),
+            )
+            .await
+            .expect("pause publisher");
+            paused = true;
+        }
+        let reported: Vec<(String, String)> = events
             .list(&Default::default())
             .await
             .map(|l| {
                 l.items
                     .into_iter()
                     .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                    .filter_map(|e| e.reporting_instance)
+                    .filter_map(|e| Some((e.reason.unwrap_or_default(), e.reporting_instance?)))
                     .collect()
             })
             .unwrap_or_default();
-        if written && !reporters.is_empty() {
-            return reporters;
+        if reported.iter().any(|(reason, _)| reason == "Paused") {
+            return reported.into_iter().map(|(_, instance)| instance).collect();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{name} not reconciled within 30 s (status {written}, events {reporters:?})\n{}",
+            "{name} not reconciled and paused within 45 s (status {written}, paused {paused}, events {reported:?})\n{}",
             logs(ops)
         );
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -82,7 +82,7 @@ async fn consume(topic: &str, count: usize) -> Vec<Framed> {
     let mut out = Vec::new();
     let collect = async {
         while out.len() < count {
-            let m = consumer.recv().await.expect("consume");
+            let m = crate::support::next_record(&consumer).await;
             let value = m.payload().unwrap_or_default();
             let (schema_id, body) = confluent::unframe(value).unwrap_or_else(|e| panic!("record {}: {e}", m.offset()));
             let headers = m

@@ -42,7 +42,7 @@ async fn kafka_receives_every_committed_event_once_in_aggregate_order() {
     let mut received: Vec<DomainEvent> = Vec::new();
     let collect = async {
         while received.len() < sent.len() {
-            let m = consumer.recv().await.expect("consume");
+            let m = crate::support::next_record(&consumer).await;
             let doc: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
             let event = cloudevents::from_structured(&doc).unwrap();
             assert_eq!(m.key(), Some(event.aggregate_id.as_bytes()), "key is the aggregate id");

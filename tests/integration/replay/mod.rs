@@ -185,8 +185,8 @@ pub async fn collect(
         if now >= until {
             break;
         }
-        match tokio::time::timeout(until - now, consumer.recv()).await {
-            Ok(Ok(m)) => {
+        match tokio::time::timeout(until - now, crate::support::next_record(consumer)).await {
+            Ok(m) => {
                 let headers: Vec<(String, String)> = m
                     .headers()
                     .map(|h| {
@@ -209,7 +209,6 @@ pub async fn collect(
                     .map(|(_, v)| v.clone());
                 received.push(Received { event, replay_job });
             }
-            Ok(Err(e)) => panic!("consume: {e}"),
             Err(_) => break,
         }
         if linger_until.is_none() && done(&received) {

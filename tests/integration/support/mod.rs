@@ -74,6 +74,22 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// The next record of a subscribed consumer. A subscription made before the relay creates its
+/// topic (or before the broker's metadata has it) reports "unknown topic or partition" and then
+/// delivers once the topic appears, so that error is waited out; any other error fails the test.
+pub async fn next_record(consumer: &rdkafka::consumer::StreamConsumer) -> rdkafka::message::BorrowedMessage<'_> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    loop {
+        match consumer.recv().await {
+            Ok(m) => return m,
+            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("consume: {e}"),
+        }
+    }
+}
+
 pub mod cluster;
 pub mod kube;
 pub mod postgres;

@@ -82,7 +82,7 @@ pub(super) async fn consume(topic: &str, expected: usize) -> Vec<DomainEvent> {
     };
     let collect = async {
         while received.len() < expected {
-            let m = consumer.recv().await.expect("consume");
+            let m = crate::support::next_record(&consumer).await;
             received.push(decode(m.payload().unwrap_or_default()));
         }
     };
@@ -92,7 +92,7 @@ pub(super) async fn consume(topic: &str, expected: usize) -> Vec<DomainEvent> {
             received.len()
         );
     }
-    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
+    while let Ok(m) = tokio::time::timeout(Duration::from_secs(2), crate::support::next_record(&consumer)).await {
         received.push(decode(m.payload().unwrap_or_default()));
     }
     received
