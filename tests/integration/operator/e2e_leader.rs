@@ -11,6 +11,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::e2e::E2e;
+use super::reporters_of;
 use crate::support::cluster::container_pid;
 use crate::support::kafka_bootstrap;
 
@@ -41,7 +42,6 @@ async fn reconciled_by(e2e: &E2e, name: &str) -> Vec<String> {
         }),
     )
     .await;
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(e2e.admin.clone(), &e2e.tenant);
     let mut paused = false;
     e2e.eventually(
         Duration::from_secs(60),
@@ -65,17 +65,7 @@ async fn reconciled_by(e2e: &E2e, name: &str) -> Vec<String> {
                     .map_err(|e| format!("pause {name}: {e}"))?;
                 paused = true;
             }
-            let reported: Vec<(String, String)> = events
-                .list(&Default::default())
-                .await
-                .map(|l| {
-                    l.items
-                        .into_iter()
-                        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                        .filter_map(|e| Some((e.reason.unwrap_or_default(), e.reporting_instance?)))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let reported = reporters_of(&e2e.admin, &e2e.tenant, name).await;
             if reported.iter().any(|(reason, _)| reason == "Paused") {
                 Ok(reported.into_iter().map(|(_, instance)| instance).collect())
             } else {

@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 
 use inventory_outbox::crd::EventPublisher;
 
-use super::install_crds;
+use super::{install_crds, reporters_of};
 use crate::support::kube::{admin_client, create_namespace};
 use crate::support::{kafka_bootstrap, kubeconfig_path, unique_name};
 
@@ -127,7 +127,6 @@ async fn reconciled_by(client: &kube::Client, ns: &str, name: &str, ops: &[&Oper
     }))
     .expect("publisher");
     api.create(&PostParams::default(), &p).await.expect("create publisher");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
     let mut paused = false;
     loop {
@@ -142,17 +141,7 @@ async fn reconciled_by(client: &kube::Client, ns: &str, name: &str, ops: &[&Oper
             .expect("pause publisher");
             paused = true;
         }
-        let reported: Vec<(String, String)> = events
-            .list(&Default::default())
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                    .filter_map(|e| Some((e.reason.unwrap_or_default(), e.reporting_instance?)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let reported = reporters_of(client, ns, name).await;
         if reported.iter().any(|(reason, _)| reason == "Paused") {
             return reported.into_iter().map(|(_, instance)| instance).collect();
         }

@@ -58,3 +58,26 @@ pub async fn install_crds(client: &kube::Client) {
         }
     }
 }
+
+/// The Events of namespace `ns` about the object called `name`.
+pub async fn events_about(client: &kube::Client, ns: &str, name: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    api.list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (reason, reporting instance) of each Event about `name` that names its reporter.
+pub async fn reporters_of(client: &kube::Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    events_about(client, ns, name)
+        .await
+        .into_iter()
+        .filter_map(|e| Some((e.reason.unwrap_or_default(), e.reporting_instance?)))
+        .collect()
+}
