@@ -127,6 +127,9 @@ pub struct EventPublisherSpec {
     /// When a relay stops sending to an unhealthy destination, and how it probes it again.
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerSpec,
+    /// How relay replicas hold their shares of the outbox's shards.
+    #[serde(default)]
+    pub leases: LeaseSpec,
     /// Event schema registration.
     #[serde(default)]
     pub schema: SchemaSpec,
@@ -573,6 +576,43 @@ impl Default for RetrySpec {
             max_interval_ms: default_max_interval(),
             max_attempts: default_max_attempts(),
             jitter: default_jitter(),
+        }
+    }
+}
+
+/// Shard leases of the relay replicas: each renews its leases every heartbeat, and a replica
+/// silent for a whole lease loses its shards to the others.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.durationMs >= 2 * self.heartbeatIntervalMs")
+        .message("leases.durationMs must be at least twice leases.heartbeatIntervalMs")
+)]
+pub struct LeaseSpec {
+    /// How long a lease lasts without renewal, in milliseconds. A crashed replica's shards move
+    /// after about this plus one heartbeat; a replica stalled longer (an overloaded node, a slow
+    /// database) loses its shards mid-batch, and that batch is sent again by the new holder.
+    #[serde(default = "default_lease_duration")]
+    #[schemars(range(min = 200, max = 600000))]
+    pub duration_ms: i64,
+    /// How often a replica renews its leases and writes its heartbeat, in milliseconds.
+    #[serde(default = "default_lease_heartbeat")]
+    #[schemars(range(min = 100, max = 300000))]
+    pub heartbeat_interval_ms: i64,
+}
+
+fn default_lease_duration() -> i64 {
+    2000
+}
+fn default_lease_heartbeat() -> i64 {
+    500
+}
+
+impl Default for LeaseSpec {
+    fn default() -> Self {
+        Self {
+            duration_ms: default_lease_duration(),
+            heartbeat_interval_ms: default_lease_heartbeat(),
         }
     }
 }

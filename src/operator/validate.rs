@@ -17,7 +17,7 @@ use crate::crd::EventPublisher;
 use crate::crd::common::TlsSecretRefs;
 use crate::crd::event_publisher::{DeletionPolicy, RoutingStrategy};
 use crate::relay::circuit::CircuitBreakerConfig;
-use crate::relay::config::{BrokerConfig, DeadLetterConfig, HttpConfig, OutboxConfig, RelayConfig};
+use crate::relay::config::{BrokerConfig, DeadLetterConfig, HttpConfig, OutboxConfig, RelayConfig, WorkersConfig};
 use crate::relay::retry::RetryPolicy;
 use crate::schema::compatibility::CompatibilityMode;
 
@@ -373,7 +373,10 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             open_duration_ms: positive(spec.circuit_breaker.open_duration_ms),
             half_open_probes: positive32(spec.circuit_breaker.half_open_probes),
         },
-        workers: Default::default(),
+        workers: WorkersConfig {
+            heartbeat_interval_ms: positive(spec.leases.heartbeat_interval_ms),
+            lease_duration_ms: positive(spec.leases.duration_ms),
+        },
         health: Default::default(),
         http: HttpConfig {
             // Overridden per Pod with its Pod IP (RELAY_HTTP_LISTEN).
@@ -464,6 +467,21 @@ pub(crate) mod tests {
         assert_eq!(v.replicas, 2);
         assert_eq!(v.owner.kind, "EventPublisher");
         assert_eq!(v.owner.controller, Some(true));
+        assert_eq!(
+            v.relay.workers,
+            WorkersConfig::default(),
+            "the relay's own lease defaults"
+        );
+    }
+
+    #[test]
+    fn the_lease_settings_reach_the_relay_config() {
+        let mut p = kafka_publisher();
+        p.spec.leases.duration_ms = 10_000;
+        p.spec.leases.heartbeat_interval_ms = 1_000;
+        let v = validate(&p).expect("valid");
+        assert_eq!(v.relay.workers.lease_duration_ms, 10_000);
+        assert_eq!(v.relay.workers.heartbeat_interval_ms, 1_000);
     }
 
     #[test]

@@ -187,6 +187,15 @@ async fn the_api_server_refuses_invalid_event_publishers_naming_the_problem() {
             "outbox.minPollIntervalMs must not be greater than outbox.maxPollIntervalMs",
         ),
         (
+            "lease shorter than two heartbeats",
+            with(
+                with(k(), "leases.durationMs", json!(1000)),
+                "leases.heartbeatIntervalMs",
+                json!(600),
+            ),
+            "leases.durationMs must be at least twice leases.heartbeatIntervalMs",
+        ),
+        (
             "open duration too short",
             with(k(), "circuitBreaker.openDurationMs", json!(10)),
             "circuitBreaker.openDurationMs must be between",
