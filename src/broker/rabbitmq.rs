@@ -590,7 +590,17 @@ impl Drop for RabbitMqBroker {
         // connection"), so wait for it where the runtime allows blocking a worker thread. A
         // current-thread runtime cannot block here; there the close runs in the background.
         if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            tokio::task::block_in_place(|| runtime.block_on(close_gracefully(session)));
+            // Wait for a task, not `block_on`: while the runtime shuts down nothing drives its
+            // I/O and timers, and a `block_on` here never returned (a test hung in CI). A task
+            // the runtime drops unrun drops `done`, which ends the wait at once.
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            runtime.spawn(async move {
+                close_gracefully(session).await;
+                let _ = done.send(());
+            });
+            tokio::task::block_in_place(|| {
+                let _ = finished.recv_timeout(Duration::from_secs(5));
+            });
         } else {
             runtime.spawn(close_gracefully(session));
         }
