@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::e2e::{E2e, condition};
 use super::e2e_kafka::{consume_all, consumer};
+use super::events_about;
 use crate::support::unique_name;
 
 /// Ports of this test's Kafka node, below the ephemeral range (the shared node is 19092,
@@ -69,31 +70,19 @@ impl Drop for DedicatedKafka {
 }
 
 async fn event_reasons(e2e: &E2e, name: &str) -> Vec<String> {
-    let api: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(e2e.admin.clone(), &e2e.tenant);
-    api.list(&Default::default())
+    events_about(&e2e.admin, &e2e.tenant, name)
         .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                .filter_map(|e| e.reason)
-                .collect()
-        })
-        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
 }
 
 async fn event_notes(e2e: &E2e, name: &str) -> Vec<(String, String)> {
-    let api: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(e2e.admin.clone(), &e2e.tenant);
-    api.list(&Default::default())
+    events_about(&e2e.admin, &e2e.tenant, name)
         .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
