@@ -21,13 +21,15 @@
 //!    is taken right after `COMMIT` returns; ack time when the adapter's `send_batch` returns
 //!    (the moment the relay counts the event as published, seen through a timing wrapper
 //!    around the broker); consume time when a Kafka consumer in this process receives it.
-//!    The same with `kafka.lingerMs` 0, then two runs at 1,000 single-event transactions/s
-//!    show the floor with the default `kafka.lingerMs` (5) and with 0.
+//!    The same load with `outbox.readAhead` off (the loop before: it read ahead only after a
+//!    full batch), then 1,000 single-event transactions/s show the floor with read-ahead on
+//!    and off, and with `kafka.lingerMs` 0. The other runs use the shipped `lingerMs`.
 //! 5. Relay → SNS (moto) on a skewed workload of its own: how full the `PublishBatch` calls
 //!    are (planned as `SendMessageBatch` calls are), one call per batch next to strict waves (`relay_parts/sqs.rs`;
 //!    `RELAY_BENCH_SQS_ONLY=1` runs only this).
 //! 6. Relay peak RSS: the relay binary drains a 1,000,000-event backlog to Kafka
 //!    (`relay_parts/backlog.rs`; `RELAY_BENCH_BACKLOG_ONLY=1` runs only this).
+//!    `RELAY_BENCH_LATENCY_ONLY=1` runs one throughput run (to catch up) and section 4.
 //!
 //! Diagnostics after the table: per run, the `send_batch` calls (one per wave: a round's batch
 //! to one Kafka topic is one wave, to RabbitMQ one per event of the hottest aggregate) and the
@@ -48,7 +50,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use inventory_outbox::broker::{BoxFuture, Broker, Message, SendError};
+use inventory_outbox::broker::{BoxFuture, Broker, HandedOver, Message, SendError};
 use inventory_outbox::event::NewEvent;
 use inventory_outbox::event::cloudevents::{self, KAFKA_PREFIX};
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
@@ -84,8 +86,8 @@ const BATCH_SIZES: [usize; 2] = [1000, 5000];
 const PARTITIONS: i32 = 6;
 /// Length of the latency measurement.
 const LATENCY_SECS: u64 = 20;
-/// Third and fourth latency runs: a low steady rate of single-event transactions, for the
-/// floor, with the default `kafka.lingerMs` (5) and with 0.
+/// The later latency runs: a low steady rate of single-event transactions, for the floor
+/// (read-ahead on and off, and `kafka.lingerMs` 0).
 const LOW_RATE: f64 = 1000.0;
 const LOW_RATE_SECS: u64 = 10;
 /// Latency samples of events committed in the first second are dropped (warm-up).
@@ -122,36 +124,81 @@ struct SendCall {
 }
 
 /// Wraps the relay's broker adapter: counts acknowledged messages, times every `send_batch`
-/// and, when asked, records the moment each event was acknowledged.
+/// (and every batch handed over, until its acknowledgements are in) and, when asked, records
+/// the moment each event was acknowledged.
 struct TimedBroker {
     inner: Arc<dyn Broker>,
+    tally: Arc<Tally>,
+    /// Hides the adapter's `keeps_aggregate_order`, so the relay sends strict per-aggregate
+    /// waves as it did for every broker before: the same-run "before" figure.
+    strict_waves: std::sync::atomic::AtomicBool,
+    /// Hides the adapter's `orders_across_calls`: the relay then awaits each batch's
+    /// acknowledgements before handing the next over (the loop before pipelining).
+    no_pipeline: std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for TimedBroker {
+    type Target = Tally;
+    fn deref(&self) -> &Tally {
+        &self.tally
+    }
+}
+
+/// What [`TimedBroker`] counts; shared with the acknowledgement futures of handed-over batches.
+struct Tally {
     base: Instant,
     acked: AtomicU64,
     goal: AtomicU64,
     goal_reached_us: AtomicU64,
     calls: Mutex<Vec<SendCall>>,
     acks: Option<Mutex<Vec<(Uuid, u64)>>>,
-    /// Hides the adapter's `keeps_aggregate_order`, so the relay sends strict per-aggregate
-    /// waves as it did for every broker before: the same-run "before" figure.
-    strict_waves: std::sync::atomic::AtomicBool,
+}
+
+impl Tally {
+    fn now_us(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+
+    /// Records one call's outcome: `ids[i]` is the event of `results[i]`.
+    fn record(&self, start_us: u64, ids: &[Uuid], results: &[Result<(), SendError>]) {
+        let end_us = self.now_us();
+        let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+        if let Some(acks) = &self.acks {
+            let mut acks = acks.lock().unwrap();
+            for (id, r) in ids.iter().zip(results) {
+                if r.is_ok() {
+                    acks.push((*id, end_us));
+                }
+            }
+        }
+        self.calls.lock().unwrap().push(SendCall {
+            start_us,
+            end_us,
+            size: ids.len(),
+        });
+        let before = self.acked.fetch_add(ok, Ordering::SeqCst);
+        let goal = self.goal.load(Ordering::SeqCst);
+        if before < goal && before + ok >= goal {
+            self.goal_reached_us.store(end_us, Ordering::SeqCst);
+        }
+    }
 }
 
 impl TimedBroker {
     fn new(inner: Arc<dyn Broker>, base: Instant, goal: u64, record_acks: bool) -> Arc<Self> {
         Arc::new(Self {
             inner,
-            base,
-            acked: AtomicU64::new(0),
-            goal: AtomicU64::new(goal),
-            goal_reached_us: AtomicU64::new(0),
-            calls: Mutex::new(Vec::new()),
-            acks: record_acks.then(|| Mutex::new(Vec::new())),
+            tally: Arc::new(Tally {
+                base,
+                acked: AtomicU64::new(0),
+                goal: AtomicU64::new(goal),
+                goal_reached_us: AtomicU64::new(0),
+                calls: Mutex::new(Vec::new()),
+                acks: record_acks.then(|| Mutex::new(Vec::new())),
+            }),
             strict_waves: std::sync::atomic::AtomicBool::new(false),
+            no_pipeline: std::sync::atomic::AtomicBool::new(false),
         })
-    }
-
-    fn now_us(&self) -> u64 {
-        self.base.elapsed().as_micros() as u64
     }
 }
 
@@ -164,27 +211,31 @@ impl Broker for TimedBroker {
         Box::pin(async move {
             let start_us = self.now_us();
             let results = self.inner.send_batch(messages).await;
-            let end_us = self.now_us();
-            let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
-            if let Some(acks) = &self.acks {
-                let mut acks = acks.lock().unwrap();
-                for (m, r) in messages.iter().zip(&results) {
-                    if r.is_ok() {
-                        acks.push((m.event.event_id, end_us));
-                    }
-                }
-            }
-            self.calls.lock().unwrap().push(SendCall {
-                start_us,
-                end_us,
-                size: messages.len(),
-            });
-            let before = self.acked.fetch_add(ok, Ordering::SeqCst);
-            let goal = self.goal.load(Ordering::SeqCst);
-            if before < goal && before + ok >= goal {
-                self.goal_reached_us.store(end_us, Ordering::SeqCst);
-            }
+            let ids: Vec<Uuid> = messages.iter().map(|m| m.event.event_id).collect();
+            self.tally.record(start_us, &ids, &results);
             results
+        })
+    }
+
+    fn orders_across_calls(&self) -> bool {
+        !self.no_pipeline.load(Ordering::SeqCst) && self.inner.orders_across_calls()
+    }
+
+    fn hand_over<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, HandedOver> {
+        Box::pin(async move {
+            let start_us = self.now_us();
+            let handed = self.inner.hand_over(messages).await;
+            let ids: Vec<Uuid> = messages.iter().map(|m| m.event.event_id).collect();
+            let tally = self.tally.clone();
+            let inner_acks = handed.acks;
+            HandedOver {
+                refused: handed.refused,
+                acks: Box::pin(async move {
+                    let results = inner_acks.await;
+                    tally.record(start_us, &ids, &results);
+                    results
+                }),
+            }
         })
     }
 
@@ -288,8 +339,13 @@ fn relay_config(publisher: &str, batch: usize, broker: serde_json::Value, destin
     config
 }
 
+/// The adapter's settings as shipped (`lingerMs` included), plus the bench's topic layout.
 fn kafka_broker_doc(env: &Env, topic: &str) -> serde_json::Value {
-    kafka_broker_doc_linger(env, topic, 5)
+    kafka_broker_doc_linger(env, topic, default_linger_ms())
+}
+
+fn default_linger_ms() -> u32 {
+    inventory_outbox::broker::kafka::KafkaConfig::default().linger_ms
 }
 
 fn kafka_broker_doc_linger(env: &Env, topic: &str, linger_ms: u32) -> serde_json::Value {
@@ -510,16 +566,19 @@ async fn raw_kafka(producer: &FutureProducer, topic: &str, records: &[Record], c
 }
 
 /// Latency figures of one run, in ms.
-/// A latency run: events/s asked of the writers, for how long, with which `kafka.lingerMs`.
+/// A latency run: events/s asked of the writers, for how long, with which `kafka.lingerMs`
+/// and `outbox.readAhead`.
 #[derive(Clone, Copy)]
 struct Load {
     rate: f64,
     secs: u64,
     linger_ms: u32,
+    read_ahead: bool,
 }
 
 struct Latency {
     linger_ms: u32,
+    read_ahead: bool,
     rate_asked: f64,
     rate_reached: f64,
     per_tx: usize,
@@ -569,25 +628,140 @@ fn histogram_quantiles(text: &str) -> (String, String) {
     (find(0.5), find(0.99))
 }
 
+/// Section 4's runs: commit → ack latency at half the best Kafka rate and at a low steady rate,
+/// on the publisher the best throughput run caught up.
+async fn latency_runs(
+    env: &Env,
+    pool: &PgPool,
+    publisher: &InventoryEventPublisher,
+    best: &ThroughputRun,
+    topics: &mut Vec<String>,
+    aggregates: &[Uuid],
+) -> anyhow::Result<Vec<Latency>> {
+    let mut latencies = Vec::new();
+    // The first is the target's (the shipped configuration); the second is the same load
+    // without reading ahead, the loop before (it read ahead only after a full batch, which a
+    // caught-up relay at half load never reads), same process.
+    let half = best.rate * 0.5;
+    let shipped = default_linger_ms();
+    let loads = [
+        Load {
+            rate: half,
+            secs: LATENCY_SECS,
+            linger_ms: shipped,
+            read_ahead: true,
+        },
+        Load {
+            rate: half,
+            secs: LATENCY_SECS,
+            linger_ms: shipped,
+            read_ahead: false,
+        },
+        Load {
+            rate: LOW_RATE,
+            secs: LOW_RATE_SECS,
+            linger_ms: shipped,
+            read_ahead: true,
+        },
+        Load {
+            rate: LOW_RATE,
+            secs: LOW_RATE_SECS,
+            linger_ms: shipped,
+            read_ahead: false,
+        },
+        Load {
+            rate: LOW_RATE,
+            secs: LOW_RATE_SECS,
+            linger_ms: 0,
+            read_ahead: true,
+        },
+    ];
+    for (i, load) in loads.into_iter().enumerate() {
+        let topic = format!("bench-latency-{}-{i}", env.tag);
+        topics.push(topic.clone());
+        let lat = latency(env, pool, publisher, best.batch, load, &topic, aggregates).await?;
+        eprintln!(
+            "latency @ {:.0}/{:.0} ev/s: ack p50 {:.1} p99 {:.1} ms",
+            lat.rate_asked, lat.rate_reached, lat.ack.0, lat.ack.1
+        );
+        latencies.push(lat);
+    }
+
+    Ok(latencies)
+}
+
+fn latency_rows(latencies: &[Latency], row: &impl Fn(&str, String, &str, &str)) {
+    for (i, lat) in latencies.iter().enumerate() {
+        // The targets apply to the default configuration at half the maximum rate.
+        let targets = i == 0;
+        row(
+            &format!(
+                "commit → ack p50 @ {:.0} ev/s ({:.0} asked, {}/txn), linger {} ms, read-ahead {}",
+                lat.rate_reached,
+                lat.rate_asked,
+                lat.per_tx,
+                lat.linger_ms,
+                if lat.read_ahead { "on" } else { "off" }
+            ),
+            format!("{:.1} ms", lat.ack.0),
+            if targets { "≤ 5 ms" } else { "" },
+            if targets {
+                status(lat.ack.0 <= TARGET_P50_MS)
+            } else {
+                ""
+            },
+        );
+        row(
+            "  commit → ack p99",
+            format!("{:.1} ms", lat.ack.1),
+            if targets { "≤ 25 ms" } else { "" },
+            if targets {
+                status(lat.ack.1 <= TARGET_P99_MS)
+            } else {
+                ""
+            },
+        );
+        row("  commit → ack mean", format!("{:.1} ms", lat.ack.2), "", "");
+        row(
+            "  commit → consume p50 / p99 (upper bound of ack)",
+            format!("{:.1} / {:.1} ms", lat.consume.0, lat.consume.1),
+            "",
+            "",
+        );
+        row(
+            "  relay commit_to_ack_seconds histogram p50 / p99",
+            format!("{} / {}", lat.histogram.0, lat.histogram.1),
+            "",
+            "",
+        );
+    }
+}
+
 /// Writers commit `rate` events/s for `secs` while a caught-up relay publishes them.
 async fn latency(
     env: &Env,
     pool: &PgPool,
     publisher: &InventoryEventPublisher,
     batch: usize,
-    Load { rate, secs, linger_ms }: Load,
+    Load {
+        rate,
+        secs,
+        linger_ms,
+        read_ahead,
+    }: Load,
     topic: &str,
     aggregates: &[Uuid],
 ) -> anyhow::Result<Latency> {
     // The publisher of the throughput run with this batch size: caught up, so it starts idle.
     let relay_publisher = format!("bench-kafka-b{batch}");
     let topic = topic.to_owned();
-    let config = relay_config(
+    let mut config = relay_config(
         &relay_publisher,
         batch,
         kafka_broker_doc_linger(env, &topic, linger_ms),
         &topic,
     );
+    config.outbox.read_ahead = read_ahead;
     let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
     inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
     let timed = TimedBroker::new(inner, env.base, u64::MAX, true);
@@ -718,6 +892,7 @@ async fn latency(
     let n = busy.len().max(1) as f64;
     Ok(Latency {
         linger_ms,
+        read_ahead,
         rate_asked: rate,
         rate_reached: total as f64 / wrote_for.as_secs_f64(),
         per_tx,
@@ -1168,6 +1343,36 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
     };
 
+    // RELAY_BENCH_LATENCY_ONLY=1: one throughput run at the largest batch (it catches its
+    // publisher up, as the latency runs need), then only the latency runs.
+    if only("RELAY_BENCH_LATENCY_ONLY") {
+        let batch = BATCH_SIZES[BATCH_SIZES.len() - 1];
+        let topic = format!("bench-relay-{}-b{batch}", env.tag);
+        topics.push(topic.clone());
+        let config = relay_config(
+            &format!("bench-kafka-b{batch}"),
+            batch,
+            kafka_broker_doc(env, &topic),
+            &topic,
+        );
+        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
+        let timed = TimedBroker::new(inner, env.base, goal, false);
+        let run = relay_until(env, config, timed, format!("relay → Kafka, batch {batch}"), goal).await?;
+        let latencies = latency_runs(env, &pool, &publisher, &run, topics, &aggregates).await?;
+        pool.close().await;
+        println!();
+        row(&run.label, format!("{:.0} events/s", run.rate), "", "");
+        latency_rows(&latencies, &row);
+        for lat in &latencies {
+            println!(
+                "  latency run @ {:.0} ev/s: {} samples, {} send_batch calls, {:.1} events/call, {:.1} ms/call",
+                lat.rate_reached, lat.samples, lat.calls, lat.mean_call_events, lat.mean_send_ms
+            );
+        }
+        return Ok(());
+    }
+
     // 1. Relay → Kafka, per batch size.
     let mut kafka_runs = Vec::new();
     for batch in BATCH_SIZES {
@@ -1211,29 +1416,39 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     // The best batch size again without this round's two changes, same process: strict
     // per-aggregate waves and no read-ahead (the loop as it was), then one call per batch but
     // no read-ahead, so each change has its own before/after.
-    let mut variant = async |suffix: &str, strict_waves: bool, read_ahead: bool| -> anyhow::Result<ThroughputRun> {
-        let batch = best.batch;
-        let topic = format!("bench-relay-{}-b{batch}-{suffix}", env.tag);
-        topics.push(topic.clone());
-        let publisher_name = format!("bench-kafka-b{batch}-{suffix}");
-        let mut config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
-        config.outbox.read_ahead = read_ahead;
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
-        inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
-        let timed = TimedBroker::new(inner, env.base, goal, false);
-        timed.strict_waves.store(strict_waves, Ordering::SeqCst);
-        let label = format!(
-            "relay → Kafka, batch {batch}, {}, {}",
-            if strict_waves { "strict waves" } else { "one call" },
-            if read_ahead { "read-ahead" } else { "no read-ahead" }
-        );
-        let run = relay_until(env, config, timed, label, goal).await?;
-        check_cursors(&pool, &publisher_name).await?;
-        eprintln!("{}", run.breakdown());
-        Ok(run)
-    };
-    let strict = variant("strict", true, false).await?;
-    let no_read_ahead = variant("one-call", false, false).await?;
+    // Last, read-ahead on but each batch's acknowledgements awaited before the next is handed
+    // over: the loop before pipelining.
+    let mut variant =
+        async |suffix: &str, strict_waves: bool, read_ahead: bool, pipelined: bool| -> anyhow::Result<ThroughputRun> {
+            let batch = best.batch;
+            let topic = format!("bench-relay-{}-b{batch}-{suffix}", env.tag);
+            topics.push(topic.clone());
+            let publisher_name = format!("bench-kafka-b{batch}-{suffix}");
+            let mut config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
+            config.outbox.read_ahead = read_ahead;
+            let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+            inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
+            let timed = TimedBroker::new(inner, env.base, goal, false);
+            timed.strict_waves.store(strict_waves, Ordering::SeqCst);
+            timed.no_pipeline.store(!pipelined, Ordering::SeqCst);
+            let label = format!(
+                "relay → Kafka, batch {batch}, {}, {}{}",
+                if strict_waves { "strict waves" } else { "one call" },
+                if read_ahead { "read-ahead" } else { "no read-ahead" },
+                if read_ahead && !pipelined {
+                    ", not pipelined"
+                } else {
+                    ""
+                }
+            );
+            let run = relay_until(env, config, timed, label, goal).await?;
+            check_cursors(&pool, &publisher_name).await?;
+            eprintln!("{}", run.breakdown());
+            Ok(run)
+        };
+    let strict = variant("strict", true, false, false).await?;
+    let no_read_ahead = variant("one-call", false, false, false).await?;
+    let not_pipelined = variant("no-pipeline", false, true, false).await?;
 
     // 2. Raw producer baseline, same records.
     let kafka_admin: AdminClient<DefaultClientContext> =
@@ -1263,7 +1478,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
                 status(r.rate >= TARGET_RELAY_KAFKA),
             );
         }
-        for r in [&linger0, &strict, &no_read_ahead] {
+        for r in [&linger0, &strict, &no_read_ahead, &not_pipelined] {
             row(
                 &format!("{} (information)", r.label),
                 format!("{:.0} ev/s", r.rate),
@@ -1284,8 +1499,14 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
             "",
         );
         row(
-            "  of which read-ahead (best / one call, no read-ahead)",
-            format!("{:.2}", best.rate / no_read_ahead.rate),
+            "  of which read-ahead (not pipelined / one call, no read-ahead)",
+            format!("{:.2}", not_pipelined.rate / no_read_ahead.rate),
+            "",
+            "",
+        );
+        row(
+            "  of which pipelining (best / read-ahead, not pipelined)",
+            format!("{:.2}", best.rate / not_pipelined.rate),
             "",
             "",
         );
@@ -1322,7 +1543,10 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
             println!("{name:<64} {figure:>18} {target:>10} {st:>7}");
         });
         println!();
-        for r in kafka_runs.iter().chain([&linger0, &strict, &no_read_ahead]) {
+        for r in kafka_runs
+            .iter()
+            .chain([&linger0, &strict, &no_read_ahead, &not_pipelined])
+        {
             println!("  {}", r.breakdown());
         }
         return Ok(());
@@ -1348,40 +1572,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     let backlog = backlog::backlog_run(env, &pool, topics).await?;
     // 4. Latency at half the best relay rate, on the caught-up publisher of the best run; last,
     //    as it appends events the throughput runs must not see.
-    let mut latencies = Vec::new();
-    let loads = [
-        Load {
-            rate: best.rate * 0.5,
-            secs: LATENCY_SECS,
-            linger_ms: 5,
-        },
-        Load {
-            rate: best.rate * 0.5,
-            secs: LATENCY_SECS,
-            linger_ms: 0,
-        },
-        Load {
-            rate: LOW_RATE,
-            secs: LOW_RATE_SECS,
-            linger_ms: 5,
-        },
-        Load {
-            rate: LOW_RATE,
-            secs: LOW_RATE_SECS,
-            linger_ms: 0,
-        },
-    ];
-    for (i, load) in loads.into_iter().enumerate() {
-        let topic = format!("bench-latency-{}-{i}", env.tag);
-        topics.push(topic.clone());
-        let lat = latency(env, &pool, &publisher, best.batch, load, &topic, &aggregates).await?;
-        eprintln!(
-            "latency @ {:.0}/{:.0} ev/s: ack p50 {:.1} p99 {:.1} ms",
-            lat.rate_asked, lat.rate_reached, lat.ack.0, lat.ack.1
-        );
-        latencies.push(lat);
-    }
-
+    let latencies = latency_runs(env, &pool, &publisher, best, topics, &aggregates).await?;
     pool.close().await;
 
     // Report.
@@ -1391,46 +1582,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         "measurement", "figure", "target", "status"
     );
     kafka_rows(&row);
-    for (i, lat) in latencies.iter().enumerate() {
-        // The targets apply to the default configuration at half the maximum rate.
-        let targets = i == 0;
-        row(
-            &format!(
-                "commit → ack p50 @ {:.0} ev/s ({:.0} asked, {}/txn), linger {} ms",
-                lat.rate_reached, lat.rate_asked, lat.per_tx, lat.linger_ms
-            ),
-            format!("{:.1} ms", lat.ack.0),
-            if targets { "≤ 5 ms" } else { "" },
-            if targets {
-                status(lat.ack.0 <= TARGET_P50_MS)
-            } else {
-                ""
-            },
-        );
-        row(
-            "  commit → ack p99",
-            format!("{:.1} ms", lat.ack.1),
-            if targets { "≤ 25 ms" } else { "" },
-            if targets {
-                status(lat.ack.1 <= TARGET_P99_MS)
-            } else {
-                ""
-            },
-        );
-        row("  commit → ack mean", format!("{:.1} ms", lat.ack.2), "", "");
-        row(
-            "  commit → consume p50 / p99 (upper bound of ack)",
-            format!("{:.1} / {:.1} ms", lat.consume.0, lat.consume.1),
-            "",
-            "",
-        );
-        row(
-            "  relay commit_to_ack_seconds histogram p50 / p99",
-            format!("{} / {}", lat.histogram.0, lat.histogram.1),
-            "",
-            "",
-        );
-    }
+    latency_rows(&latencies, &row);
     rabbitmq_rows(&rabbit_runs, raw_rabbit, raw_rabbit_serial, &row);
     sqs::sqs_rows(&sqs_runs, &row);
     backlog::backlog_rows(&backlog, &row);
@@ -1438,7 +1590,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     println!("where the time goes (one send_batch call per wave; to one Kafka topic a round is one wave):");
     for r in kafka_runs
         .iter()
-        .chain([&linger0, &strict, &no_read_ahead])
+        .chain([&linger0, &strict, &no_read_ahead, &not_pipelined])
         .chain(&rabbit_runs)
         .chain(sqs_runs.iter().map(|r| &r.run))
     {

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::confluent::{self, ConfluentFraming, WireFormat};
-use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
+use super::{BoxFuture, Broker, CloudEventsMode, HandedOver, Message, SendError};
 use crate::event::cloudevents::{self, KAFKA_PREFIX};
 use crate::tls::{TlsConfigError, TlsFiles};
 
@@ -1041,6 +1042,21 @@ impl KafkaBroker {
 
     /// Enqueues every record first (so they pipeline into batches), then awaits every delivery
     /// report. Results are in input order; `records[i]` encodes `messages[i]`.
+    async fn deliver(
+        &self,
+        records: Vec<Result<Outgoing, SendError>>,
+        messages: &[Message],
+    ) -> Vec<Result<(), SendError>> {
+        let (enqueued, _) = self.queue_all(records, messages).await;
+        let results = self.reports(enqueued).await;
+        if results.iter().any(Result::is_err) {
+            self.recover_from_fatal_error();
+        }
+        results
+    }
+
+    /// Hands every record to librdkafka in input order; returns each record's state and the
+    /// positions refused before reaching the producer.
     ///
     /// Once a record of an aggregate cannot be encoded or enqueued, that aggregate's later
     /// records of the call are not handed to librdkafka (they fail as withheld), so the relay
@@ -1050,17 +1066,17 @@ impl KafkaBroker {
     /// queued successors of a timed-out record with it, except when a successor's own
     /// timeout falls after the broker is back (librdkafka's documented gap); the relay checks
     /// every call's results for that and counts it.
-    async fn deliver(
+    async fn queue_all(
         &self,
         records: Vec<Result<Outgoing, SendError>>,
         messages: &[Message],
-    ) -> Vec<Result<(), SendError>> {
-        let timeout = self.config.message_timeout();
-        let enqueue_deadline = Instant::now() + timeout;
+    ) -> (Vec<Enqueued>, Vec<usize>) {
+        let enqueue_deadline = Instant::now() + self.config.message_timeout();
         let mut enqueued = Vec::with_capacity(records.len());
+        let mut refused_at = Vec::new();
         // (topic, aggregate type, aggregate id) of every aggregate with a refused record here.
         let mut refused: HashSet<(&str, &str, &str)> = HashSet::new();
-        for (record, message) in records.iter().zip(messages) {
+        for (i, (record, message)) in records.iter().zip(messages).enumerate() {
             let aggregate = (
                 message.destination.as_str(),
                 message.event.aggregate_type.as_str(),
@@ -1071,6 +1087,7 @@ impl KafkaBroker {
                     "withheld: an earlier event of aggregate {} {} failed in the same batch",
                     aggregate.1, aggregate.2
                 ))));
+                refused_at.push(i);
                 continue;
             }
             let state = match record {
@@ -1079,13 +1096,21 @@ impl KafkaBroker {
             };
             if matches!(state, Enqueued::Failed(_)) {
                 refused.insert(aggregate);
+                refused_at.push(i);
             }
             enqueued.push(state);
         }
+        (enqueued, refused_at)
+    }
+
+    /// Awaits the delivery report of every enqueued record; owns everything it needs, so the
+    /// caller may hand the next batch over meanwhile.
+    fn reports(&self, enqueued: Vec<Enqueued>) -> impl Future<Output = Vec<Result<(), SendError>>> + Send + 'static {
+        let timeout = self.config.message_timeout();
         // librdkafka reports every record within message.timeout.ms of its enqueue; the grace
         // only guards against a report that never comes.
         let report_deadline = Instant::now() + timeout + DELIVERY_REPORT_GRACE;
-        let results = join_all(enqueued.into_iter().map(|state| async move {
+        join_all(enqueued.into_iter().map(move |state| async move {
             let (topic, delivery) = match state {
                 Enqueued::Failed(error) => return Err(error),
                 Enqueued::Pending { topic, delivery } => (topic, delivery),
@@ -1102,11 +1127,20 @@ impl KafkaBroker {
                 ))),
             }
         }))
-        .await;
-        if results.iter().any(Result::is_err) {
-            self.recover_from_fatal_error();
+    }
+
+    /// The records of one `send_batch` call, Confluent-framed when the registry integration is on.
+    async fn records(&self, messages: &[Message]) -> Vec<Result<Outgoing, SendError>> {
+        match &self.framing {
+            None => messages.iter().map(|m| self.encode(m, &m.destination, &[])).collect(),
+            Some(framing) => (framing.schema_ids(messages).await.into_iter().zip(messages))
+                .map(|(id, m)| -> Result<Outgoing, SendError> {
+                    let mut record = self.encode(m, &m.destination, &[])?;
+                    record.body = confluent::frame(id?, &record.body);
+                    Ok(record)
+                })
+                .collect(),
         }
-        results
     }
 
     async fn create_topics(&self, destinations: &[String]) -> Result<(), SendError> {
@@ -1212,17 +1246,27 @@ impl Broker for KafkaBroker {
 
     fn send_batch<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Vec<Result<(), SendError>>> {
         Box::pin(async move {
-            let records = match &self.framing {
-                None => messages.iter().map(|m| self.encode(m, &m.destination, &[])).collect(),
-                Some(framing) => (framing.schema_ids(messages).await.into_iter().zip(messages))
-                    .map(|(id, m)| -> Result<Outgoing, SendError> {
-                        let mut record = self.encode(m, &m.destination, &[])?;
-                        record.body = confluent::frame(id?, &record.body);
-                        Ok(record)
-                    })
-                    .collect(),
-            };
+            let records = self.records(messages).await;
             self.deliver(records, messages).await
+        })
+    }
+
+    fn orders_across_calls(&self) -> bool {
+        true
+    }
+
+    /// Queues the batch and returns; the delivery reports come with `acks`. A producer left
+    /// unusable by a fatal error in an earlier batch is replaced before queueing (the earlier
+    /// batch's reports may still be outstanding, so this is where the next call learns of it).
+    fn hand_over<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, HandedOver> {
+        Box::pin(async move {
+            self.recover_from_fatal_error();
+            let records = self.records(messages).await;
+            let (enqueued, refused) = self.queue_all(records, messages).await;
+            HandedOver {
+                refused,
+                acks: Box::pin(self.reports(enqueued)),
+            }
         })
     }
 

@@ -95,6 +95,16 @@ pub enum CloudEventsMode {
     Structured,
 }
 
+/// A batch handed to the broker whose acknowledgements are still to come.
+pub struct HandedOver {
+    /// Positions (in the call's input) of messages that never reached the broker: they could
+    /// not be encoded or queued, and their results are already errors. The relay sends no
+    /// later batch behind them before their aggregate's failure is recorded.
+    pub refused: Vec<usize>,
+    /// One result per message, in input order, once every acknowledgement is in.
+    pub acks: BoxFuture<'static, Vec<Result<(), SendError>>>,
+}
+
 /// A message broker the relay publishes to.
 pub trait Broker: Send + Sync {
     /// Short name for logs and metrics (`kafka`, `rabbitmq`, `sns`, `sqs`).
@@ -119,6 +129,33 @@ pub trait Broker: Send + Sync {
     /// failure is known before the aggregate's next event goes out.
     fn keeps_aggregate_order(&self) -> bool {
         false
+    }
+
+    /// Whether a batch handed over with [`Broker::hand_over`] is written before every batch
+    /// handed over after it, per key, while its acknowledgements are still outstanding (Kafka:
+    /// one idempotent producer queues each partition in order). The relay then hands the next
+    /// batch over before the current one is acknowledged, which keeps the broker busy while it
+    /// records outcomes and moves the cursor.
+    fn orders_across_calls(&self) -> bool {
+        false
+    }
+
+    /// Hands a batch over and returns once it is queued, with the acknowledgements still to
+    /// come (see [`HandedOver`]). Only meaningful with [`Broker::orders_across_calls`]; the
+    /// default sends the whole batch, acknowledgements included, before returning.
+    fn hand_over<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, HandedOver> {
+        Box::pin(async move {
+            let results = self.send_batch(messages).await;
+            let refused = results
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.is_err().then_some(i))
+                .collect();
+            HandedOver {
+                refused,
+                acks: Box::pin(std::future::ready(results)),
+            }
+        })
     }
 
     /// A cheap round trip proving the broker is reachable, for readiness.

@@ -83,9 +83,10 @@ pub struct OutboxConfig {
     /// Apply migrations at start (off when an init step runs `inventory-outbox migrate`).
     #[serde(default = "default_true")]
     pub migrate: bool,
-    /// Read the next batch while a full one is on its way to the broker, so with a backlog the
-    /// database read overlaps the broker round trip (at most two batches in memory). Off:
-    /// strictly read, send, commit (the benchmark's same-run baseline).
+    /// Read the next batch while one is on its way to the broker, so the database read
+    /// overlaps the broker round trip: with a backlog for throughput, under a steady load for
+    /// latency (at most two batches in memory). Off: strictly read, send, commit (the
+    /// benchmark's same-run baseline).
     #[serde(default = "default_true")]
     pub read_ahead: bool,
     /// TLS towards PostgreSQL (verify-full by default, CA and client certificate as files).

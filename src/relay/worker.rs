@@ -36,7 +36,7 @@ use super::leases::{HeartbeatReport, LeaseManager};
 use super::metrics::RelayMetrics;
 use super::retry::RetryDecision;
 use crate::broker::routing::Routing;
-use crate::broker::{Broker, Message, SendError};
+use crate::broker::{BoxFuture, Broker, Message, SendError};
 use crate::delivery::waves;
 use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
@@ -186,7 +186,7 @@ impl Relay {
             self.health.loop_ran();
             let wait = if let Some(retry_in) = outcome.blocked_by_circuit {
                 retry_in.clamp(min_poll, max_poll)
-            } else if outcome.full {
+            } else if outcome.full || ahead.is_some() {
                 idle_wait = min_poll;
                 continue;
             } else if outcome.read > 0 {
@@ -408,7 +408,7 @@ impl Relay {
                 attempts: Some(chain.attempts),
             });
         }
-        let retried = self.deliver(pending, &mut HashSet::new()).await?;
+        let retried = self.deliver(pending, &mut HashSet::new(), Pipeline::default()).await?;
 
         // 2. New events. With one destination whose circuit is open nothing could be sent:
         // leave them in the outbox (cursor unchanged) rather than park every one of them.
@@ -443,45 +443,193 @@ impl Relay {
             .await?
             .into_iter()
             .collect();
-        let pending: Vec<Pending> = batch
-            .events
-            .iter()
-            .map(|e| Pending {
-                stored: e,
-                message: self.message(e),
-                attempts: None,
-            })
-            .collect();
-        self.metrics.observe_batch(read);
-        let (fresh, next) = if full && self.config.outbox.read_ahead {
-            // A backlog: read the next batch while this one is on its way to the broker.
-            let (fresh, next) = tokio::join!(
-                self.deliver(pending, &mut blocked),
-                self.reader
-                    .read_after(&owned, self.config.outbox.batch_size, &batch.advance)
-            );
-            let next = next
-                .inspect_err(|e| tracing::warn!(error = %e, "reading ahead failed; the next round reads again"))
-                .ok();
-            (fresh?, next)
-        } else {
-            (self.deliver(pending, &mut blocked).await?, None)
+        let started = Instant::now();
+        let mut batch = batch;
+        let mut handed: Option<Acks> = None;
+        let (mut read_total, mut delivered_fresh) = (0, 0);
+        let mut rejected_for: Option<Duration> = None;
+        // Each pass delivers one batch; when the broker keeps order across calls, the next
+        // batch is read and handed over while this one's acknowledgements are outstanding, and
+        // the pass after it starts with that batch already on its way. Nothing is in flight
+        // when the round ends, which is what lets shards change hands between rounds.
+        let (ahead, all_moved) = loop {
+            read_total += batch.events.len();
+            self.metrics.observe_batch(batch.events.len());
+            let pending: Vec<Pending> = batch
+                .events
+                .iter()
+                .map(|e| Pending {
+                    stored: e,
+                    message: self.message(e),
+                    attempts: None,
+                })
+                .collect();
+            let pipeline = Pipeline {
+                handed: handed.take(),
+                queued: None,
+            };
+            let (fresh, next) = if self.config.outbox.read_ahead {
+                // Read the next batch while this one is on its way to the broker: with a
+                // backlog the read overlaps the broker round trip, and under a steady load the
+                // events committed during this send are in hand when it ends.
+                let follow = self.may_follow(started);
+                let (queued, on_queued) = tokio::sync::oneshot::channel();
+                let pipeline = Pipeline {
+                    queued: follow.then_some(queued),
+                    ..pipeline
+                };
+                let blocked_before = if follow { blocked.clone() } else { HashSet::new() };
+                let (fresh, next) = tokio::join!(
+                    self.deliver(pending, &mut blocked, pipeline),
+                    self.read_next(&owned, &batch.advance, follow.then_some((on_queued, blocked_before)))
+                );
+                match fresh {
+                    Ok(fresh) => (fresh, next),
+                    Err(e) => {
+                        self.drain(next).await;
+                        return Err(e);
+                    }
+                }
+            } else {
+                (self.deliver(pending, &mut blocked, pipeline).await?, None)
+            };
+            delivered_fresh += fresh.delivered;
+            rejected_for = rejected_for.or(fresh.rejected_for);
+            let all_moved = match self.commit_round(batch.advance, &owned).await {
+                Ok(all_moved) => all_moved,
+                Err(e) => {
+                    self.drain(next).await;
+                    return Err(e);
+                }
+            };
+            match next {
+                Some((next, Some(acks))) if all_moved => {
+                    batch = next;
+                    handed = Some(acks);
+                }
+                handed @ Some((_, Some(_))) => {
+                    // Shards lost since the read: their new owner sends these events again.
+                    self.drain(handed).await;
+                    break (None, false);
+                }
+                Some((next, None)) => break (Some(next), all_moved),
+                None => break (None, all_moved),
+            }
         };
-        let all_moved = self.commit_round(batch.advance, &owned).await?;
-        let delivered = retried.delivered + fresh.delivered;
+        let delivered = retried.delivered + delivered_fresh;
         let outcome = RoundOutcome {
-            read: read + retried.delivered,
+            read: read_total + retried.delivered,
             full: full || retried.delivered > 0 || chain_rows as i64 == limit,
             blocked_by_circuit: None
                 .or(retried.rejected_for)
-                .or(fresh.rejected_for)
+                .or(rejected_for)
                 .filter(|_| delivered == 0),
         };
-        let ahead = next.filter(|_| all_moved).map(|batch| ReadAhead {
-            shards: owned.clone(),
-            batch,
-        });
+        // An empty read-ahead is dropped rather than kept: by the next round it is stale, and
+        // it moved nothing (its watch-list update is read again).
+        let ahead = ahead
+            .filter(|b| all_moved && !b.events.is_empty())
+            .map(|batch| ReadAhead {
+                shards: owned.clone(),
+                batch,
+            });
         Ok((outcome, ahead))
+    }
+
+    /// Waits for the acknowledgements of a batch handed over that will not be delivered (its
+    /// events are read and sent again), so nothing is in flight once the round ends.
+    async fn drain(&self, next: Option<(ReadBatch, Option<Acks>)>) {
+        if let Some((_, Some(acks))) = next {
+            acks.await;
+            self.health.send_finished();
+        }
+    }
+
+    /// Whether the batch being delivered may be followed by the next before its outcome is
+    /// known: the broker keeps order across calls, a failed event stops its aggregate (so a
+    /// successor sent meanwhile is held, never re-sent out of order), the round is young
+    /// (due retries and lease changes wait for the round's end) and no shard change waits.
+    fn may_follow(&self, round_started: Instant) -> bool {
+        self.broker.orders_across_calls()
+            && self.config.dead_letter.block_aggregate
+            && round_started.elapsed() < Duration::from_millis(self.config.workers.heartbeat_interval_ms)
+            && !self.leases.has_pending_release()
+            && self.next_owned.lock().is_ok_and(|n| n.is_none())
+    }
+
+    /// Reads the batch after the one being delivered and, when `follow` is given, hands it
+    /// over as soon as the current one is queued at the broker, provided nothing in it could
+    /// need the current batch's outcome first ([`Relay::can_follow`]).
+    async fn read_next(
+        &self,
+        owned: &[i16],
+        previous: &CursorAdvance,
+        follow: Option<(OnQueued, HashSet<(String, String)>)>,
+    ) -> Option<(ReadBatch, Option<Acks>)> {
+        let next = self
+            .reader
+            .read_after(owned, self.config.outbox.batch_size, previous)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "reading ahead failed; the next round reads again"))
+            .ok()?;
+        let Some((on_queued, blocked)) = follow.filter(|_| !next.events.is_empty()) else {
+            return Some((next, None));
+        };
+        // The current batch's stopped aggregates once it is queued; None: it cannot be followed.
+        let Ok(Some(stopped)) = on_queued.await else {
+            return Some((next, None));
+        };
+        let Some(messages) = self.can_follow(&next, &blocked, &stopped).await else {
+            return Some((next, None));
+        };
+        self.health.send_started();
+        let handed = self.broker.hand_over(&messages).await;
+        Some((next, Some(handed.acks)))
+    }
+
+    /// The messages of `next`, in the order [`Relay::deliver`] sends its one wave, when all of
+    /// it can go out now: one wave, no event of a stopped or blocked aggregate, every payload
+    /// valid against its schema, every destination created and its circuit closed. Anything
+    /// else waits for the normal path, which sees the current batch's outcome.
+    async fn can_follow(
+        &self,
+        next: &ReadBatch,
+        blocked: &HashSet<(String, String)>,
+        stopped: &HashSet<(String, String)>,
+    ) -> Option<Vec<Message>> {
+        let messages: Vec<Message> = next.events.iter().map(|e| self.message(e)).collect();
+        let plan = waves(
+            &messages,
+            |m| {
+                (
+                    m.event.aggregate_type.as_str(),
+                    m.event.aggregate_id.as_str(),
+                    m.destination.as_str(),
+                )
+            },
+            self.broker.keeps_aggregate_order(),
+        );
+        let [wave] = plan.as_slice() else { return None };
+        for event in &next.events {
+            let aggregate = aggregate_key(event);
+            if blocked.contains(&aggregate) || stopped.contains(&aggregate) {
+                return None;
+            }
+            if !matches!(self.check_schema(event).await, Ok(Ok(()))) {
+                return None;
+            }
+        }
+        let ensured = self.ensured.lock().ok()?;
+        let now = Instant::now();
+        let circuits = self.circuits.lock().ok()?;
+        let ready =
+            |d: &str| ensured.contains(d) && circuits.get(d).is_none_or(|c| c.state(now) == CircuitState::Closed);
+        if !messages.iter().all(|m| ready(&m.destination)) {
+            return None;
+        }
+        drop((ensured, circuits));
+        let mut messages: Vec<Option<Message>> = messages.into_iter().map(Some).collect();
+        Some(wave.iter().filter_map(|&i| messages[i].take()).collect())
     }
 
     /// Sends events in waves, asking each destination's circuit per wave. A wave never holds
@@ -494,10 +642,16 @@ impl Relay {
     /// Events the adapter withheld behind a failure of their aggregate in the same call go
     /// again in a wave of their own when the failure does not stop the aggregate (a dead
     /// letter without `deadLetter.blockAggregate`).
+    ///
+    /// With `pipeline.handed` the batch is already on its way as one wave (see
+    /// [`Relay::can_follow`]); an event whose aggregate was stopped after it was handed over is
+    /// treated like one sent behind a failure in the same call. `pipeline.queued` is told when
+    /// the batch is queued at the broker, so the next batch may follow it.
     async fn deliver(
         &self,
         events: Vec<Pending<'_>>,
         stopped: &mut HashSet<(String, String)>,
+        mut pipeline: Pipeline,
     ) -> Result<Delivered, StoreError> {
         let consumer = &self.config.publisher;
         let mut outcome = Delivered::default();
@@ -523,69 +677,83 @@ impl Relay {
             // `sending[k]` is `events[sending_index[k]]`.
             let mut sending_index: Vec<usize> = Vec::with_capacity(wave.len());
             let mut hold_behind: Vec<&StoredEvent> = Vec::new();
-            let mut gates: HashMap<&str, Gate> = HashMap::new();
-            for i in wave {
-                let item = &events[i];
-                if stopped.contains(&aggregate_key(item.stored)) {
-                    if item.attempts.is_none() {
-                        hold.push(item.stored);
-                    }
-                    continue;
+            let pre_sent = pipeline.handed.is_some();
+            let results = if let Some(acks) = pipeline.handed.take() {
+                sending = wave.iter().map(|&i| (&events[i], Gate::Allowed)).collect();
+                sending_index.clone_from(&wave);
+                let results = acks.await;
+                self.health.send_finished();
+                if results.iter().any(Result::is_ok) {
+                    self.health.set_broker_reachable(true);
                 }
-                if let Err(error) = self.check_schema(item.stored).await? {
-                    // At once, not after the loop: the aggregate's next event may be in this wave.
-                    let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
-                    if self
-                        .on_failed(item.stored, &item.message, &error, attempts, true)
-                        .await?
-                    {
-                        stopped.insert(aggregate_key(item.stored));
-                    }
-                    continue;
-                }
-                let destination = item.message.destination.as_str();
-                let gate = match gates.get(destination) {
-                    Some(gate @ (Gate::Allowed | Gate::Rejected(_))) => *gate,
-                    _ => {
-                        let gate = self.acquire(destination);
-                        if !matches!(gate, Gate::Probe) {
-                            gates.insert(destination, gate);
-                        }
-                        gate
-                    }
-                };
-                match gate {
-                    Gate::Rejected(retry_in) => {
-                        outcome.rejected_for = Some(outcome.rejected_for.map_or(retry_in, |r| r.min(retry_in)));
-                        stopped.insert(aggregate_key(item.stored));
+                results
+            } else {
+                let mut gates: HashMap<&str, Gate> = HashMap::new();
+                for &i in &wave {
+                    let item = &events[i];
+                    if stopped.contains(&aggregate_key(item.stored)) {
                         if item.attempts.is_none() {
-                            park.push((item.stored, retry_in, destination));
+                            hold.push(item.stored);
+                        }
+                        continue;
+                    }
+                    if let Err(error) = self.check_schema(item.stored).await? {
+                        // At once, not after the loop: the aggregate's next event may be in this wave.
+                        let attempts = u32::try_from(item.attempts.unwrap_or(0)).unwrap_or(0);
+                        if self
+                            .on_failed(item.stored, &item.message, &error, attempts, true)
+                            .await?
+                        {
+                            stopped.insert(aggregate_key(item.stored));
+                        }
+                        continue;
+                    }
+                    let destination = item.message.destination.as_str();
+                    let gate = match gates.get(destination) {
+                        Some(gate @ (Gate::Allowed | Gate::Rejected(_))) => *gate,
+                        _ => {
+                            let gate = self.acquire(destination);
+                            if !matches!(gate, Gate::Probe) {
+                                gates.insert(destination, gate);
+                            }
+                            gate
+                        }
+                    };
+                    match gate {
+                        Gate::Rejected(retry_in) => {
+                            outcome.rejected_for = Some(outcome.rejected_for.map_or(retry_in, |r| r.min(retry_in)));
+                            stopped.insert(aggregate_key(item.stored));
+                            if item.attempts.is_none() {
+                                park.push((item.stored, retry_in, destination));
+                            }
+                        }
+                        Gate::Allowed | Gate::Probe => {
+                            sending.push((item, gate));
+                            sending_index.push(i);
                         }
                     }
-                    Gate::Allowed | Gate::Probe => {
-                        sending.push((item, gate));
-                        sending_index.push(i);
-                    }
                 }
-            }
-            self.failed.park(consumer, &hold, None).await?;
-            let mut parked: HashMap<&str, (Duration, Vec<&StoredEvent>)> = HashMap::new();
-            for (event, retry_in, destination) in park {
-                parked
-                    .entry(destination)
-                    .or_insert((retry_in, Vec::new()))
-                    .1
-                    .push(event);
-            }
-            for (destination, (retry_in, events)) in parked {
-                let at = Utc::now() + chrono::Duration::from_std(retry_in).unwrap_or_default();
-                let reason = format!("circuit of destination {destination} is open");
-                self.failed.park(consumer, &events, Some((at, reason.as_str()))).await?;
-            }
-            if sending.is_empty() {
-                continue;
-            }
-            let results = self.send(&sending).await;
+                self.failed.park(consumer, &hold, None).await?;
+                let mut parked: HashMap<&str, (Duration, Vec<&StoredEvent>)> = HashMap::new();
+                for (event, retry_in, destination) in park {
+                    parked
+                        .entry(destination)
+                        .or_insert((retry_in, Vec::new()))
+                        .1
+                        .push(event);
+                }
+                for (destination, (retry_in, events)) in parked {
+                    let at = Utc::now() + chrono::Duration::from_std(retry_in).unwrap_or_default();
+                    let reason = format!("circuit of destination {destination} is open");
+                    self.failed.park(consumer, &events, Some((at, reason.as_str()))).await?;
+                }
+                if sending.is_empty() {
+                    continue;
+                }
+                // Only a batch sent in one wave can be followed before its outcome is known.
+                let queued = pipeline.queued.take().filter(|_| queue.is_empty());
+                self.send(&sending, queued.map(|tx| (tx, &*stopped))).await
+            };
             // One outcome per permit: a closed circuit's permit covers every message of the wave
             // to that destination; each probe reports its own.
             let mut wave_outcome: HashMap<&str, bool> = HashMap::new();
@@ -596,7 +764,7 @@ impl Relay {
                 let destination = item.message.destination.as_str();
                 let event = &item.stored.event;
                 let borrowed = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
-                if failed_here.contains(&borrowed) {
+                if failed_here.contains(&borrowed) || (pre_sent && stopped.contains(&aggregate_key(item.stored))) {
                     let aggregate = aggregate_key(item.stored);
                     match &result {
                         // Not this event's failure: it was not handed over behind the first one.
@@ -674,8 +842,14 @@ impl Relay {
 
     /// One pipelined broker call, creating destinations seen for the first time before it.
     /// A destination that cannot be created fails its messages (a destination-level error: the
-    /// circuit and retries take over, nothing is dead-lettered for it).
-    async fn send(&self, sending: &[(&Pending<'_>, Gate)]) -> Vec<Result<(), SendError>> {
+    /// circuit and retries take over, nothing is dead-lettered for it). With `queued`, the
+    /// batch is handed over first and the sender told, once it is queued, which aggregates a
+    /// following batch must not be sent behind: `stopped` and those refused before the broker.
+    async fn send(
+        &self,
+        sending: &[(&Pending<'_>, Gate)],
+        queued: Option<(Queued, &HashSet<(String, String)>)>,
+    ) -> Vec<Result<(), SendError>> {
         let mut unknown: Vec<String> = Vec::new();
         if let Ok(ensured) = self.ensured.lock() {
             for (item, _) in sending {
@@ -718,7 +892,20 @@ impl Relay {
             return results;
         }
         self.health.send_started();
-        let sent = self.broker.send_batch(&to_send).await;
+        let sent = match queued.filter(|_| refused.is_none()) {
+            Some((queued, stopped)) => {
+                let handed = self.broker.hand_over(&to_send).await;
+                let mut not_behind = stopped.clone();
+                not_behind.extend(handed.refused.iter().filter_map(|&i| {
+                    to_send
+                        .get(i)
+                        .map(|m| (m.event.aggregate_type.clone(), m.event.aggregate_id.clone()))
+                }));
+                let _ = queued.send(Some(not_behind));
+                handed.acks.await
+            }
+            None => self.broker.send_batch(&to_send).await,
+        };
         self.health.send_finished();
         if sent.iter().any(Result::is_ok) {
             self.health.set_broker_reachable(true);
@@ -893,6 +1080,23 @@ impl Relay {
             }
         }
     }
+}
+
+/// The acknowledgements of a batch already handed to the broker.
+type Acks = BoxFuture<'static, Vec<Result<(), SendError>>>;
+
+/// Told once a batch is queued at the broker: the aggregates a following batch must not be
+/// sent behind, or None when the batch cannot be followed before its outcome.
+type Queued = tokio::sync::oneshot::Sender<Option<HashSet<(String, String)>>>;
+type OnQueued = tokio::sync::oneshot::Receiver<Option<HashSet<(String, String)>>>;
+
+/// How one [`Relay::deliver`] call takes part in the pipeline.
+#[derive(Default)]
+struct Pipeline {
+    /// The batch was handed over already, as one wave with every event allowed.
+    handed: Option<Acks>,
+    /// Told when this batch is queued, so the next may follow it.
+    queued: Option<Queued>,
 }
 
 /// A batch read ahead during the previous round, and the shards it was read on.

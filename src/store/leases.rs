@@ -77,6 +77,11 @@ impl LeaseManager {
         self.tick_inner(report, false).await
     }
 
+    /// Whether a tick during a round left shards to give back ([`LeaseManager::release_pending`]).
+    pub fn has_pending_release(&self) -> bool {
+        self.pending_release.lock().is_ok_and(|p| !p.is_empty())
+    }
+
     /// Gives back the shards a tick during a round found above the fair share. Call between
     /// rounds; returns the shards released.
     pub async fn release_pending(&self) -> Result<Vec<i16>, StoreError> {

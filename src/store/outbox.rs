@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sqlx::{Acquire, PgConnection};
+use sqlx::{Connection, PgConnection};
 
 use super::events::{EVENT_COLUMNS, StoredEvent, row_to_stored};
 use super::{SchemaName, Store, StoreError, sql};
@@ -138,32 +138,15 @@ impl OutboxReader {
     ) -> Result<ReadBatch, StoreError> {
         let schema = self.store.schema();
         let mut conn = self.store.pool().acquire().await.map_err(StoreError::Connect)?;
-        let mut tx = conn.begin().await.map_err(StoreError::query("begin read"))?;
-        // One snapshot for the xip list and the rows: REPEATABLE READ fixes it at the first query.
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
+        // One snapshot for the xip list and the rows: REPEATABLE READ fixes it at the first
+        // query. Set in BEGIN itself rather than by a SET after it: each statement here is a
+        // round trip every relay round pays, idle or not (the commit → ack floor).
+        let mut tx = (*conn)
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await
-            .map_err(StoreError::query("set read snapshot"))?;
-        // A generic plan for the range queries below cannot see that the late set is small and
-        // scans the history up to the cursor; plan every read for its own parameters.
-        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::query("set plan cache mode"))?;
-        let (xmax, in_progress): (String, Vec<String>) = sqlx::query_as(
-            "SELECT pg_snapshot_xmax(s)::text, \
-                    coalesce((SELECT array_agg(x::text) FROM pg_snapshot_xip(s) x), '{}') \
-             FROM (SELECT pg_current_snapshot() AS s) q",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(StoreError::query("read snapshot"))?;
-        let snapshot = Snapshot {
-            xmax: parse_txid(&xmax)?,
-            in_progress: parse_txids(&in_progress)?,
-        };
-
-        let mut states = load_states(&mut tx, schema, &self.consumer, shards, self.owner.as_deref()).await?;
+            .map_err(StoreError::query("begin read"))?;
+        let (snapshot, mut states) =
+            snapshot_and_cursors(&mut tx, schema, &self.consumer, shards, self.owner.as_deref()).await?;
         if let Some(previous) = previous {
             for (shard, state, epoch) in &mut states {
                 if let Some((_, moved, read_under)) = previous.updates.iter().find(|(s, _, _)| s == shard) {
@@ -266,9 +249,21 @@ fn txid_literal(set: &BTreeSet<u64>) -> String {
     format!("{{{}}}", items.join(","))
 }
 
-/// A `relay_cursors` row: shard, position, watched, watch_from, late, late_after (txids as
-/// text), lease epoch.
-type CursorRow = (i16, i64, Vec<String>, String, Vec<String>, i64, i64);
+/// The snapshot's xmax and xip list (as text), then a `relay_cursors` row — shard, position,
+/// watched, watch_from, late, late_after (txids as text), lease epoch — or NULLs when the
+/// worker holds none of the shards.
+type SnapshotCursorRow = (
+    String,
+    String,
+    Vec<String>,
+    Option<i16>,
+    Option<i64>,
+    Option<Vec<String>>,
+    Option<String>,
+    Option<Vec<String>>,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// What the reading transaction's snapshot says about other transactions.
 struct Snapshot {
@@ -278,38 +273,64 @@ struct Snapshot {
     in_progress: BTreeSet<u64>,
 }
 
-async fn load_states(
+/// Takes the read's snapshot and loads the cursors in one statement (each statement of the
+/// read is a round trip every relay round pays, idle or not: the commit → ack floor). It also
+/// plans the rest of the transaction per execution: a generic plan for the range queries
+/// cannot see that the late set is small and scans the history up to the cursor
+/// (`set_config(.., true)` is `SET LOCAL`). With an owner, only shards this worker leases now
+/// are loaded: a shard lost since the caller last looked is not read at all.
+async fn snapshot_and_cursors(
     conn: &mut PgConnection,
     schema: &SchemaName,
     consumer: &str,
     shards: &[i16],
     owner: Option<&str>,
-) -> Result<Vec<(i16, CursorState, i64)>, StoreError> {
-    // With an owner, only shards this worker leases now: a shard lost since the caller last
-    // looked is not read at all.
+) -> Result<(Snapshot, Vec<(i16, CursorState, i64)>), StoreError> {
     let statement = format!(
-        "SELECT shard, position, watched_txids::text[], watch_from::text, late_txids::text[], late_after, lease_epoch \
-         FROM {schema}.relay_cursors WHERE consumer = $1 AND shard = ANY($2) AND ($3::text IS NULL OR owner = $3)"
+        "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), \
+                pg_snapshot_xmax(q.s)::text, \
+                coalesce((SELECT array_agg(x::text) FROM pg_snapshot_xip(q.s) x), '{{}}'), \
+                c.shard, c.position, c.watched_txids::text[], c.watch_from::text, c.late_txids::text[], \
+                c.late_after, c.lease_epoch \
+         FROM (SELECT pg_current_snapshot() AS s) q \
+         LEFT JOIN {schema}.relay_cursors c \
+           ON c.consumer = $1 AND c.shard = ANY($2) AND ($3::text IS NULL OR c.owner = $3)"
     );
-    let rows: Vec<CursorRow> = sqlx::query_as(sql(statement))
+    let rows: Vec<SnapshotCursorRow> = sqlx::query_as(sql(statement))
         .bind(consumer)
         .bind(shards)
         .bind(owner)
         .fetch_all(&mut *conn)
         .await
-        .map_err(StoreError::query("load relay cursors"))?;
-    rows.into_iter()
-        .map(|(shard, position, watched, watch_from, late, late_after, epoch)| {
-            let state = CursorState {
-                position,
-                watched: parse_txids(&watched)?,
-                watch_from: parse_txid(&watch_from)?,
-                late: parse_txids(&late)?,
-                late_after,
-            };
-            Ok((shard, state, epoch))
-        })
-        .collect()
+        .map_err(StoreError::query("read snapshot and relay cursors"))?;
+    let Some((_, xmax, in_progress, ..)) = rows.first() else {
+        // Cannot happen (the LEFT JOIN keeps the one snapshot row), but never guess a snapshot.
+        return Err(StoreError::Query {
+            action: "read snapshot and relay cursors",
+            source: sqlx::Error::RowNotFound,
+        });
+    };
+    let snapshot = Snapshot {
+        xmax: parse_txid(xmax)?,
+        in_progress: parse_txids(in_progress)?,
+    };
+    let mut states = Vec::with_capacity(rows.len());
+    for (_, _, _, shard, position, watched, watch_from, late, late_after, epoch) in rows {
+        let (Some(shard), Some(position), Some(watched), Some(watch_from), Some(late), Some(late_after), Some(epoch)) =
+            (shard, position, watched, watch_from, late, late_after, epoch)
+        else {
+            continue; // the LEFT JOIN's row when no cursor matched
+        };
+        let state = CursorState {
+            position,
+            watched: parse_txids(&watched)?,
+            watch_from: parse_txid(&watch_from)?,
+            late: parse_txids(&late)?,
+            late_after,
+        };
+        states.push((shard, state, epoch));
+    }
+    Ok((snapshot, states))
 }
 
 /// A transaction id as PostgreSQL prints an `xid8`. Anything else means we misread the
