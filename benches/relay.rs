@@ -628,6 +628,22 @@ fn histogram_quantiles(text: &str) -> (String, String) {
     (find(0.5), find(0.99))
 }
 
+/// One relay → Kafka throughput run of publisher `bench-kafka-b{batch}` as shipped.
+async fn kafka_run(env: &Env, topics: &mut Vec<String>, batch: usize, goal: u64) -> anyhow::Result<ThroughputRun> {
+    let topic = format!("bench-relay-{}-b{batch}", env.tag);
+    topics.push(topic.clone());
+    let config = relay_config(
+        &format!("bench-kafka-b{batch}"),
+        batch,
+        kafka_broker_doc(env, &topic),
+        &topic,
+    );
+    let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+    inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
+    let timed = TimedBroker::new(inner, env.base, goal, false);
+    relay_until(env, config, timed, format!("relay → Kafka, batch {batch}"), goal).await
+}
+
 /// Section 4's runs: commit → ack latency at half the best Kafka rate and at a low steady rate,
 /// on the publisher the best throughput run caught up.
 async fn latency_runs(
@@ -1346,19 +1362,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     // RELAY_BENCH_LATENCY_ONLY=1: one throughput run at the largest batch (it catches its
     // publisher up, as the latency runs need), then only the latency runs.
     if only("RELAY_BENCH_LATENCY_ONLY") {
-        let batch = BATCH_SIZES[BATCH_SIZES.len() - 1];
-        let topic = format!("bench-relay-{}-b{batch}", env.tag);
-        topics.push(topic.clone());
-        let config = relay_config(
-            &format!("bench-kafka-b{batch}"),
-            batch,
-            kafka_broker_doc(env, &topic),
-            &topic,
-        );
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
-        inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
-        let timed = TimedBroker::new(inner, env.base, goal, false);
-        let run = relay_until(env, config, timed, format!("relay → Kafka, batch {batch}"), goal).await?;
+        let run = kafka_run(env, topics, BATCH_SIZES[BATCH_SIZES.len() - 1], goal).await?;
         let latencies = latency_runs(env, &pool, &publisher, &run, topics, &aggregates).await?;
         pool.close().await;
         println!();
@@ -1376,18 +1380,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     // 1. Relay → Kafka, per batch size.
     let mut kafka_runs = Vec::new();
     for batch in BATCH_SIZES {
-        let topic = format!("bench-relay-{}-b{batch}", env.tag);
-        topics.push(topic.clone());
-        let config = relay_config(
-            &format!("bench-kafka-b{batch}"),
-            batch,
-            kafka_broker_doc(env, &topic),
-            &topic,
-        );
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
-        inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
-        let timed = TimedBroker::new(inner, env.base, goal, false);
-        let run = relay_until(env, config, timed, format!("relay → Kafka, batch {batch}"), goal).await?;
+        let run = kafka_run(env, topics, batch, goal).await?;
         check_cursors(&pool, &format!("bench-kafka-b{batch}")).await?;
         eprintln!("{}", run.breakdown());
         kafka_runs.push(run);
