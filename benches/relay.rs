@@ -1479,30 +1479,26 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
                 "",
             );
         }
-        row(
-            "best / strict waves, no read-ahead (the loop before)",
-            format!("{:.2}", best.rate / strict.rate),
-            "",
-            "",
-        );
-        row(
-            "  of which one call per batch (one call / strict waves)",
-            format!("{:.2}", no_read_ahead.rate / strict.rate),
-            "",
-            "",
-        );
-        row(
-            "  of which read-ahead (not pipelined / one call, no read-ahead)",
-            format!("{:.2}", not_pipelined.rate / no_read_ahead.rate),
-            "",
-            "",
-        );
-        row(
-            "  of which pipelining (best / read-ahead, not pipelined)",
-            format!("{:.2}", best.rate / not_pipelined.rate),
-            "",
-            "",
-        );
+        for (name, ratio) in [
+            (
+                "best / strict waves, no read-ahead (the loop before)",
+                best.rate / strict.rate,
+            ),
+            (
+                "  of which one call per batch (one call / strict waves)",
+                no_read_ahead.rate / strict.rate,
+            ),
+            (
+                "  of which read-ahead (not pipelined / one call, no read-ahead)",
+                not_pipelined.rate / no_read_ahead.rate,
+            ),
+            (
+                "  of which pipelining (best / read-ahead, not pipelined)",
+                best.rate / not_pipelined.rate,
+            ),
+        ] {
+            row(name, format!("{ratio:.2}"), "", "");
+        }
         row(
             "raw FutureProducer, all enqueued then awaited",
             format!("{raw_all:.0} msg/s"),

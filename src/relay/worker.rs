@@ -9,11 +9,12 @@
 //!    `maxAttempts` counted attempts;
 //! 4. only then the cursor moves, so a crash at any point re-sends, never skips.
 //!
-//! While a full batch is being delivered the next one is read ahead from where the current
-//! batch's cursor move leaves the cursors, so with a backlog the database read overlaps the
-//! broker round trip; at most two batches are in memory. The read-ahead is used only by the
-//! next round, on the same shards, after the current move was committed for every shard;
-//! otherwise it is dropped (nothing of it was sent, no cursor moved).
+//! While a batch is being delivered the next one is read ahead from where the current
+//! batch's cursor move leaves the cursors, so the database read overlaps the broker round
+//! trip; at most two batches are in memory. With a broker that keeps order across calls
+//! (Kafka) the read-ahead is handed over as soon as the current batch is queued, within the
+//! same round; otherwise it is used by the next round, on the same shards, after the current
+//! move was committed for every shard, or dropped (nothing of it was sent, no cursor moved).
 //!
 //! Each destination has its own circuit: an open one holds only its own events (parked as
 //! retrying heads without a counted attempt, or, with a single destination, left in the
