@@ -83,6 +83,8 @@ pub struct RelayMetrics {
     failed_events: Family<StatusLabel, Gauge>,
     /// `aggregate_order_broken_total`.
     aggregate_order_broken: Counter,
+    /// `batches_followed_total`.
+    batches_followed: Counter,
 }
 
 impl RelayMetrics {
@@ -102,6 +104,7 @@ impl RelayMetrics {
             circuit_state: Family::default(),
             failed_events: Family::default(),
             aggregate_order_broken: Counter::default(),
+            batches_followed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -157,6 +160,11 @@ impl RelayMetrics {
             "Events the broker acknowledged after an earlier event of their aggregate failed in the same call and still waits (should stay 0)",
             metrics.aggregate_order_broken.clone(),
         );
+        registry.register(
+            "batches_followed",
+            "Batches handed to the broker while the previous batch's acknowledgements were outstanding",
+            metrics.batches_followed.clone(),
+        );
         Self { registry, ..metrics }
     }
 
@@ -195,6 +203,11 @@ impl RelayMetrics {
     /// Counts one event acknowledged out of its aggregate's order.
     pub fn aggregate_order_broken(&self) {
         self.aggregate_order_broken.inc();
+    }
+
+    /// Counts one batch handed over behind the one still being acknowledged.
+    pub fn batch_followed(&self) {
+        self.batches_followed.inc();
     }
 
     /// Counts one dead-lettered event.

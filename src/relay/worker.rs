@@ -446,7 +446,7 @@ impl Relay {
             .collect();
         let started = Instant::now();
         let mut batch = batch;
-        let mut handed: Option<Acks> = None;
+        let mut handed: Option<Handed> = None;
         let (mut read_total, mut delivered_fresh) = (0, 0);
         let mut rejected_for: Option<Duration> = None;
         // Each pass delivers one batch; when the broker keeps order across calls, the next
@@ -456,12 +456,18 @@ impl Relay {
         let (ahead, all_moved) = loop {
             read_total += batch.events.len();
             self.metrics.observe_batch(batch.events.len());
+            // A batch handed over already brings its messages along: built once per event.
+            let messages: Vec<Message> = match handed.as_mut() {
+                Some(handed) => std::mem::take(&mut handed.messages),
+                None => batch.events.iter().map(|e| self.message(e)).collect(),
+            };
             let pending: Vec<Pending> = batch
                 .events
                 .iter()
-                .map(|e| Pending {
-                    stored: e,
-                    message: self.message(e),
+                .zip(messages)
+                .map(|(stored, message)| Pending {
+                    stored,
+                    message,
                     attempts: None,
                 })
                 .collect();
@@ -504,9 +510,9 @@ impl Relay {
                 }
             };
             match next {
-                Some((next, Some(acks))) if all_moved => {
+                Some((next, Some(next_handed))) if all_moved => {
                     batch = next;
-                    handed = Some(acks);
+                    handed = Some(next_handed);
                 }
                 handed @ Some((_, Some(_))) => {
                     // Shards lost since the read: their new owner sends these events again.
@@ -539,20 +545,20 @@ impl Relay {
 
     /// Waits for the acknowledgements of a batch handed over that will not be delivered (its
     /// events are read and sent again), so nothing is in flight once the round ends.
-    async fn drain(&self, next: Option<(ReadBatch, Option<Acks>)>) {
-        if let Some((_, Some(acks))) = next {
-            acks.await;
+    async fn drain(&self, next: Option<(ReadBatch, Option<Handed>)>) {
+        if let Some((_, Some(handed))) = next {
+            handed.acks.await;
             self.health.send_finished();
         }
     }
 
     /// Whether the batch being delivered may be followed by the next before its outcome is
-    /// known: the broker keeps order across calls, a failed event stops its aggregate (so a
-    /// successor sent meanwhile is held, never re-sent out of order), the round is young
-    /// (due retries and lease changes wait for the round's end) and no shard change waits.
+    /// known: the broker keeps order across calls (so a successor handed over behind a failed
+    /// event is the case of a successor behind it in the same call: failed with it, or counted
+    /// when the broker wrote it anyway), the round is young (due retries and lease changes
+    /// wait for the round's end) and no shard change waits.
     fn may_follow(&self, round_started: Instant) -> bool {
         self.broker.orders_across_calls()
-            && self.config.dead_letter.block_aggregate
             && round_started.elapsed() < Duration::from_millis(self.config.workers.heartbeat_interval_ms)
             && !self.leases.has_pending_release()
             && self.next_owned.lock().is_ok_and(|n| n.is_none())
@@ -566,7 +572,7 @@ impl Relay {
         owned: &[i16],
         previous: &CursorAdvance,
         follow: Option<(OnQueued, HashSet<(String, String)>)>,
-    ) -> Option<(ReadBatch, Option<Acks>)> {
+    ) -> Option<(ReadBatch, Option<Handed>)> {
         let next = self
             .reader
             .read_after(owned, self.config.outbox.batch_size, previous)
@@ -580,16 +586,29 @@ impl Relay {
         let Ok(Some(stopped)) = on_queued.await else {
             return Some((next, None));
         };
-        let Some(messages) = self.can_follow(&next, &blocked, &stopped).await else {
+        let Some((messages, wave)) = self.can_follow(&next, &blocked, &stopped).await else {
             return Some((next, None));
         };
         self.health.send_started();
-        let handed = self.broker.hand_over(&messages).await;
-        Some((next, Some(handed.acks)))
+        self.metrics.batch_followed();
+        let handed = self.broker.hand_over(&wave).await;
+        let refused = handed
+            .refused
+            .iter()
+            .filter_map(|&i| wave.get(i).map(message_aggregate))
+            .collect();
+        Some((
+            next,
+            Some(Handed {
+                refused,
+                acks: handed.acks,
+                messages,
+            }),
+        ))
     }
 
-    /// The messages of `next`, in the order [`Relay::deliver`] sends its one wave, when all of
-    /// it can go out now: one wave, no event of a stopped or blocked aggregate, every payload
+    /// The messages of `next` in batch order and in the order [`Relay::deliver`] sends its
+    /// one wave (the same `Arc`ed events), when all of it can go out now: one wave, no event of a stopped or blocked aggregate, every payload
     /// valid against its schema, every destination created and its circuit closed. Anything
     /// else waits for the normal path, which sees the current batch's outcome.
     async fn can_follow(
@@ -597,7 +616,7 @@ impl Relay {
         next: &ReadBatch,
         blocked: &HashSet<(String, String)>,
         stopped: &HashSet<(String, String)>,
-    ) -> Option<Vec<Message>> {
+    ) -> Option<(Vec<Message>, Vec<Message>)> {
         let messages: Vec<Message> = next.events.iter().map(|e| self.message(e)).collect();
         let plan = waves(
             &messages,
@@ -629,8 +648,8 @@ impl Relay {
             return None;
         }
         drop((ensured, circuits));
-        let mut messages: Vec<Option<Message>> = messages.into_iter().map(Some).collect();
-        Some(wave.iter().filter_map(|&i| messages[i].take()).collect())
+        let in_wave = wave.iter().filter_map(|&i| messages.get(i).cloned()).collect();
+        Some((messages, in_wave))
     }
 
     /// Sends events in waves, asking each destination's circuit per wave. A wave never holds
@@ -679,10 +698,17 @@ impl Relay {
             let mut sending_index: Vec<usize> = Vec::with_capacity(wave.len());
             let mut hold_behind: Vec<&StoredEvent> = Vec::new();
             let pre_sent = pipeline.handed.is_some();
-            let results = if let Some(acks) = pipeline.handed.take() {
+            let results = if let Some(handed) = pipeline.handed.take() {
                 sending = wave.iter().map(|&i| (&events[i], Gate::Allowed)).collect();
                 sending_index.clone_from(&wave);
-                let results = acks.await;
+                // Queued already: the next batch may follow at once, behind what is stopped so
+                // far and what this one had refused before the broker.
+                if let Some(queued) = pipeline.queued.take() {
+                    let mut not_behind = stopped.clone();
+                    not_behind.extend(handed.refused);
+                    let _ = queued.send(Some(not_behind));
+                }
+                let results = handed.acks.await;
                 self.health.send_finished();
                 if results.iter().any(Result::is_ok) {
                     self.health.set_broker_reachable(true);
@@ -897,11 +923,12 @@ impl Relay {
             Some((queued, stopped)) => {
                 let handed = self.broker.hand_over(&to_send).await;
                 let mut not_behind = stopped.clone();
-                not_behind.extend(handed.refused.iter().filter_map(|&i| {
-                    to_send
-                        .get(i)
-                        .map(|m| (m.event.aggregate_type.clone(), m.event.aggregate_id.clone()))
-                }));
+                not_behind.extend(
+                    handed
+                        .refused
+                        .iter()
+                        .filter_map(|&i| to_send.get(i).map(message_aggregate)),
+                );
                 let _ = queued.send(Some(not_behind));
                 handed.acks.await
             }
@@ -1091,11 +1118,20 @@ type Acks = BoxFuture<'static, Vec<Result<(), SendError>>>;
 type Queued = tokio::sync::oneshot::Sender<Option<HashSet<(String, String)>>>;
 type OnQueued = tokio::sync::oneshot::Receiver<Option<HashSet<(String, String)>>>;
 
+/// A batch handed over behind the one being delivered.
+struct Handed {
+    /// Aggregates with a message refused before the broker: nothing may follow behind them.
+    refused: HashSet<(String, String)>,
+    acks: Acks,
+    /// The batch's messages in batch order, taken by the pass that delivers it.
+    messages: Vec<Message>,
+}
+
 /// How one [`Relay::deliver`] call takes part in the pipeline.
 #[derive(Default)]
 struct Pipeline {
     /// The batch was handed over already, as one wave with every event allowed.
-    handed: Option<Acks>,
+    handed: Option<Handed>,
     /// Told when this batch is queued, so the next may follow it.
     queued: Option<Queued>,
 }
@@ -1135,4 +1171,8 @@ struct Delivered {
 
 fn aggregate_key(event: &StoredEvent) -> (String, String) {
     (event.event.aggregate_type.clone(), event.event.aggregate_id.clone())
+}
+
+fn message_aggregate(message: &Message) -> (String, String) {
+    (message.event.aggregate_type.clone(), message.event.aggregate_id.clone())
 }

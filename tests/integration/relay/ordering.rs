@@ -2,7 +2,8 @@
 //! aggregate's run fails (above the producer's `message.max.bytes`) while its successors sit in
 //! the same batch. None of them reaches the topic before the failure is settled: held behind
 //! it while it blocks (`deadLetter.blockAggregate`) and released in order when it is resolved,
-//! or sent after its dead letter when it does not block; every other aggregate flows.
+//! or sent after its dead letter when it does not block; every other aggregate flows. The
+//! same holds when the run goes on into the next batch while batches are pipelined.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,7 +23,6 @@ use crate::support::{kafka_bootstrap, unique_name};
 /// Events of the hot aggregate; the one at `POISON` (0-based) is too large for the producer.
 const HOT_RUN: usize = 10;
 const POISON: usize = 4;
-const OTHERS: usize = 20;
 
 /// One record read back: the event and the record's CreateTime (ms).
 struct Received {
@@ -83,31 +83,64 @@ fn run_of(received: &[Received], item: Uuid) -> Vec<i64> {
         .collect()
 }
 
-/// The hot aggregate's run (its `POISON`-th event oversized) interleaved with single events
-/// of `OTHERS` other aggregates, committed in one transaction so that one read batch holds
-/// them all. Returns the events in commit order and the hot aggregate.
-async fn commit_one_batch(publisher: &InventoryEventPublisher, db: &TestDatabase) -> (Vec<DomainEvent>, Uuid) {
+/// One read batch: the hot aggregate's run (its `POISON`-th event oversized) interleaved
+/// with single events of other aggregates.
+const ONE_BATCH: &str = "hoo hoo hoo hoo Hoo hoo hoo hoo hoo hoo";
+
+/// Four batches of ten: the run starts in the second batch, whose ninth event is the poison,
+/// and goes on into the third; the first and last hold other aggregates only.
+const ACROSS_BATCHES: &str = "oooooooooo oohohohhHh hohohohooo oooooooooo";
+const ACROSS_BATCH_SIZE: usize = 10;
+
+/// Commits, in one transaction, an event per letter of `layout` (spaces ignored): `h` the hot
+/// aggregate's next event, `H` its oversized one, `o` a single event of a new aggregate.
+/// Returns the events in commit order, the hot aggregate and the poison's index.
+async fn commit_layout(
+    publisher: &InventoryEventPublisher,
+    db: &TestDatabase,
+    layout: &str,
+) -> (Vec<DomainEvent>, Uuid, usize) {
     let hot = Uuid::now_v7();
-    let others: Vec<Uuid> = (0..OTHERS).map(|_| Uuid::now_v7()).collect();
-    let mut drafts: Vec<NewEvent> = Vec::new();
-    for n in 0..HOT_RUN {
-        let mut draft = stock_changed(hot, i64::try_from(n).expect("small") + 1);
-        if n == POISON {
-            // Random hex, so compression cannot bring it under the limit either.
-            let noise: String = (0..256).map(|_| Uuid::new_v4().simple().to_string()).collect();
-            draft.payload["note"] = json!(noise);
-        }
+    let (mut drafts, mut run, mut poison) = (Vec::<NewEvent>::new(), 0, None);
+    for slot in layout.chars().filter(|c| !c.is_whitespace()) {
+        let draft = match slot {
+            'o' => stock_changed(Uuid::now_v7(), 1),
+            'h' | 'H' => {
+                run += 1;
+                let mut draft = stock_changed(hot, run);
+                if slot == 'H' {
+                    // Random hex, so compression cannot bring it under the limit either.
+                    let noise: String = (0..256).map(|_| Uuid::new_v4().simple().to_string()).collect();
+                    draft.payload["note"] = json!(noise);
+                    poison = Some(drafts.len());
+                }
+                draft
+            }
+            other => panic!("layout letter {other:?}"),
+        };
         drafts.push(draft);
-        drafts.extend(others[n * 2..n * 2 + 2].iter().map(|o| stock_changed(*o, 1)));
     }
+    assert_eq!(run, i64::try_from(HOT_RUN).expect("small"), "layout {layout:?}");
+    let poison = poison.expect("the layout has a poison");
     let mut tx = db.pool.begin().await.expect("begin");
     let events = publisher.publish_events(&mut tx, drafts).await.expect("publish");
     tx.commit().await.expect("commit");
-    (events, hot)
+    assert_eq!(
+        events[poison].aggregate_id,
+        hot.to_string(),
+        "the poison is the hot aggregate's"
+    );
+    (events, hot, poison)
 }
 
 /// A Kafka relay whose producer refuses records above 4 KiB, with `blockAggregate` as given.
-async fn kafka_relay(db: &TestDatabase, consumer_name: &str, topic: &str, block: bool) -> RunningRelay {
+async fn kafka_relay(
+    db: &TestDatabase,
+    consumer_name: &str,
+    topic: &str,
+    block: bool,
+    batch_size: Option<usize>,
+) -> RunningRelay {
     let broker = json!({"kafka": {
         "bootstrapServers": kafka_bootstrap(),
         "deadLetterTopic": format!("{topic}-dlq"),
@@ -121,6 +154,9 @@ async fn kafka_relay(db: &TestDatabase, consumer_name: &str, topic: &str, block:
         json!({"strategy": "single", "destination": topic}),
     );
     config.dead_letter.block_aggregate = block;
+    if let Some(size) = batch_size {
+        config.outbox.batch_size = size;
+    }
     start_relay(db, config, "ordering-1").await
 }
 
@@ -153,31 +189,34 @@ async fn failed_status(db: &TestDatabase, consumer: &str) -> HashMap<Uuid, Strin
         .collect()
 }
 
-fn order_broken(relay: &RunningRelay) -> Option<String> {
+/// The sample line of the relay's counter `name` (without its `outbox_relay_` prefix).
+fn counter(relay: &RunningRelay, name: &str) -> Option<String> {
+    let prefix = format!("outbox_relay_{name}_total");
     relay
         .relay
         .metrics()
         .encode()
         .lines()
-        .find(|l| l.starts_with("outbox_relay_aggregate_order_broken_total"))
+        .find(|l| l.starts_with(&prefix))
         .map(str::to_owned)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_blocking_failure_mid_run_in_one_kafka_batch_holds_every_successor_until_resolved() {
-    const CONSUMER: &str = "kafka-mid-run-block";
-    let (db, publisher) = publisher("relay_mid_run_block").await;
-    let topic = unique_name("mid-run-block");
-    let relay = kafka_relay(&db, CONSUMER, &topic, true).await;
+/// Commits `layout`, relays it with `blockAggregate` and checks: everything but the poison's
+/// run arrives, the poison is dead-lettered and its successors held; resolving it releases
+/// them in order; nothing arrives twice or out of order. Returns the running relay.
+async fn a_blocking_failure_holds_its_successors(
+    consumer_name: &str,
+    db: &TestDatabase,
+    publisher: &InventoryEventPublisher,
+    layout: &str,
+    batch_size: Option<usize>,
+) -> RunningRelay {
+    let topic = unique_name(consumer_name);
+    let relay = kafka_relay(db, consumer_name, &topic, true, batch_size).await;
     let reader = consumer(&topic);
-    let (events, hot) = commit_one_batch(&publisher, &db).await;
-    let poison = &events[POISON * 3];
-    assert_eq!(
-        poison.aggregate_id,
-        hot.to_string(),
-        "the poison is the hot aggregate's"
-    );
-    let successors: Vec<&DomainEvent> = events[POISON * 3 + 1..]
+    let (events, hot, poison_at) = commit_layout(publisher, db, layout).await;
+    let poison = &events[poison_at];
+    let successors: Vec<&DomainEvent> = events[poison_at + 1..]
         .iter()
         .filter(|e| e.aggregate_id == hot.to_string())
         .collect();
@@ -198,7 +237,7 @@ async fn a_blocking_failure_mid_run_in_one_kafka_batch_holds_every_successor_unt
         Duration::from_secs(10),
         "poison dead-lettered, successors held",
         async || {
-            let status = failed_status(&db, CONSUMER).await;
+            let status = failed_status(db, consumer_name).await;
             status.get(&poison.event_id).map(String::as_str) == Some("dead_lettered")
                 && successors
                     .iter()
@@ -216,7 +255,7 @@ async fn a_blocking_failure_mid_run_in_one_kafka_batch_holds_every_successor_unt
     relay
         .relay
         .failed_events()
-        .resolve(CONSUMER, poison.event_id, "too large; dropped by the test")
+        .resolve(consumer_name, poison.event_id, "too large; dropped by the test")
         .await
         .expect("resolve")
         .expect("the poison has a row");
@@ -227,22 +266,61 @@ async fn a_blocking_failure_mid_run_in_one_kafka_batch_holds_every_successor_unt
     assert_eq!(run_of(&received, hot), vec![1, 2, 3, 4, 6, 7, 8, 9, 10]);
     assert_each_once_but(&events, &received, poison.event_id);
     assert_eq!(
-        order_broken(&relay).as_deref(),
-        Some("outbox_relay_aggregate_order_broken_total{publisher=\"kafka-mid-run-block\"} 0")
+        counter(&relay, "aggregate_order_broken"),
+        Some(format!(
+            "outbox_relay_aggregate_order_broken_total{{publisher=\"{consumer_name}\"}} 0"
+        ))
     );
+    relay
+}
+
+/// Batches handed over behind another (`outbox_relay_batches_followed_total`). With
+/// `ACROSS_BATCHES` the first batch is followed by the poison's, the third (successors) is
+/// not, the fourth follows the third.
+fn followed(relay: &RunningRelay) -> u64 {
+    let line = counter(relay, "batches_followed").unwrap_or_default();
+    line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocking_failure_mid_run_in_one_kafka_batch_holds_every_successor_until_resolved() {
+    let (db, publisher) = publisher("relay_mid_run_block").await;
+    let relay = a_blocking_failure_holds_its_successors("kafka-mid-run-block", &db, &publisher, ONE_BATCH, None).await;
     relay.stop().await;
     db.drop().await;
 }
 
+/// The pipelined case: batches are handed to the producer while the previous one's
+/// acknowledgements are outstanding, and the poison's run crosses from its batch into the
+/// next. The batch after the poison's must not follow it (it holds a successor), the batches
+/// of other aggregates still do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dead_letter_mid_run_in_one_kafka_batch_goes_out_before_any_successor() {
-    const CONSUMER: &str = "kafka-mid-run-pass";
-    let (db, publisher) = publisher("relay_mid_run_pass").await;
-    let topic = unique_name("mid-run-pass");
-    let relay = kafka_relay(&db, CONSUMER, &topic, false).await;
+async fn a_blocking_failure_whose_run_goes_on_in_the_next_batch_holds_it_there_too() {
+    const CONSUMER: &str = "kafka-across-batches";
+    let (db, publisher) = publisher("relay_across_batches").await;
+    let relay =
+        a_blocking_failure_holds_its_successors(CONSUMER, &db, &publisher, ACROSS_BATCHES, Some(ACROSS_BATCH_SIZE))
+            .await;
+    assert!(followed(&relay) >= 2, "the pipelined path was not exercised");
+    relay.stop().await;
+    db.drop().await;
+}
+
+/// Commits `layout`, relays it without `blockAggregate` and checks: every event but the
+/// poison arrives once, the poison is the only failed row (dead-lettered), and every successor
+/// of the poison was produced after its fate was recorded. Returns the running relay.
+async fn a_dead_letter_goes_out_before_its_successors(
+    consumer_name: &str,
+    db: &TestDatabase,
+    publisher: &InventoryEventPublisher,
+    layout: &str,
+    batch_size: Option<usize>,
+) -> RunningRelay {
+    let topic = unique_name(consumer_name);
+    let relay = kafka_relay(db, consumer_name, &topic, false, batch_size).await;
     let reader = consumer(&topic);
-    let (events, hot) = commit_one_batch(&publisher, &db).await;
-    let poison = events[POISON * 3].clone();
+    let (events, hot, poison_at) = commit_layout(publisher, db, layout).await;
+    let poison = events[poison_at].clone();
 
     let mut received = Vec::new();
     read_until(
@@ -254,7 +332,7 @@ async fn a_dead_letter_mid_run_in_one_kafka_batch_goes_out_before_any_successor(
     )
     .await;
     assert_eq!(run_of(&received, hot), vec![1, 2, 3, 4, 6, 7, 8, 9, 10]);
-    let status = failed_status(&db, CONSUMER).await;
+    let status = failed_status(db, consumer_name).await;
     assert_eq!(
         status.get(&poison.event_id).map(String::as_str),
         Some("dead_lettered"),
@@ -268,7 +346,7 @@ async fn a_dead_letter_mid_run_in_one_kafka_batch_goes_out_before_any_successor(
     let decided_ms: i64 = sqlx::query_scalar(
         "SELECT (extract(epoch FROM updated_at) * 1000)::bigint FROM outbox.failed_events WHERE consumer = $1 AND event_id = $2",
     )
-    .bind(CONSUMER)
+    .bind(consumer_name)
     .bind(poison.event_id)
     .fetch_one(&db.pool)
     .await
@@ -285,6 +363,32 @@ async fn a_dead_letter_mid_run_in_one_kafka_batch_goes_out_before_any_successor(
         "a successor was produced at {first_successor_ms} ms, before the poison was dead-lettered at {decided_ms} ms"
     );
     assert_each_once_but(&events, &received, poison.event_id);
+    relay
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_mid_run_in_one_kafka_batch_goes_out_before_any_successor() {
+    let (db, publisher) = publisher("relay_mid_run_pass").await;
+    let relay =
+        a_dead_letter_goes_out_before_its_successors("kafka-mid-run-pass", &db, &publisher, ONE_BATCH, None).await;
+    relay.stop().await;
+    db.drop().await;
+}
+
+/// The pipelined case without `blockAggregate`: the batch after the poison's holds its
+/// successors, so it waits for the poison's outcome instead of following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_whose_run_goes_on_in_the_next_batch_goes_out_before_it() {
+    let (db, publisher) = publisher("relay_across_batches_pass").await;
+    let relay = a_dead_letter_goes_out_before_its_successors(
+        "kafka-across-batches-pass",
+        &db,
+        &publisher,
+        ACROSS_BATCHES,
+        Some(ACROSS_BATCH_SIZE),
+    )
+    .await;
+    assert!(followed(&relay) >= 2, "the pipelined path was not exercised");
     relay.stop().await;
     db.drop().await;
 }
