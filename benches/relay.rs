@@ -9,8 +9,9 @@
 //!    from its start until the broker acknowledged every event.
 //!    The best batch size is run once more with `kafka.lingerMs` 0, for information, once as
 //!    the loop was before (strict per-aggregate waves, the adapter's `keeps_aggregate_order`
-//!    hidden, and `outbox.readAhead` off) and once with one call per batch but no read-ahead:
-//!    the same-run "before" of each change. `RELAY_BENCH_KAFKA_ONLY=1`
+//!    hidden, and `outbox.readAhead` off), once with one call per batch but no read-ahead, once
+//!    with read-ahead but not pipelined, and once as shipped but with glibc's malloc instead of
+//!    mimalloc (`relay_parts/alloc.rs`): the same-run "before" of each change. `RELAY_BENCH_KAFKA_ONLY=1`
 //!    stops after these runs and the raw baseline.
 //! 2. Baseline: a raw rdkafka `FutureProducer` with the adapter's settings sends the same
 //!    records (same keys, bodies and `ce_` headers) to another topic, all enqueued then awaited;
@@ -38,11 +39,17 @@
 //! call's size and start time. Everything it creates (database, topics, exchanges, queues) is
 //! dropped at the end. See BENCHMARKS.md for measured figures.
 
+#[path = "relay_parts/alloc.rs"]
+mod allocator;
 #[path = "relay_parts/backlog.rs"]
 mod backlog;
 #[path = "relay_parts/sqs.rs"]
 mod sqs;
 mod support;
+
+/// mimalloc as shipped, switchable to glibc's malloc for one same-run comparison.
+#[global_allocator]
+static ALLOCATOR: allocator::Switchable = allocator::Switchable;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1411,37 +1418,47 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     // no read-ahead, so each change has its own before/after.
     // Last, read-ahead on but each batch's acknowledgements awaited before the next is handed
     // over: the loop before pipelining.
-    let mut variant =
-        async |suffix: &str, strict_waves: bool, read_ahead: bool, pipelined: bool| -> anyhow::Result<ThroughputRun> {
-            let batch = best.batch;
-            let topic = format!("bench-relay-{}-b{batch}-{suffix}", env.tag);
-            topics.push(topic.clone());
-            let publisher_name = format!("bench-kafka-b{batch}-{suffix}");
-            let mut config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
-            config.outbox.read_ahead = read_ahead;
-            let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
-            inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
-            let timed = TimedBroker::new(inner, env.base, goal, false);
-            timed.strict_waves.store(strict_waves, Ordering::SeqCst);
-            timed.no_pipeline.store(!pipelined, Ordering::SeqCst);
-            let label = format!(
-                "relay → Kafka, batch {batch}, {}, {}{}",
-                if strict_waves { "strict waves" } else { "one call" },
-                if read_ahead { "read-ahead" } else { "no read-ahead" },
-                if read_ahead && !pipelined {
-                    ", not pipelined"
-                } else {
-                    ""
-                }
-            );
-            let run = relay_until(env, config, timed, label, goal).await?;
-            check_cursors(&pool, &publisher_name).await?;
-            eprintln!("{}", run.breakdown());
-            Ok(run)
-        };
-    let strict = variant("strict", true, false, false).await?;
-    let no_read_ahead = variant("one-call", false, false, false).await?;
-    let not_pipelined = variant("no-pipeline", false, true, false).await?;
+    // And the shipped loop with glibc's malloc instead of mimalloc.
+    let mut variant = async |suffix: &str,
+                             strict_waves: bool,
+                             read_ahead: bool,
+                             pipelined: bool,
+                             glibc: bool|
+           -> anyhow::Result<ThroughputRun> {
+        let batch = best.batch;
+        let topic = format!("bench-relay-{}-b{batch}-{suffix}", env.tag);
+        topics.push(topic.clone());
+        let publisher_name = format!("bench-kafka-b{batch}-{suffix}");
+        let mut config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
+        config.outbox.read_ahead = read_ahead;
+        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
+        let timed = TimedBroker::new(inner, env.base, goal, false);
+        timed.strict_waves.store(strict_waves, Ordering::SeqCst);
+        timed.no_pipeline.store(!pipelined, Ordering::SeqCst);
+        let label = format!(
+            "relay → Kafka, batch {batch}, {}, {}{}{}",
+            if strict_waves { "strict waves" } else { "one call" },
+            if read_ahead { "read-ahead" } else { "no read-ahead" },
+            if read_ahead && !pipelined {
+                ", not pipelined"
+            } else {
+                ""
+            },
+            if glibc { ", glibc malloc" } else { "" }
+        );
+        allocator::use_system_malloc(glibc);
+        let run = relay_until(env, config, timed, label, goal).await;
+        allocator::use_system_malloc(false);
+        let run = run?;
+        check_cursors(&pool, &publisher_name).await?;
+        eprintln!("{}", run.breakdown());
+        Ok(run)
+    };
+    let strict = variant("strict", true, false, false, false).await?;
+    let no_read_ahead = variant("one-call", false, false, false, false).await?;
+    let not_pipelined = variant("no-pipeline", false, true, false, false).await?;
+    let glibc = variant("glibc", false, true, true, true).await?;
 
     // 2. Raw producer baseline, same records.
     let kafka_admin: AdminClient<DefaultClientContext> =
@@ -1471,7 +1488,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
                 status(r.rate >= TARGET_RELAY_KAFKA),
             );
         }
-        for r in [&linger0, &strict, &no_read_ahead, &not_pipelined] {
+        for r in [&linger0, &strict, &no_read_ahead, &not_pipelined, &glibc] {
             row(
                 &format!("{} (information)", r.label),
                 format!("{:.0} ev/s", r.rate),
@@ -1496,6 +1513,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
                 "  of which pipelining (best / read-ahead, not pipelined)",
                 best.rate / not_pipelined.rate,
             ),
+            ("mimalloc (best / glibc malloc, same loop)", best.rate / glibc.rate),
         ] {
             row(name, format!("{ratio:.2}"), "", "");
         }
@@ -1534,7 +1552,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         println!();
         for r in kafka_runs
             .iter()
-            .chain([&linger0, &strict, &no_read_ahead, &not_pipelined])
+            .chain([&linger0, &strict, &no_read_ahead, &not_pipelined, &glibc])
         {
             println!("  {}", r.breakdown());
         }
@@ -1579,7 +1597,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     println!("where the time goes (one send_batch call per wave; to one Kafka topic a round is one wave):");
     for r in kafka_runs
         .iter()
-        .chain([&linger0, &strict, &no_read_ahead, &not_pipelined])
+        .chain([&linger0, &strict, &no_read_ahead, &not_pipelined, &glibc])
         .chain(&rabbit_runs)
         .chain(sqs_runs.iter().map(|r| &r.run))
     {
