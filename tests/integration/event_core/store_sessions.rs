@@ -12,11 +12,7 @@ use crate::support::postgres::TestDatabase;
 #[tokio::test]
 async fn store_sessions_carry_a_statement_timeout_and_tcp_keepalives() {
     let db = TestDatabase::create("sessions").await;
-    let url = {
-        let admin = crate::support::database_url();
-        let (base, _) = admin.rsplit_once('/').expect("database part");
-        format!("{base}/{}", db.name)
-    };
+    let url = db.url();
     let store = Store::connect(&url, SchemaName::default(), 2).await.expect("connect");
     store.migrate().await.expect("migrations run");
     for (name, expected) in SESSION_SETTINGS {
@@ -50,11 +46,7 @@ async fn store_sessions_carry_a_statement_timeout_and_tcp_keepalives() {
 async fn a_read_dropped_at_any_point_leaves_no_transaction_behind_on_its_connection() {
     const READS: usize = 240;
     let db = TestDatabase::create("dropped_read").await;
-    let url = {
-        let admin = crate::support::database_url();
-        let (base, _) = admin.rsplit_once('/').expect("database part");
-        format!("{base}/{}", db.name)
-    };
+    let url = db.url();
     let store = Store::connect(&url, SchemaName::default(), 1).await.expect("connect");
     store.migrate().await.expect("migrations run");
     let reader = OutboxReader::new(store.clone(), "dropped-read");

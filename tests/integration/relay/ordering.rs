@@ -201,6 +201,23 @@ fn counter(relay: &RunningRelay, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Starts a relay of `consumer_name` to a new topic and a reader of that topic, then commits
+/// `layout` ([`commit_layout`]).
+async fn relay_and_commit(
+    consumer_name: &str,
+    db: &TestDatabase,
+    publisher: &InventoryEventPublisher,
+    layout: &str,
+    batch_size: Option<usize>,
+    block: bool,
+) -> (RunningRelay, StreamConsumer, (Vec<DomainEvent>, Uuid, usize)) {
+    let topic = unique_name(consumer_name);
+    let relay = kafka_relay(db, consumer_name, &topic, block, batch_size).await;
+    let reader = consumer(&topic);
+    let committed = commit_layout(publisher, db, layout).await;
+    (relay, reader, committed)
+}
+
 /// Commits `layout`, relays it with `blockAggregate` and checks: everything but the poison's
 /// run arrives, the poison is dead-lettered and its successors held; resolving it releases
 /// them in order; nothing arrives twice or out of order. Returns the running relay.
@@ -211,10 +228,8 @@ async fn a_blocking_failure_holds_its_successors(
     layout: &str,
     batch_size: Option<usize>,
 ) -> RunningRelay {
-    let topic = unique_name(consumer_name);
-    let relay = kafka_relay(db, consumer_name, &topic, true, batch_size).await;
-    let reader = consumer(&topic);
-    let (events, hot, poison_at) = commit_layout(publisher, db, layout).await;
+    let (relay, reader, (events, hot, poison_at)) =
+        relay_and_commit(consumer_name, db, publisher, layout, batch_size, true).await;
     let poison = &events[poison_at];
     let successors: Vec<&DomainEvent> = events[poison_at + 1..]
         .iter()
@@ -316,10 +331,8 @@ async fn a_dead_letter_goes_out_before_its_successors(
     layout: &str,
     batch_size: Option<usize>,
 ) -> RunningRelay {
-    let topic = unique_name(consumer_name);
-    let relay = kafka_relay(db, consumer_name, &topic, false, batch_size).await;
-    let reader = consumer(&topic);
-    let (events, hot, poison_at) = commit_layout(publisher, db, layout).await;
+    let (relay, reader, (events, hot, poison_at)) =
+        relay_and_commit(consumer_name, db, publisher, layout, batch_size, false).await;
     let poison = events[poison_at].clone();
 
     let mut received = Vec::new();

@@ -32,6 +32,15 @@ impl TestDatabase {
         Self { name, pool }
     }
 
+    /// The connection URL of this database.
+    pub fn url(&self) -> String {
+        let admin = super::database_url();
+        match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{}", self.name),
+            None => panic!("DATABASE_URL has no database part: {admin}"),
+        }
+    }
+
     /// Closes the pool and drops the database.
     pub async fn drop(self) {
         self.pool.close().await;
