@@ -216,8 +216,7 @@ pub async fn settled_end(pool: &PgPool, schema: &SchemaName, to_position: Option
     .map_err(StoreError::query("list writers in flight"))?;
     for key in keys {
         // A writer may legitimately stay open longer than the store's statement timeout.
-        let mut tx = pool
-            .begin()
+        let mut tx = super::begin_detached(pool, None)
             .await
             .map_err(StoreError::query("begin wait for writers"))?;
         sqlx::query("SET LOCAL statement_timeout = 0")

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
-use sqlx::{Executor, PgConnection};
+use sqlx::{Executor, PgConnection, Postgres, Transaction};
 
 /// Migrations shipped with the binary (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -232,6 +232,28 @@ pub struct Store {
     schema: SchemaName,
 }
 
+/// `pool.begin()` (or `begin_with(statement)`) in a task of its own, so that dropping the
+/// caller cannot interrupt it.
+/// sqlx counts a transaction only once its BEGIN has answered: a future dropped while BEGIN is
+/// in flight (an HTTP handler whose client went away, a process shutting down) returns its
+/// connection to the pool still inside the transaction, and the next user's autocommit
+/// statements would then run in it and never commit. Run to completion, the transaction is
+/// dropped as sqlx knows it and its rollback goes out before the connection is reused.
+pub async fn begin_detached(
+    pool: &PgPool,
+    statement: Option<&'static str>,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        match statement {
+            Some(statement) => pool.begin_with(statement).await,
+            None => pool.begin().await,
+        }
+    })
+    .await
+    .map_err(|e| sqlx::Error::Io(std::io::Error::other(format!("beginning a transaction: {e}"))))?
+}
+
 impl Store {
     /// Connects with a pool of `max_connections`.
     ///
@@ -340,6 +362,12 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Begins a transaction on a pooled connection; a caller dropped meanwhile leaves nothing
+    /// open (see [`begin_detached`]).
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        begin_detached(&self.pool, None).await
     }
 
     pub fn schema(&self) -> &SchemaName {

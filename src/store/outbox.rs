@@ -22,11 +22,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sqlx::pool::PoolConnection;
-use sqlx::{Connection, PgConnection, Postgres};
+use sqlx::PgConnection;
 
 use super::events::{EVENT_COLUMNS, StoredEvent, row_to_stored};
-use super::{SchemaName, Store, StoreError, sql};
+use super::{SchemaName, Store, StoreError, begin_detached, sql};
 
 /// Number of shards events are spread over by aggregate hash (fixed by the schema).
 pub const SHARDS: i16 = 64;
@@ -138,14 +137,15 @@ impl OutboxReader {
         previous: Option<&CursorAdvance>,
     ) -> Result<ReadBatch, StoreError> {
         let schema = self.store.schema();
-        let mut conn = CloseUnlessFinished(self.store.pool().acquire().await.map_err(StoreError::Connect)?, false);
         // One snapshot for the xip list and the rows: REPEATABLE READ fixes it at the first
         // query. Set in BEGIN itself rather than by a SET after it: each statement here is a
         // round trip every relay round pays, idle or not (the commit → ack floor).
-        let mut tx = (*conn.0)
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await
-            .map_err(StoreError::query("begin read"))?;
+        let mut tx = begin_detached(
+            self.store.pool(),
+            Some("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+        )
+        .await
+        .map_err(StoreError::query("begin read"))?;
         let (snapshot, mut states) =
             snapshot_and_cursors(&mut tx, schema, &self.consumer, shards, self.owner.as_deref()).await?;
         if let Some(previous) = previous {
@@ -179,7 +179,6 @@ impl OutboxReader {
             batch.events.extend(events);
         }
         tx.commit().await.map_err(StoreError::query("end read"))?;
-        conn.1 = true;
         batch.events.sort_by_key(|e| e.position);
         Ok(batch)
     }
@@ -493,21 +492,6 @@ async fn finished_watched(
         finished.extend(parse_txids(&txids)?);
     }
     Ok(finished)
-}
-
-/// A pooled connection that is closed, not returned to the pool, unless its user marks it
-/// finished (`.1 = true`). sqlx counts a transaction only once its BEGIN has answered: a read
-/// dropped while BEGIN is in flight (a relay shutting down or aborted mid-round) would hand the
-/// next user of the pool a session still inside this read-only transaction, and its writes
-/// would fail ("cannot execute UPDATE in a read-only transaction") or never commit.
-struct CloseUnlessFinished(PoolConnection<Postgres>, bool);
-
-impl Drop for CloseUnlessFinished {
-    fn drop(&mut self) {
-        if !self.1 {
-            self.0.close_on_drop();
-        }
-    }
 }
 
 #[cfg(test)]

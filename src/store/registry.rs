@@ -57,7 +57,6 @@ impl RegistryStore {
     /// Starts the transaction of one registration.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         self.store
-            .pool()
             .begin()
             .await
             .map_err(StoreError::query("begin schema registration"))
