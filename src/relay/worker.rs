@@ -592,11 +592,7 @@ impl Relay {
         self.health.send_started();
         self.metrics.batch_followed();
         let handed = self.broker.hand_over(&wave).await;
-        let refused = handed
-            .refused
-            .iter()
-            .filter_map(|&i| wave.get(i).map(message_aggregate))
-            .collect();
+        let refused = refused_aggregates(&wave, &handed.refused);
         Some((
             next,
             Some(Handed {
@@ -704,9 +700,7 @@ impl Relay {
                 // Queued already: the next batch may follow at once, behind what is stopped so
                 // far and what this one had refused before the broker.
                 if let Some(queued) = pipeline.queued.take() {
-                    let mut not_behind = stopped.clone();
-                    not_behind.extend(handed.refused);
-                    let _ = queued.send(Some(not_behind));
+                    tell_queued(queued, stopped, handed.refused);
                 }
                 let results = handed.acks.await;
                 self.health.send_finished();
@@ -922,14 +916,7 @@ impl Relay {
         let sent = match queued.filter(|_| refused.is_none()) {
             Some((queued, stopped)) => {
                 let handed = self.broker.hand_over(&to_send).await;
-                let mut not_behind = stopped.clone();
-                not_behind.extend(
-                    handed
-                        .refused
-                        .iter()
-                        .filter_map(|&i| to_send.get(i).map(message_aggregate)),
-                );
-                let _ = queued.send(Some(not_behind));
+                tell_queued(queued, stopped, refused_aggregates(&to_send, &handed.refused));
                 handed.acks.await
             }
             None => self.broker.send_batch(&to_send).await,
@@ -1173,6 +1160,20 @@ fn aggregate_key(event: &StoredEvent) -> (String, String) {
     (event.event.aggregate_type.clone(), event.event.aggregate_id.clone())
 }
 
-fn message_aggregate(message: &Message) -> (String, String) {
-    (message.event.aggregate_type.clone(), message.event.aggregate_id.clone())
+/// The aggregates of the messages at `positions` (those refused before the broker).
+fn refused_aggregates(messages: &[Message], positions: &[usize]) -> HashSet<(String, String)> {
+    positions
+        .iter()
+        .filter_map(|&i| messages.get(i))
+        .map(|m| (m.event.aggregate_type.clone(), m.event.aggregate_id.clone()))
+        .collect()
+}
+
+/// Tells the batch waiting to follow which aggregates it must not be sent behind: those
+/// stopped so far and those whose message was refused before the broker.
+fn tell_queued(queued: Queued, stopped: &HashSet<(String, String)>, refused: HashSet<(String, String)>) {
+    let mut not_behind = stopped.clone();
+    not_behind.extend(refused);
+    // The reader may have given up on following (its read failed): nobody to tell.
+    let _ = queued.send(Some(not_behind));
 }

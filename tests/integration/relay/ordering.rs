@@ -201,35 +201,37 @@ fn counter(relay: &RunningRelay, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Starts a relay of `consumer_name` to a new topic and a reader of that topic, then commits
-/// `layout` ([`commit_layout`]).
-async fn relay_and_commit(
-    consumer_name: &str,
-    db: &TestDatabase,
-    publisher: &InventoryEventPublisher,
-    layout: &str,
+/// One ordering scenario: a relay of `consumer` over `db`, fed `layout` ([`commit_layout`]).
+struct Scenario<'a> {
+    consumer: &'a str,
+    db: &'a TestDatabase,
+    publisher: &'a InventoryEventPublisher,
+    layout: &'a str,
     batch_size: Option<usize>,
-    block: bool,
-) -> (RunningRelay, StreamConsumer, (Vec<DomainEvent>, Uuid, usize)) {
-    let topic = unique_name(consumer_name);
-    let relay = kafka_relay(db, consumer_name, &topic, block, batch_size).await;
-    let reader = consumer(&topic);
-    let committed = commit_layout(publisher, db, layout).await;
-    (relay, reader, committed)
+}
+
+impl Scenario<'_> {
+    /// Starts the relay (`blockAggregate` as given) to a new topic and a reader of that topic,
+    /// then commits the layout.
+    async fn start(&self, block: bool) -> (RunningRelay, StreamConsumer, (Vec<DomainEvent>, Uuid, usize)) {
+        let topic = unique_name(self.consumer);
+        let relay = kafka_relay(self.db, self.consumer, &topic, block, self.batch_size).await;
+        let reader = consumer(&topic);
+        let committed = commit_layout(self.publisher, self.db, self.layout).await;
+        (relay, reader, committed)
+    }
 }
 
 /// Commits `layout`, relays it with `blockAggregate` and checks: everything but the poison's
 /// run arrives, the poison is dead-lettered and its successors held; resolving it releases
 /// them in order; nothing arrives twice or out of order. Returns the running relay.
-async fn a_blocking_failure_holds_its_successors(
-    consumer_name: &str,
-    db: &TestDatabase,
-    publisher: &InventoryEventPublisher,
-    layout: &str,
-    batch_size: Option<usize>,
-) -> RunningRelay {
-    let (relay, reader, (events, hot, poison_at)) =
-        relay_and_commit(consumer_name, db, publisher, layout, batch_size, true).await;
+async fn a_blocking_failure_holds_its_successors(scenario: Scenario<'_>) -> RunningRelay {
+    let Scenario {
+        consumer: consumer_name,
+        db,
+        ..
+    } = scenario;
+    let (relay, reader, (events, hot, poison_at)) = scenario.start(true).await;
     let poison = &events[poison_at];
     let successors: Vec<&DomainEvent> = events[poison_at + 1..]
         .iter()
@@ -300,7 +302,14 @@ fn followed(relay: &RunningRelay) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocking_failure_mid_run_in_one_kafka_batch_holds_every_successor_until_resolved() {
     let (db, publisher) = publisher("relay_mid_run_block").await;
-    let relay = a_blocking_failure_holds_its_successors("kafka-mid-run-block", &db, &publisher, ONE_BATCH, None).await;
+    let relay = a_blocking_failure_holds_its_successors(Scenario {
+        consumer: "kafka-mid-run-block",
+        db: &db,
+        publisher: &publisher,
+        layout: ONE_BATCH,
+        batch_size: None,
+    })
+    .await;
     relay.stop().await;
     db.drop().await;
 }
@@ -313,9 +322,14 @@ async fn a_blocking_failure_mid_run_in_one_kafka_batch_holds_every_successor_unt
 async fn a_blocking_failure_whose_run_goes_on_in_the_next_batch_holds_it_there_too() {
     const CONSUMER: &str = "kafka-across-batches";
     let (db, publisher) = publisher("relay_across_batches").await;
-    let relay =
-        a_blocking_failure_holds_its_successors(CONSUMER, &db, &publisher, ACROSS_BATCHES, Some(ACROSS_BATCH_SIZE))
-            .await;
+    let relay = a_blocking_failure_holds_its_successors(Scenario {
+        consumer: CONSUMER,
+        db: &db,
+        publisher: &publisher,
+        layout: ACROSS_BATCHES,
+        batch_size: Some(ACROSS_BATCH_SIZE),
+    })
+    .await;
     assert!(followed(&relay) >= 2, "the pipelined path was not exercised");
     relay.stop().await;
     db.drop().await;
@@ -324,15 +338,13 @@ async fn a_blocking_failure_whose_run_goes_on_in_the_next_batch_holds_it_there_t
 /// Commits `layout`, relays it without `blockAggregate` and checks: every event but the
 /// poison arrives once, the poison is the only failed row (dead-lettered), and every successor
 /// of the poison was produced after its fate was recorded. Returns the running relay.
-async fn a_dead_letter_goes_out_before_its_successors(
-    consumer_name: &str,
-    db: &TestDatabase,
-    publisher: &InventoryEventPublisher,
-    layout: &str,
-    batch_size: Option<usize>,
-) -> RunningRelay {
-    let (relay, reader, (events, hot, poison_at)) =
-        relay_and_commit(consumer_name, db, publisher, layout, batch_size, false).await;
+async fn a_dead_letter_goes_out_before_its_successors(scenario: Scenario<'_>) -> RunningRelay {
+    let Scenario {
+        consumer: consumer_name,
+        db,
+        ..
+    } = scenario;
+    let (relay, reader, (events, hot, poison_at)) = scenario.start(false).await;
     let poison = events[poison_at].clone();
 
     let mut received = Vec::new();
@@ -382,8 +394,14 @@ async fn a_dead_letter_goes_out_before_its_successors(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_letter_mid_run_in_one_kafka_batch_goes_out_before_any_successor() {
     let (db, publisher) = publisher("relay_mid_run_pass").await;
-    let relay =
-        a_dead_letter_goes_out_before_its_successors("kafka-mid-run-pass", &db, &publisher, ONE_BATCH, None).await;
+    let relay = a_dead_letter_goes_out_before_its_successors(Scenario {
+        consumer: "kafka-mid-run-pass",
+        db: &db,
+        publisher: &publisher,
+        layout: ONE_BATCH,
+        batch_size: None,
+    })
+    .await;
     relay.stop().await;
     db.drop().await;
 }
@@ -393,13 +411,13 @@ async fn a_dead_letter_mid_run_in_one_kafka_batch_goes_out_before_any_successor(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_letter_whose_run_goes_on_in_the_next_batch_goes_out_before_it() {
     let (db, publisher) = publisher("relay_across_batches_pass").await;
-    let relay = a_dead_letter_goes_out_before_its_successors(
-        "kafka-across-batches-pass",
-        &db,
-        &publisher,
-        ACROSS_BATCHES,
-        Some(ACROSS_BATCH_SIZE),
-    )
+    let relay = a_dead_letter_goes_out_before_its_successors(Scenario {
+        consumer: "kafka-across-batches-pass",
+        db: &db,
+        publisher: &publisher,
+        layout: ACROSS_BATCHES,
+        batch_size: Some(ACROSS_BATCH_SIZE),
+    })
     .await;
     assert!(followed(&relay) >= 2, "the pipelined path was not exercised");
     relay.stop().await;
