@@ -58,12 +58,12 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use inventory_outbox::broker::{BoxFuture, Broker, HandedOver, Message, SendError};
+use inventory_outbox::delivery::Engine;
+use inventory_outbox::delivery::metrics::DeliveryMetrics;
 use inventory_outbox::event::NewEvent;
 use inventory_outbox::event::cloudevents::{self, KAFKA_PREFIX};
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
 use inventory_outbox::relay::config::RelayConfig;
-use inventory_outbox::relay::metrics::RelayMetrics;
-use inventory_outbox::relay::worker::Relay;
 use inventory_outbox::store::failed::FailedEvents;
 use inventory_outbox::store::outbox::{OutboxReader, SHARDS};
 use inventory_outbox::store::{SchemaName, Store};
@@ -450,7 +450,7 @@ async fn relay_until_in(
 ) -> anyhow::Result<ThroughputRun> {
     let store = Store::connect(&env.url, schema, config.outbox.max_connections).await?;
     let batch = config.outbox.batch_size;
-    let relay = Arc::new(Relay::new(config, store, timed.clone(), "bench-worker"));
+    let relay = Arc::new(Engine::new(config, store, timed.clone(), "bench-worker"));
     let (stop, shutdown) = watch::channel(false);
     let start_us = timed.now_us();
     let task = tokio::spawn(relay.clone().run(shutdown));
@@ -828,7 +828,7 @@ async fn latency(
 
     // The relay's publisher is caught up (an earlier throughput run), so it starts idle.
     let store = Store::connect(&env.url, SchemaName::default(), config.outbox.max_connections).await?;
-    let relay = Arc::new(Relay::new(config, store, timed.clone(), "bench-worker"));
+    let relay = Arc::new(Engine::new(config, store, timed.clone(), "bench-worker"));
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(relay.clone().run(shutdown));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -930,7 +930,7 @@ async fn latency(
 }
 
 /// Median ms of each step of a relay round, replayed step by step with the public APIs the
-/// worker uses (`Relay::round` in src/relay/worker.rs, including its waves), on a consumer of
+/// worker uses (`Engine::round` in src/delivery/engine.rs, including its waves), on a consumer of
 /// its own reading the pre-filled outbox from the start, `batch` events per round.
 struct RoundSteps {
     batch: usize,
@@ -960,7 +960,7 @@ async fn probe_round(env: &Env, batch: usize, topic: &str) -> anyhow::Result<Rou
     reader.ensure_cursors(&shards).await?;
     let config = relay_config(&consumer, batch, kafka_broker_doc(env, topic), topic);
     let broker = inventory_outbox::relay::connect_broker(&config.broker).await?;
-    let metrics = RelayMetrics::new(&consumer);
+    let metrics = DeliveryMetrics::new(&consumer);
     let mut steps: Vec<[f64; 8]> = Vec::new();
     let mut wave_counts: Vec<f64> = Vec::new();
     let mut after = 0i64;
@@ -1603,7 +1603,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
     {
         println!("  {}", r.breakdown());
     }
-    println!("one relay round replayed step by step (median ms of rounds 1-5; src/relay/worker.rs Relay::round):");
+    println!("one relay round replayed step by step (median ms of rounds 1-5; src/delivery/engine.rs Engine::round):");
     println!(
         "  {:>6} {:>9} {:>8} {:>11} {:>8} {:>9} {:>6} {:>8} {:>12} {:>8} {:>8}",
         "batch",

@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use inventory_outbox::broker::{BoxFuture, Broker, Message, SendError};
+use inventory_outbox::delivery;
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
 use inventory_outbox::relay::config::RelayConfig;
-use inventory_outbox::relay::worker::Relay;
 use inventory_outbox::replay::engine::Engine;
 use inventory_outbox::replay::plan::PublishPlan;
 use inventory_outbox::replay::report::ReplayReport;
@@ -129,7 +129,7 @@ async fn relay_rate(url: &str, config: RelayConfig, goal: u64) -> anyhow::Result
         goal,
         reached: Mutex::new(None),
     });
-    let relay = Arc::new(Relay::new(config, store, broker.clone(), "bench-relay"));
+    let relay = Arc::new(delivery::Engine::new(config, store, broker.clone(), "bench-relay"));
     let (stop, shutdown) = watch::channel(false);
     let start = Instant::now();
     let task = tokio::spawn(relay.clone().run(shutdown));

@@ -47,12 +47,7 @@ pub async fn run_relay(config: RelayConfig, worker_id: &str, shutdown: watch::Re
     }
 
     let status_store = store.clone();
-    let relay = Arc::new(crate::relay::worker::Relay::new(
-        config.clone(),
-        store,
-        broker,
-        worker_id,
-    ));
+    let relay = Arc::new(crate::delivery::Engine::new(config.clone(), store, broker, worker_id));
     let router = crate::admin::api::router(crate::admin::api::AdminState {
         failed: relay.failed_events(),
         consumer: config.publisher.clone(),

@@ -34,8 +34,8 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
-use crate::relay::health::{HealthState, NotReady};
-use crate::relay::metrics::RelayMetrics;
+use crate::delivery::health::{HealthState, NotReady};
+use crate::delivery::metrics::DeliveryMetrics;
 use crate::store::failed::{FailedEvent, FailedEventQuery, FailedEvents, FailedStatus};
 
 /// Largest accepted request body.
@@ -65,7 +65,7 @@ pub struct AdminState {
     /// Liveness and readiness, updated by the relay loop.
     pub health: Arc<HealthState>,
     /// The relay's metrics, served on `/metrics`.
-    pub metrics: Arc<RelayMetrics>,
+    pub metrics: Arc<DeliveryMetrics>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ use crate::broker::sns_sqs::SnsSqsConfig;
 use crate::crd::EventPublisher;
 use crate::crd::common::TlsSecretRefs;
 use crate::crd::event_publisher::{DeletionPolicy, RoutingStrategy};
-use crate::relay::circuit::CircuitBreakerConfig;
+use crate::delivery::circuit::CircuitBreakerConfig;
+use crate::delivery::retry::RetryPolicy;
 use crate::relay::config::{BrokerConfig, DeadLetterConfig, HttpConfig, OutboxConfig, RelayConfig, WorkersConfig};
-use crate::relay::retry::RetryPolicy;
 use crate::schema::compatibility::CompatibilityMode;
 
 /// Where the relay's configuration document is mounted in every container.

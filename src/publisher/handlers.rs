@@ -1,6 +1,6 @@
 //! In-process event handlers: delivered after the event is durably stored, at least once,
 //! in per-aggregate order; failures are recorded in `failed_events` and retried with the
-//! shared [`RetryPolicy`](crate::relay::retry::RetryPolicy), later events of the same
+//! shared [`RetryPolicy`](crate::delivery::retry::RetryPolicy), later events of the same
 //! aggregate waiting behind them.
 //!
 //! Every service replica may run a dispatcher: they share the consumer's 64 shards under the

@@ -58,8 +58,8 @@ pub struct PublisherConfig {
     pub limits: Limits,
     /// Consumer name of the in-process handler dispatcher (its cursors and failed events).
     pub handler_consumer: String,
-    /// Backoff for failed handler deliveries (the relay's policy type).
-    pub handler_retry: crate::relay::retry::RetryPolicy,
+    /// Backoff for failed handler deliveries (the delivery engine's policy, as the relay's).
+    pub handler_retry: crate::delivery::retry::RetryPolicy,
     /// How long a handler dispatcher's shard lease lasts without renewal. Replicas of the
     /// service split the shards under these leases, so each event is handled by one of them;
     /// a dead replica's shards move to the others after this.
@@ -74,7 +74,7 @@ impl Default for PublisherConfig {
             source: "inventory-service".to_owned(),
             limits: Limits::default(),
             handler_consumer: "handlers".to_owned(),
-            handler_retry: crate::relay::retry::RetryPolicy::default(),
+            handler_retry: crate::delivery::retry::RetryPolicy::default(),
             handler_lease: std::time::Duration::from_secs(6),
             handler_heartbeat: std::time::Duration::from_secs(1),
         }

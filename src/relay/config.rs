@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::circuit::CircuitBreakerConfig;
-use super::retry::RetryPolicy;
 use crate::broker::kafka::KafkaConfig;
 use crate::broker::rabbitmq::RabbitMqConfig;
 use crate::broker::routing::Routing;
 use crate::broker::sns_sqs::SnsSqsConfig;
+use crate::delivery::DeliveryConfig;
+use crate::delivery::circuit::CircuitBreakerConfig;
+use crate::delivery::retry::RetryPolicy;
 use crate::store::{PostgresTls, SchemaName};
 
 /// Everything a relay worker needs.
@@ -269,6 +270,26 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_owned(),
         message: message.to_string(),
+    }
+}
+
+impl From<RelayConfig> for DeliveryConfig {
+    /// The relay delivers for its publisher (the outbox consumer named after it).
+    fn from(config: RelayConfig) -> Self {
+        DeliveryConfig {
+            consumer: config.publisher,
+            batch_size: config.outbox.batch_size,
+            min_poll_interval_ms: config.outbox.min_poll_interval_ms,
+            max_poll_interval_ms: config.outbox.max_poll_interval_ms,
+            read_ahead: config.outbox.read_ahead,
+            heartbeat_interval_ms: config.workers.heartbeat_interval_ms,
+            lease_duration_ms: config.workers.lease_duration_ms,
+            failed_event_threshold: config.health.failed_event_threshold,
+            block_aggregate_after_dead_letter: config.dead_letter.block_aggregate,
+            circuit_breaker: config.circuit_breaker,
+            retry: config.retry,
+            routing: config.routing,
+        }
     }
 }
 

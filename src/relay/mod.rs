@@ -1,18 +1,12 @@
-//! The outbox relay worker: claims unpublished events shard by shard, publishes them through a
-//! broker adapter, and moves the cursor only after the broker acknowledged them. Failures go
-//! through one shared retry policy and circuit breaker; exhausted events are dead-lettered.
-//! The process around it (HTTP server, admin API) is composed in `app`.
+//! The outbox relay process: its configuration file, start-up (store, broker, registry), the
+//! Secret-file watch and the status it reports. Its loop is the delivery engine
+//! ([`crate::delivery::Engine`]) driving the configured broker adapter; the process around it
+//! (HTTP server, admin API) is composed in `app`.
 
-pub mod circuit;
 pub mod config;
-pub mod health;
-pub mod leases;
-pub mod metrics;
-pub mod retry;
 pub mod secret_watch;
 pub mod startup;
 pub mod status;
-pub mod worker;
 
 use std::sync::Arc;
 

@@ -14,8 +14,8 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::health::HealthState;
-use super::metrics::RelayMetrics;
+use crate::delivery::health::HealthState;
+use crate::delivery::metrics::DeliveryMetrics;
 use crate::store::Store;
 use crate::store::status::publisher_figures;
 
@@ -83,7 +83,7 @@ pub struct StatusState {
     pub publisher: String,
     pub worker_id: String,
     pub health: Arc<HealthState>,
-    pub metrics: Arc<RelayMetrics>,
+    pub metrics: Arc<DeliveryMetrics>,
     /// Heartbeats older than this do not count (the lease duration: such a worker has lost
     /// its shards).
     pub alive_within: Duration,
@@ -109,7 +109,7 @@ async fn report(state: &StatusState) -> Result<RelayStatus, crate::store::StoreE
     let figures = publisher_figures(&state.store, &state.publisher, state.alive_within).await?;
     let (ready, not_ready_reasons) = match state.health.ready() {
         Ok(()) => (true, Vec::new()),
-        Err(super::health::NotReady(reasons)) => (false, reasons),
+        Err(crate::delivery::health::NotReady(reasons)) => (false, reasons),
     };
     let circuits = circuits_from_metrics(&state.metrics.encode());
     let worst_of =
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn circuits_are_read_back_from_the_gauge() {
-        let metrics = RelayMetrics::new("orders");
+        let metrics = DeliveryMetrics::new("orders");
         metrics.set_circuit_state("inventory.stock", 2);
         metrics.set_circuit_state("inventory.items", 0);
         metrics.set_circuit_state("inventory.bins", 1);

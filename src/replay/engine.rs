@@ -15,8 +15,8 @@ use super::plan::PublishPlan;
 use super::report::{ReplayReport, ReportPhase};
 use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message};
+use crate::delivery::retry::{RetryDecision, RetryPolicy};
 use crate::delivery::waves;
-use crate::relay::retry::{RetryDecision, RetryPolicy};
 use crate::store::replay::{self as sql_replay, Checkpoint};
 use crate::store::{Store, StoreError, events::StoredEvent};
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::Utc;
 use inventory_outbox::admin::api::{AdminState, ApiError, FailedEventStatus, router, serve};
 use inventory_outbox::admin::client::{AdminClient, AdminClientError, FailedEventRecord, ListFailedParams};
-use inventory_outbox::relay::health::HealthState;
-use inventory_outbox::relay::metrics::RelayMetrics;
+use inventory_outbox::delivery::health::HealthState;
+use inventory_outbox::delivery::metrics::DeliveryMetrics;
 use inventory_outbox::store::SchemaName;
 use inventory_outbox::store::events::{EventRange, StoredEvent, read_range};
 use inventory_outbox::store::failed::FailedEvents;
@@ -93,7 +93,7 @@ impl AdminServer {
             consumer: CONSUMER.to_owned(),
             token: Arc::from(TOKEN),
             health: health.clone(),
-            metrics: Arc::new(RelayMetrics::new(CONSUMER)),
+            metrics: Arc::new(DeliveryMetrics::new(CONSUMER)),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("local address"));

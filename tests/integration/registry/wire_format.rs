@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inventory_outbox::broker::confluent;
+use inventory_outbox::delivery::{Engine, EngineError};
 use inventory_outbox::relay::config::RelayConfig;
-use inventory_outbox::relay::worker::{Relay, RelayError};
 use inventory_outbox::schema::compatibility::CompatibilityMode;
 use inventory_outbox::schema::registry::VersionSelector;
 use inventory_outbox::store::{SchemaName, Store};
@@ -25,7 +25,7 @@ use crate::support::{kafka_bootstrap, unique_name};
 /// A relay publishing in the Confluent wire format, in this process.
 pub struct FramedRelay {
     stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), RelayError>>,
+    task: JoinHandle<Result<(), EngineError>>,
 }
 
 impl FramedRelay {
@@ -37,7 +37,7 @@ impl FramedRelay {
         let broker = inventory_outbox::relay::connect_broker_with_registry(&config.broker, &store)
             .await
             .expect("connect framed broker");
-        let relay = Arc::new(Relay::new(config, store, broker, "framed-w1"));
+        let relay = Arc::new(Engine::new(config, store, broker, "framed-w1"));
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(relay.run(shutdown));
         Self { stop, task }

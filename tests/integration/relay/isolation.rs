@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use inventory_outbox::delivery::Engine;
 use inventory_outbox::event::inventory::Stockout;
 use inventory_outbox::event::{DomainEvent, NewEvent, cloudevents};
 use inventory_outbox::publisher::InventoryEventPublisher;
 use inventory_outbox::relay::config::RelayConfig;
-use inventory_outbox::relay::worker::Relay;
 use inventory_outbox::store::{SchemaName, Store};
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use serde_json::{Value, json};
@@ -98,7 +98,7 @@ async fn delete_rabbit(exchange: &str, queues: &[&str]) {
     let _ = conn.close(200, "done".into()).await;
 }
 
-fn circuit_gauge(relay: &Relay, destination: &str) -> Option<i64> {
+fn circuit_gauge(relay: &Engine, destination: &str) -> Option<i64> {
     let needle = format!("destination=\"{destination}\"}} ");
     relay
         .metrics()
@@ -396,7 +396,7 @@ async fn a_database_outage_makes_the_worker_unready_and_failed_events_do_not() {
     let broker = inventory_outbox::relay::connect_broker(&config.broker)
         .await
         .expect("connect broker");
-    let relay = Arc::new(Relay::new(config, store, broker, "r1"));
+    let relay = Arc::new(Engine::new(config, store, broker, "r1"));
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(relay.clone().run(shutdown));
     let health = relay.health();

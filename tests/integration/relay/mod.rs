@@ -15,10 +15,10 @@ mod stop;
 use std::sync::Arc;
 use std::time::Duration;
 
+use inventory_outbox::delivery::{Engine, EngineError};
 use inventory_outbox::event::DomainEvent;
 use inventory_outbox::publisher::InventoryEventPublisher;
 use inventory_outbox::relay::config::RelayConfig;
-use inventory_outbox::relay::worker::{Relay, RelayError};
 use inventory_outbox::store::{SchemaName, Store};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -31,9 +31,9 @@ use crate::support::postgres::TestDatabase;
 
 /// A relay worker running in this process.
 pub struct RunningRelay {
-    pub relay: Arc<Relay>,
+    pub relay: Arc<Engine>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), RelayError>>,
+    task: JoinHandle<Result<(), EngineError>>,
 }
 
 impl RunningRelay {
@@ -73,7 +73,7 @@ pub async fn start_relay(db: &TestDatabase, config: RelayConfig, worker_id: &str
     let broker = inventory_outbox::relay::connect_broker(&config.broker)
         .await
         .expect("connect broker");
-    let relay = Arc::new(Relay::new(config, store, broker, worker_id));
+    let relay = Arc::new(Engine::new(config, store, broker, worker_id));
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(relay.clone().run(shutdown));
     RunningRelay { relay, stop, task }

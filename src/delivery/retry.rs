@@ -1,4 +1,4 @@
-//! Retry policy of the relay: exponential backoff with jitter between failed send attempts, and
+//! Retry policy of ordered delivery: exponential backoff with jitter between failed send attempts, and
 //! the decision whether a failed message is retried or dead-lettered.
 //!
 //! Attempt numbers start at 1: after failed attempt `n` the policy either names the delay before

@@ -1,4 +1,4 @@
-//! The relay worker loop. Each round, for the shards this worker leases:
+//! The delivery engine's loop. Each round, for the shards this worker leases:
 //! 1. due chains: for each blocked aggregate whose head is due, the head and the held events
 //!    behind it, sent in waves so a backlog built up during an outage drains at full speed in
 //!    order instead of one event per aggregate per round;
@@ -31,23 +31,23 @@ use chrono::Utc;
 use tokio::sync::{Notify, RwLock, watch};
 
 use super::circuit::{CircuitBreaker, CircuitState, Permit};
-use super::config::RelayConfig;
+use super::config::DeliveryConfig;
 use super::health::HealthState;
-use super::leases::{HeartbeatReport, LeaseManager};
-use super::metrics::RelayMetrics;
+use super::metrics::DeliveryMetrics;
 use super::retry::RetryDecision;
+use super::waves;
 use crate::broker::routing::Routing;
 use crate::broker::{BoxFuture, Broker, Message, SendError};
-use crate::delivery::waves;
 use crate::schema::registry::{RegistryError, SchemaRegistry};
 use crate::store::events::StoredEvent;
 use crate::store::failed::{FailedEvents, FailedStatus};
+use crate::store::leases::{HeartbeatReport, LeaseManager};
 use crate::store::outbox::{CursorAdvance, OutboxReader, ReadBatch, SHARDS};
 use crate::store::{Store, StoreError};
 
-/// Errors that stop a relay worker.
+/// Errors that stop a delivery engine.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("listen for outbox notifications: {0}")]
@@ -63,9 +63,9 @@ struct Totals {
     last_published_ms: AtomicI64,
 }
 
-/// One relay worker.
-pub struct Relay {
-    config: RelayConfig,
+/// One delivery worker: owns some shards of a consumer and delivers their events in order.
+pub struct Engine {
+    config: DeliveryConfig,
     store: Store,
     reader: OutboxReader,
     failed: FailedEvents,
@@ -76,7 +76,7 @@ pub struct Relay {
     ensured: Mutex<HashSet<String>>,
     leases: LeaseManager,
     circuits: Mutex<HashMap<String, CircuitBreaker>>,
-    metrics: Arc<RelayMetrics>,
+    metrics: Arc<DeliveryMetrics>,
     health: Arc<HealthState>,
     /// Shards owned for the current round; the lease task swaps it between rounds.
     owned: RwLock<Vec<i16>>,
@@ -94,16 +94,17 @@ struct RoundOutcome {
     blocked_by_circuit: Option<Duration>,
 }
 
-impl Relay {
+impl Engine {
     /// A worker for `config` on an already migrated store.
-    pub fn new(config: RelayConfig, store: Store, broker: Arc<dyn Broker>, worker_id: &str) -> Self {
-        let consumer = config.publisher.clone();
+    pub fn new(config: impl Into<DeliveryConfig>, store: Store, broker: Arc<dyn Broker>, worker_id: &str) -> Self {
+        let config = config.into();
+        let consumer = config.consumer.clone();
         let reader = OutboxReader::new(store.clone(), consumer.clone()).with_owner(worker_id);
-        let lease = Duration::from_millis(config.workers.lease_duration_ms);
+        let lease = Duration::from_millis(config.lease_duration_ms);
         let leases = LeaseManager::new(store.clone(), consumer.clone(), worker_id, lease);
         // Outside broker calls a round takes a few store round trips; broker calls are bounded by
         // the adapter's own timeout and tracked separately, so an outage never fails liveness.
-        let stall_after = Duration::from_millis(config.outbox.max_poll_interval_ms * 4 + 30_000);
+        let stall_after = Duration::from_millis(config.max_poll_interval_ms * 4 + 30_000);
         let health = Arc::new(HealthState::new(stall_after, broker.send_budget()));
         Self {
             reader,
@@ -113,7 +114,7 @@ impl Relay {
             broker,
             leases,
             circuits: Mutex::new(HashMap::new()),
-            metrics: Arc::new(RelayMetrics::new(&consumer)),
+            metrics: Arc::new(DeliveryMetrics::new(&consumer)),
             health,
             owned: RwLock::new(Vec::new()),
             next_owned: Mutex::new(None),
@@ -128,7 +129,7 @@ impl Relay {
         self.health.clone()
     }
 
-    pub fn metrics(&self) -> Arc<RelayMetrics> {
+    pub fn metrics(&self) -> Arc<DeliveryMetrics> {
         self.metrics.clone()
     }
 
@@ -137,7 +138,7 @@ impl Relay {
     }
 
     /// Runs until `shutdown` turns true, then releases its shards.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), RelayError> {
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), EngineError> {
         let all: Vec<i16> = (0..SHARDS).collect();
         self.reader.ensure_cursors(&all).await?;
         // Every destination the routing can name, plus the dead-letter destination and the
@@ -163,8 +164,8 @@ impl Relay {
         let backlog_watch = tokio::spawn(self.clone().watch_backlog(shutdown.clone()));
         let listener = tokio::spawn(self.clone().listen_for_inserts());
 
-        let min_poll = Duration::from_millis(self.config.outbox.min_poll_interval_ms);
-        let max_poll = Duration::from_millis(self.config.outbox.max_poll_interval_ms);
+        let min_poll = Duration::from_millis(self.config.min_poll_interval_ms);
+        let max_poll = Duration::from_millis(self.config.max_poll_interval_ms);
         let mut idle_wait = min_poll;
         let mut ahead: Option<ReadAhead> = None;
         let result = loop {
@@ -217,7 +218,7 @@ impl Relay {
     }
 
     /// Wakes the loop on the store's coalesced NOTIFY (one per inserting transaction).
-    async fn listen_for_inserts(self: Arc<Self>) -> Result<(), RelayError> {
+    async fn listen_for_inserts(self: Arc<Self>) -> Result<(), EngineError> {
         loop {
             let mut listener = match sqlx::postgres::PgListener::connect_with(self.store.pool()).await {
                 Ok(l) => l,
@@ -243,10 +244,10 @@ impl Relay {
     async fn background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         // Fixed rate from tick start to tick start: a slow tick shortens the next wait instead
         // of adding to it, so a renewal is never later than one slow statement.
-        let mut every = tokio::time::interval(Duration::from_millis(self.config.workers.heartbeat_interval_ms));
+        let mut every = tokio::time::interval(Duration::from_millis(self.config.heartbeat_interval_ms));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await; // the first tick is immediate, and `run` has just ticked
-        let lease = Duration::from_millis(self.config.workers.lease_duration_ms);
+        let lease = Duration::from_millis(self.config.lease_duration_ms);
         let mut renewed_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -295,7 +296,7 @@ impl Relay {
     /// Backlog and failed-event figures every five heartbeats; their queries scan the pending
     /// events, which after an outage can take a while.
     async fn watch_backlog(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let every = Duration::from_millis(self.config.workers.heartbeat_interval_ms.saturating_mul(5));
+        let every = Duration::from_millis(self.config.heartbeat_interval_ms.saturating_mul(5));
         loop {
             if let Err(e) = self.refresh_backlog().await {
                 tracing::warn!(error = %e, "backlog figures failed");
@@ -358,20 +359,20 @@ impl Relay {
 
     async fn refresh_backlog(&self) -> Result<(), StoreError> {
         let backlog =
-            crate::store::status::backlog(&self.store, &self.config.publisher, Some(self.leases.worker_id())).await?;
+            crate::store::status::backlog(&self.store, &self.config.consumer, Some(self.leases.worker_id())).await?;
         self.metrics.set_backlog(backlog.events, backlog.oldest_age_seconds);
-        let counts = self.failed.counts(&self.config.publisher).await?;
+        let counts = self.failed.counts(&self.config.consumer).await?;
         let count = |s: FailedStatus| counts.iter().find(|(k, _)| *k == s).map_or(0, |(_, n)| *n);
         let (retrying, dead) = (
             count(FailedStatus::Retrying) + count(FailedStatus::Held),
             count(FailedStatus::DeadLettered),
         );
         self.metrics.set_failed_events(retrying, dead);
-        if retrying + dead > self.config.health.failed_event_threshold {
+        if retrying + dead > self.config.failed_event_threshold {
             tracing::warn!(
                 retrying,
                 dead_lettered = dead,
-                threshold = self.config.health.failed_event_threshold,
+                threshold = self.config.failed_event_threshold,
                 "failed events exceed health.failedEventThreshold"
             );
         }
@@ -394,9 +395,9 @@ impl Relay {
         if owned.is_empty() {
             return Ok((RoundOutcome::default(), None));
         }
-        let consumer = &self.config.publisher;
-        let block = self.config.dead_letter.block_aggregate;
-        let limit = i64::try_from(self.config.outbox.batch_size).unwrap_or(1000);
+        let consumer = &self.config.consumer;
+        let block = self.config.block_aggregate_after_dead_letter;
+        let limit = i64::try_from(self.config.batch_size).unwrap_or(1000);
 
         // 1. Blocked aggregates whose head is due: the head and the held events behind it.
         let chains = self.failed.due_chains(consumer, &owned, limit, block).await?;
@@ -425,10 +426,10 @@ impl Relay {
         }
         let batch = match ahead {
             Some(ahead) if ahead.shards == *owned => ahead.batch,
-            _ => self.reader.read(&owned, self.config.outbox.batch_size).await?,
+            _ => self.reader.read(&owned, self.config.batch_size).await?,
         };
         let read = batch.events.len();
-        let full = read == self.config.outbox.batch_size;
+        let full = read == self.config.batch_size;
         if read == 0 {
             self.commit_round(batch.advance, &owned).await?;
             let outcome = RoundOutcome {
@@ -475,7 +476,7 @@ impl Relay {
                 handed: handed.take(),
                 queued: None,
             };
-            let (fresh, next) = if self.config.outbox.read_ahead {
+            let (fresh, next) = if self.config.read_ahead {
                 // Read the next batch while this one is on its way to the broker: with a
                 // backlog the read overlaps the broker round trip, and under a steady load the
                 // events committed during this send are in hand when it ends.
@@ -559,14 +560,14 @@ impl Relay {
     /// wait for the round's end) and no shard change waits.
     fn may_follow(&self, round_started: Instant) -> bool {
         self.broker.orders_across_calls()
-            && round_started.elapsed() < Duration::from_millis(self.config.workers.heartbeat_interval_ms)
+            && round_started.elapsed() < Duration::from_millis(self.config.heartbeat_interval_ms)
             && !self.leases.has_pending_release()
             && self.next_owned.lock().is_ok_and(|n| n.is_none())
     }
 
     /// Reads the batch after the one being delivered and, when `follow` is given, hands it
     /// over as soon as the current one is queued at the broker, provided nothing in it could
-    /// need the current batch's outcome first ([`Relay::can_follow`]).
+    /// need the current batch's outcome first ([`Engine::can_follow`]).
     async fn read_next(
         &self,
         owned: &[i16],
@@ -575,7 +576,7 @@ impl Relay {
     ) -> Option<(ReadBatch, Option<Handed>)> {
         let next = self
             .reader
-            .read_after(owned, self.config.outbox.batch_size, previous)
+            .read_after(owned, self.config.batch_size, previous)
             .await
             .inspect_err(|e| tracing::warn!(error = %e, "reading ahead failed; the next round reads again"))
             .ok()?;
@@ -603,7 +604,7 @@ impl Relay {
         ))
     }
 
-    /// The messages of `next` in batch order and in the order [`Relay::deliver`] sends its
+    /// The messages of `next` in batch order and in the order [`Engine::deliver`] sends its
     /// one wave (the same `Arc`ed events), when all of it can go out now: one wave, no event of a stopped or blocked aggregate, every payload
     /// valid against its schema, every destination created and its circuit closed. Anything
     /// else waits for the normal path, which sees the current batch's outcome.
@@ -660,7 +661,7 @@ impl Relay {
     /// letter without `deadLetter.blockAggregate`).
     ///
     /// With `pipeline.handed` the batch is already on its way as one wave (see
-    /// [`Relay::can_follow`]); an event whose aggregate was stopped after it was handed over is
+    /// [`Engine::can_follow`]); an event whose aggregate was stopped after it was handed over is
     /// treated like one sent behind a failure in the same call. `pipeline.queued` is told when
     /// the batch is queued at the broker, so the next batch may follow it.
     async fn deliver(
@@ -669,7 +670,7 @@ impl Relay {
         stopped: &mut HashSet<(String, String)>,
         mut pipeline: Pipeline,
     ) -> Result<Delivered, StoreError> {
-        let consumer = &self.config.publisher;
+        let consumer = &self.config.consumer;
         let mut outcome = Delivered::default();
         let mut delivered_ids = Vec::new();
         let together = self.broker.keeps_aggregate_order();
@@ -1056,7 +1057,7 @@ impl Relay {
         previous_attempts: u32,
         counted: bool,
     ) -> Result<bool, StoreError> {
-        let consumer = &self.config.publisher;
+        let consumer = &self.config.consumer;
         let event_type = &event.event.event_type;
         self.metrics
             .failed(event_type, &message.destination, error.is_retriable());
@@ -1091,7 +1092,7 @@ impl Relay {
                 self.metrics.dead_lettered(event_type, &message.destination);
                 self.totals.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(reason = %reason, "event dead-lettered");
-                Ok(self.config.dead_letter.block_aggregate)
+                Ok(self.config.block_aggregate_after_dead_letter)
             }
         }
     }
@@ -1114,7 +1115,7 @@ struct Handed {
     messages: Vec<Message>,
 }
 
-/// How one [`Relay::deliver`] call takes part in the pipeline.
+/// How one [`Engine::deliver`] call takes part in the pipeline.
 #[derive(Default)]
 struct Pipeline {
     /// The batch was handed over already, as one wave with every event allowed.
@@ -1148,7 +1149,7 @@ enum Gate {
     Rejected(Duration),
 }
 
-/// What [`Relay::deliver`] did.
+/// What [`Engine::deliver`] did.
 #[derive(Debug, Default)]
 struct Delivered {
     delivered: usize,

@@ -58,7 +58,7 @@ struct StatusLabel {
 /// The relay's metrics. Every recording method takes `&self` and only touches atomics (plus
 /// a read lock on the label family), so the hot loop may call them freely.
 #[derive(Debug)]
-pub struct RelayMetrics {
+pub struct DeliveryMetrics {
     /// Holds every metric below, prefixed `outbox_relay` and labelled with the publisher.
     registry: Registry,
     /// `events_published_total`.
@@ -87,7 +87,7 @@ pub struct RelayMetrics {
     batches_followed: Counter,
 }
 
-impl RelayMetrics {
+impl DeliveryMetrics {
     /// Creates the metrics of the relay of `publisher` (a constant `publisher` label).
     pub fn new(publisher: &str) -> Self {
         let labels = [(Cow::Borrowed("publisher"), Cow::Owned(publisher.to_owned()))];
@@ -272,7 +272,7 @@ mod tests {
 
     #[test]
     fn every_recorded_metric_appears_in_the_openmetrics_text() {
-        let metrics = RelayMetrics::new("orders");
+        let metrics = DeliveryMetrics::new("orders");
         metrics.published("StockLevelChanged", "inventory.stock", 3);
         metrics.failed("StockLevelChanged", "inventory.stock", true);
         metrics.failed("StockLevelChanged", "inventory.stock", false);

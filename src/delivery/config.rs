@@ -1,0 +1,36 @@
+//! What the delivery engine needs to know, independent of where it came from: the relay's
+//! configuration file, the replay Job's, or the in-process handler settings of the library.
+
+use super::circuit::CircuitBreakerConfig;
+use super::retry::RetryPolicy;
+use crate::broker::routing::Routing;
+
+/// Settings of one [`Engine`](super::Engine). Each caller translates its own configuration
+/// into this, so the engine never depends on a caller's file format.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// The outbox consumer whose cursors, leases and failed events the engine owns.
+    pub consumer: String,
+    /// Events read from the outbox per round.
+    pub batch_size: usize,
+    /// Fastest poll when the outbox keeps returning full batches.
+    pub min_poll_interval_ms: u64,
+    /// Slowest poll when idle (a NOTIFY wakes the engine earlier).
+    pub max_poll_interval_ms: u64,
+    /// Read the next batch while the current one is being delivered.
+    pub read_ahead: bool,
+    /// How often the engine renews its shard leases and reports its totals.
+    pub heartbeat_interval_ms: u64,
+    /// How long a lease lasts without renewal before another worker may take the shard.
+    pub lease_duration_ms: u64,
+    /// Retrying plus dead-lettered events above which the engine reports itself degraded.
+    pub failed_event_threshold: i64,
+    /// Hold an aggregate's later events behind a dead-lettered one until it is resolved.
+    pub block_aggregate_after_dead_letter: bool,
+    /// When a destination that keeps failing stops receiving messages.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Backoff between attempts and when an event is given up.
+    pub retry: RetryPolicy,
+    /// Which destination each event goes to.
+    pub routing: Routing,
+}
