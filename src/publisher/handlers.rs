@@ -1,27 +1,29 @@
 //! In-process event handlers: delivered after the event is durably stored, at least once,
-//! in per-aggregate order; failures are recorded in `failed_events` and retried with the
-//! shared [`RetryPolicy`](crate::delivery::retry::RetryPolicy), later events of the same
-//! aggregate waiting behind them.
+//! in per-aggregate order, by the product's one delivery engine ([`crate::delivery::Engine`])
+//! with the handlers as its destination. Failures are recorded in `failed_events` and
+//! retried with [`PublisherConfig::handler_retry`](super::PublisherConfig::handler_retry), later
+//! events of the same aggregate held behind them; each event type has its own circuit, so a
+//! downstream that keeps failing stops being called for a while without counting attempts.
 //!
 //! Every service replica may run a dispatcher: they share the consumer's 64 shards under the
 //! store's leases (the relay's mechanism), so an event is handled by one replica and an
-//! aggregate's events never run concurrently. Leases are renewed between rounds; a round
-//! slower than the lease can lose its shards, and then its cursor move is refused (the new
-//! owner handles those events again: at least once).
+//! aggregate's events never run concurrently. A dispatcher that lost a shard mid-batch has its
+//! cursor move refused (the new owner handles those events again: at least once).
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use chrono::Utc;
+use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{InventoryEventPublisher, PublishError};
+use super::{HandlerMap, InventoryEventPublisher, PublishError};
+use crate::broker::routing::Routing;
+use crate::broker::{BoxFuture, Broker, Message, SendError};
+use crate::delivery::circuit::CircuitBreakerConfig;
+use crate::delivery::{DeliveryConfig, Engine};
 use crate::event::DomainEvent;
-use crate::store::events::StoredEvent;
-use crate::store::leases::{HeartbeatReport, LeaseManager};
-use crate::store::outbox::{OutboxReader, SHARDS};
 
 /// Why a handler failed; the message is stored as the failed event's last error.
 #[derive(Debug, thiserror::Error)]
@@ -53,126 +55,123 @@ impl InventoryEventPublisher {
     /// Delivers stored events to the registered handlers until `shutdown` resolves, on the
     /// shards this dispatcher leases; gives its shards back when it stops.
     pub async fn run_handlers(&self, shutdown: impl Future<Output = ()>) -> Result<(), PublishError> {
-        let consumer = self.config.handler_consumer.clone();
         let worker_id = format!("handlers-{}", Uuid::now_v7());
-        let reader = OutboxReader::new(self.store.clone(), consumer.clone()).with_owner(&worker_id);
-        let leases = LeaseManager::new(self.store.clone(), consumer, worker_id, self.config.handler_lease);
-        let all: Vec<i16> = (0..SHARDS).collect();
-        reader.ensure_cursors(&all).await?;
-        let report = HeartbeatReport {
-            circuit_state: "closed",
-            ..HeartbeatReport::default()
-        };
-        let mut shards = leases.tick(&report).await?;
-        let mut last_tick = Instant::now();
-        let idle = Duration::from_millis(100).min(self.config.handler_heartbeat);
-        tokio::pin!(shutdown);
-        let result = loop {
-            // Between rounds: nothing is in flight, so shards may be given back here.
-            if last_tick.elapsed() >= self.config.handler_heartbeat {
-                match leases.tick(&report).await {
-                    Ok(owned) => shards = owned,
-                    Err(e) => break Err(e.into()),
-                }
-                last_tick = Instant::now();
-            }
-            let handled = if shards.is_empty() {
-                0
-            } else {
-                match self.dispatch_round(&reader, &shards).await {
-                    Ok(n) => n,
-                    Err(e) => break Err(e),
-                }
-            };
-            if handled == 0 {
-                tokio::select! {
-                    () = &mut shutdown => break Ok(()),
-                    () = tokio::time::sleep(idle) => {}
-                }
-            }
-        };
-        if let Err(e) = leases.release_all().await {
-            tracing::warn!(error = %e, "handler dispatcher could not release its shards; they expire");
+        let sink = Arc::new(HandlerSink {
+            handlers: self.handlers.clone(),
+        });
+        let engine = Arc::new(Engine::new(
+            self.handler_delivery(),
+            self.store.clone(),
+            sink,
+            &worker_id,
+        ));
+        let (stop, stopped) = watch::channel(false);
+        let run = engine.run(stopped);
+        tokio::pin!(run);
+        tokio::select! {
+            result = &mut run => return Ok(result?),
+            () = shutdown => {}
         }
-        result
+        // The engine finishes the batch in hand, then releases its shards.
+        let _ = stop.send(true);
+        Ok(run.await?)
     }
 
-    /// One round: due retries first, then new events. Returns how many events were handled.
-    pub async fn dispatch_round(&self, reader: &OutboxReader, shards: &[i16]) -> Result<usize, PublishError> {
-        let consumer = reader.consumer();
-        let mut handled = 0;
-        for event in self.failed.due_heads(consumer, shards, 100).await? {
-            handled += 1;
-            self.deliver_failed(consumer, &event).await?;
+    /// The engine settings of the handler dispatcher.
+    fn handler_delivery(&self) -> DeliveryConfig {
+        let config = &self.config;
+        let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        DeliveryConfig {
+            consumer: config.handler_consumer.clone(),
+            batch_size: 500,
+            // NOTIFY wakes the dispatcher on every insert; the poll only covers a missed one.
+            min_poll_interval_ms: 10,
+            max_poll_interval_ms: 1_000,
+            read_ahead: false,
+            heartbeat_interval_ms: millis(config.handler_heartbeat),
+            lease_duration_ms: millis(config.handler_lease),
+            // Handler failures are logged one by one; the library has no readiness of its own to degrade.
+            failed_event_threshold: i64::MAX,
+            // A handler's later event assumes the earlier one took effect, also after a dead letter.
+            block_aggregate_after_dead_letter: true,
+            circuit_breaker: CircuitBreakerConfig::default(),
+            retry: config.handler_retry.clone(),
+            // One "destination" (and so one circuit) per event type: its handlers.
+            routing: Routing::PerEventType {
+                template: "{eventType}".to_owned(),
+            },
         }
-
-        let batch = reader.read(shards, 500).await?;
-        let mut blocked: HashSet<(String, String)> =
-            self.failed.blocked_aggregates(consumer).await?.into_iter().collect();
-        for event in &batch.events {
-            handled += 1;
-            let key = (event.event.aggregate_type.clone(), event.event.aggregate_id.clone());
-            if blocked.contains(&key) {
-                self.failed.hold(consumer, event).await?;
-                continue;
-            }
-            if let Err(e) = self.invoke(&event.event).await {
-                self.record_failure(consumer, event, &e, 0).await?;
-                blocked.insert(key);
-            }
-        }
-        reader.commit(batch.advance).await?;
-        Ok(handled)
     }
 
     pub(super) async fn invoke(&self, event: &DomainEvent) -> Result<(), HandlerError> {
-        for handler in self.handlers_for(&event.event_type) {
-            handler.handle(event).await?;
-        }
-        Ok(())
+        invoke(&self.handlers, event).await
+    }
+}
+
+/// Runs every handler registered for the event's type, in registration order, until one fails.
+async fn invoke(handlers: &HandlerMap, event: &DomainEvent) -> Result<(), HandlerError> {
+    let registered = handlers
+        .read()
+        .ok()
+        .and_then(|h| h.get(&event.event_type).cloned())
+        .unwrap_or_default();
+    for handler in registered {
+        handler.handle(event).await?;
+    }
+    Ok(())
+}
+
+/// The registered handlers seen as the delivery engine's destination. A handler failure is
+/// transient (retried with backoff, feeding the event type's circuit); the engine's dead
+/// letter is the `failed_events` row, so there is nothing else to send it to.
+struct HandlerSink {
+    handlers: HandlerMap,
+}
+
+impl Broker for HandlerSink {
+    fn kind(&self) -> &'static str {
+        "handlers"
     }
 
-    async fn deliver_failed(&self, consumer: &str, event: &StoredEvent) -> Result<(), PublishError> {
-        match self.invoke(&event.event).await {
-            Ok(()) => {
-                self.failed.mark_delivered(consumer, event.event.event_id).await?;
-                tracing::info!(event_id = %event.event.event_id, consumer, "handler retry succeeded");
+    /// Handles the batch one event at a time, in order; after an aggregate's event failed, its
+    /// later events in the call are withheld (never handed to a handler), as the engine expects
+    /// from a destination that keeps aggregate order.
+    fn send_batch<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Vec<Result<(), SendError>>> {
+        Box::pin(async move {
+            let mut failed: HashSet<(&str, &str)> = HashSet::new();
+            let mut results = Vec::with_capacity(messages.len());
+            for message in messages {
+                let event = &message.event;
+                let aggregate = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+                if failed.contains(&aggregate) {
+                    results.push(Err(SendError::Transient(
+                        "withheld behind an earlier failed event of its aggregate".to_owned(),
+                    )));
+                    continue;
+                }
+                let result = invoke(&self.handlers, event).await;
+                if result.is_err() {
+                    failed.insert(aggregate);
+                }
+                results.push(result.map_err(|e| SendError::Transient(e.0)));
             }
-            Err(e) => {
-                let attempts = self.failed.attempts(consumer, event.event.event_id).await?;
-                self.record_failure(consumer, event, &e, u32::try_from(attempts).unwrap_or(0))
-                    .await?;
-            }
-        }
-        Ok(())
+            results
+        })
     }
 
-    async fn record_failure(
-        &self,
-        consumer: &str,
-        event: &StoredEvent,
-        error: &HandlerError,
-        previous_attempts: u32,
-    ) -> Result<(), PublishError> {
-        let attempt = previous_attempts + 1;
-        let next = self
-            .config
-            .handler_retry
-            .next_delay(attempt)
-            .and_then(|d| chrono::Duration::from_std(d).ok())
-            .map(|d| Utc::now() + d);
-        let Some(row) = self.failed.record_attempt(consumer, event, &error.0, next).await? else {
-            return Ok(());
-        };
-        tracing::warn!(
-            event_id = %event.event.event_id,
-            aggregate_id = %event.event.aggregate_id,
-            correlation_id = event.event.metadata.correlation_id.as_deref().unwrap_or_default(),
-            attempts = row.attempts,
-            status = row.status.as_str(),
-            error = %error,
-            "event handler failed"
-        );
-        Ok(())
+    fn send_dead_letter<'a>(&'a self, _message: &'a Message, _reason: &'a str) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn ensure_destinations<'a>(&'a self, _destinations: &'a [String]) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn keeps_aggregate_order(&self) -> bool {
+        true
+    }
+
+    fn check_health(&self) -> BoxFuture<'_, Result<(), SendError>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 }

@@ -46,6 +46,8 @@ pub enum PublishError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Delivery(#[from] crate::delivery::EngineError),
     #[error("no failed event {event_id} for consumer {consumer:?} in a state that allows this")]
     FailedEventNotFound { consumer: String, event_id: Uuid },
 }
@@ -64,7 +66,7 @@ pub struct PublisherConfig {
     /// service split the shards under these leases, so each event is handled by one of them;
     /// a dead replica's shards move to the others after this.
     pub handler_lease: std::time::Duration,
-    /// How often a handler dispatcher renews its leases (between rounds).
+    /// How often a handler dispatcher renews its leases.
     pub handler_heartbeat: std::time::Duration,
 }
 
@@ -202,14 +204,6 @@ impl InventoryEventPublisher {
                 .or_default()
                 .push(handler);
         }
-    }
-
-    fn handlers_for(&self, event_type: &str) -> Vec<Arc<dyn EventHandler>> {
-        self.handlers
-            .read()
-            .ok()
-            .and_then(|h| h.get(event_type).cloned())
-            .unwrap_or_default()
     }
 
     /// Lists failed events (all consumers unless the query names one).

@@ -23,9 +23,14 @@ use crate::support::postgres::TestDatabase;
 
 /// A fresh database with the outbox schema migrated and the built-in schemas registered.
 pub async fn publisher(prefix: &str) -> (TestDatabase, InventoryEventPublisher) {
+    publisher_with(prefix, PublisherConfig::default()).await
+}
+
+/// [`publisher`] with its own settings.
+pub async fn publisher_with(prefix: &str, config: PublisherConfig) -> (TestDatabase, InventoryEventPublisher) {
     let db = TestDatabase::create(prefix).await;
     let store = Store::from_pool(db.pool.clone(), SchemaName::default());
-    let publisher = InventoryEventPublisher::setup(store, PublisherConfig::default())
+    let publisher = InventoryEventPublisher::setup(store, config)
         .await
         .expect("set up publisher");
     (db, publisher)

@@ -4,15 +4,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use inventory_outbox::delivery::retry::RetryPolicy;
 use inventory_outbox::event::{EventType, NewEvent};
-use inventory_outbox::publisher::{HandlerError, PublishError, ReplayOptions};
+use inventory_outbox::publisher::{
+    HandlerError, InventoryEventPublisher, PublishError, PublisherConfig, ReplayOptions,
+};
 use inventory_outbox::store::events::EventRange;
-use inventory_outbox::store::failed::{FailedEventQuery, FailedStatus};
-use inventory_outbox::store::outbox::{OutboxReader, SHARDS};
-use tokio::sync::Mutex;
+use inventory_outbox::store::failed::{FailedEvent, FailedEventQuery, FailedStatus};
+use tokio::sync::{Mutex, Notify, watch};
 use uuid::Uuid;
 
-use super::{publisher, stock_changed};
+use super::{publisher, publisher_with, stock_changed};
 
 async fn event_count(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox.events")
@@ -99,26 +101,83 @@ async fn a_failed_statement_aborts_the_whole_batch() {
     db.drop().await;
 }
 
+/// The dispatcher's failed events, in position order.
+async fn handler_failures(publisher: &InventoryEventPublisher) -> Vec<FailedEvent> {
+    publisher
+        .get_failed_events(&FailedEventQuery {
+            consumer: Some("handlers".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Waits until the dispatcher's failed events satisfy `ready`; a timeout prints them.
+async fn wait_for_failures(
+    publisher: &InventoryEventPublisher,
+    what: &str,
+    ready: impl Fn(&[FailedEvent]) -> bool,
+) -> Vec<FailedEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let failed = handler_failures(publisher).await;
+        if ready(&failed) {
+            return failed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; failed events: {failed:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the publisher's handler dispatcher until the returned sender says stop.
+fn dispatch(
+    publisher: &InventoryEventPublisher,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<Result<(), PublishError>>) {
+    let (stop, mut stopped) = watch::channel(false);
+    let publisher = publisher.clone();
+    let task = tokio::spawn(async move {
+        publisher
+            .run_handlers(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    (stop, task)
+}
+
 #[tokio::test]
 async fn handlers_get_events_at_least_once_with_failures_retried_in_aggregate_order() {
-    let (db, publisher) = publisher("handlers").await;
+    let config = PublisherConfig {
+        handler_retry: RetryPolicy {
+            initial_interval_ms: 50,
+            max_interval_ms: 50,
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        },
+        ..PublisherConfig::default()
+    };
+    let (db, publisher) = publisher_with("handlers", config).await;
     let seen = Arc::new(Mutex::new(Vec::<i64>::new()));
-    let failures_left = Arc::new(AtomicUsize::new(2));
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The first event fails twice; its third attempt waits until the test has looked.
+    let release = Arc::new(Notify::new());
     {
-        let (seen, failures_left) = (seen.clone(), failures_left.clone());
+        let (seen, calls, release) = (seen.clone(), calls.clone(), release.clone());
         publisher.register_event_handler(
             EventType::StockLevelChanged,
             Arc::new(move |event: inventory_outbox::event::DomainEvent| {
-                let (seen, failures_left) = (seen.clone(), failures_left.clone());
+                let (seen, calls, release) = (seen.clone(), calls.clone(), release.clone());
                 async move {
                     let sequence = event.payload["newQuantity"].as_i64().unwrap_or_default();
-                    // The first event fails twice before it goes through.
-                    if sequence == 1
-                        && failures_left
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok()
-                    {
-                        return Err(HandlerError("downstream unavailable".into()));
+                    if sequence == 1 {
+                        match calls.fetch_add(1, Ordering::SeqCst) {
+                            0 | 1 => return Err(HandlerError("downstream unavailable".into())),
+                            _ => release.notified().await,
+                        }
                     }
                     seen.lock().await.push(sequence);
                     Ok(())
@@ -134,49 +193,49 @@ async fn handlers_get_events_at_least_once_with_failures_retried_in_aggregate_or
         .unwrap();
     tx.commit().await.unwrap();
 
-    let reader = OutboxReader::new(publisher.store().clone(), "handlers");
-    let shards: Vec<i16> = (0..SHARDS).collect();
-    reader.ensure_cursors(&shards).await.unwrap();
-    publisher.dispatch_round(&reader, &shards).await.unwrap();
-    // Event 1 failed; 2 and 3 wait behind it instead of overtaking it.
-    assert!(seen.lock().await.is_empty());
-    let failed = publisher
-        .get_failed_events(&FailedEventQuery {
-            consumer: Some("handlers".into()),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let statuses: Vec<_> = failed.iter().map(|f| f.status).collect();
-    assert_eq!(
-        statuses,
-        vec![FailedStatus::Retrying, FailedStatus::Held, FailedStatus::Held]
-    );
+    let (stop, dispatcher) = dispatch(&publisher);
+    // Event 1 failed twice; 2 and 3 wait behind it instead of overtaking it.
+    let failed = wait_for_failures(&publisher, "event 1 to fail twice with 2 and 3 held", |f| {
+        f.iter().map(|f| (f.status, f.attempts)).collect::<Vec<_>>()
+            == [
+                (FailedStatus::Retrying, 2),
+                (FailedStatus::Held, 0),
+                (FailedStatus::Held, 0),
+            ]
+    })
+    .await;
     assert_eq!(failed[0].last_error.as_deref(), Some("downstream unavailable"));
+    assert!(seen.lock().await.is_empty(), "{:?}", seen.lock().await);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while seen.lock().await.len() < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "handlers did not catch up: {:?}",
-            seen.lock().await
-        );
-        publisher.dispatch_round(&reader, &shards).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    release.notify_one();
+    wait_for_failures(&publisher, "every failed event to be delivered", |f| {
+        f.iter().all(|f| f.status == FailedStatus::Delivered)
+    })
+    .await;
     assert_eq!(*seen.lock().await, vec![1, 2, 3]);
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "event 1 was handled three times");
     let status = publisher.get_publisher_status("handlers").await.unwrap();
     assert_eq!(
         (status.pending_events, status.retrying_events, status.held_events),
         (0, 0, 0)
     );
+    stop.send(true).unwrap();
+    dispatcher.await.unwrap().unwrap();
     db.drop().await;
 }
 
 #[tokio::test]
 async fn dead_lettered_events_can_be_retried_and_resolved() {
-    let (db, publisher) = publisher("deadletter").await;
+    // One attempt each while the dispatcher runs: the next would be an hour away.
+    let config = PublisherConfig {
+        handler_retry: RetryPolicy {
+            initial_interval_ms: 3_600_000,
+            max_interval_ms: 3_600_000,
+            ..RetryPolicy::default()
+        },
+        ..PublisherConfig::default()
+    };
+    let (db, publisher) = publisher_with("deadletter", config).await;
     publisher.register_event_handler(
         EventType::StockLevelChanged,
         Arc::new(|_event| async { Err(HandlerError("always fails".into())) }),
@@ -188,15 +247,14 @@ async fn dead_lettered_events_can_be_retried_and_resolved() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    sqlx::query("UPDATE outbox.failed_events SET status = 'dead_lettered'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
 
-    let reader = OutboxReader::new(publisher.store().clone(), "handlers");
-    let shards: Vec<i16> = (0..SHARDS).collect();
-    reader.ensure_cursors(&shards).await.unwrap();
-    publisher.dispatch_round(&reader, &shards).await.unwrap();
+    let (stop, dispatcher) = dispatch(&publisher);
+    wait_for_failures(&publisher, "both events to fail once", |f| {
+        f.len() == 2 && f.iter().all(|f| f.status == FailedStatus::Retrying && f.attempts == 1)
+    })
+    .await;
+    stop.send(true).unwrap();
+    dispatcher.await.unwrap().unwrap();
     sqlx::query("UPDATE outbox.failed_events SET status = 'dead_lettered', next_retry_at = NULL")
         .execute(&db.pool)
         .await
