@@ -211,11 +211,6 @@ impl FailedEvents {
         Ok(row.map(from_row))
     }
 
-    /// Parks an event behind an earlier failed event of its aggregate.
-    pub async fn hold(&self, consumer: &str, event: &StoredEvent) -> Result<(), StoreError> {
-        self.park(consumer, &[event], None).await
-    }
-
     /// Parks events behind an earlier failed event of their aggregate (`held`), or, with
     /// `retry_at`, as heads that wait without a counted attempt (their destination's circuit is
     /// open). Existing rows are left alone.
@@ -361,21 +356,6 @@ impl FailedEvents {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::query("decode failed events"))
-    }
-
-    /// Attempts made so far for one event (0 when it never failed or was only held).
-    pub async fn attempts(&self, consumer: &str, event_id: Uuid) -> Result<i32, StoreError> {
-        let statement = format!(
-            "SELECT attempts FROM {}.failed_events WHERE consumer = $1 AND event_id = $2",
-            self.store.schema()
-        );
-        let attempts: Option<i32> = sqlx::query_scalar(sql(statement))
-            .bind(consumer)
-            .bind(event_id)
-            .fetch_optional(self.store.pool())
-            .await
-            .map_err(StoreError::query("read failed event attempts"))?;
-        Ok(attempts.unwrap_or(0))
     }
 
     /// Marks a previously failed or held event as delivered, unless an operator settled it
