@@ -13,13 +13,22 @@
 //! - the statement-level NOTIFY trigger dropped, with 16 writers committing one event per
 //!   transaction while a listener drains the channel (as an idle relay listens).
 //!
+//! - the registered-schema check once per statement (as shipped) against migration 0002's
+//!   per-row lookup, batches of 100 and 1,000 on one connection.
+//!
 //! Each pair runs twice, alternating, and the table shows both rounds.
+//!
+//! Last, where `publish_events` spends its time, same run: the same prepared rows (validation
+//! outside the timed part, as in the plain INSERT) appended by the store into the product's
+//! outbox and into variants that each remove one cost: the trigger's contract checks, the row
+//! trigger altogether (positions from a column default: measurement only, it drops the lock
+//! that makes position order commit order), and the six secondary indexes.
 
 mod support;
 
 use std::time::Instant;
 
-use inventory_outbox::event::NewEvent;
+use inventory_outbox::event::{DomainEvent, NewEvent};
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
 use inventory_outbox::store::{SchemaName, Store};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -47,17 +56,23 @@ async fn publish(publisher: &InventoryEventPublisher, pool: &PgPool, batch: usiz
     EVENTS_PER_RUN as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn plain_insert(pool: &PgPool, publisher: &InventoryEventPublisher, batch: usize, aggregates: &[Uuid]) -> f64 {
-    // Same rows as `publish` (prepared outside the timed part, as the payload building is).
-    let start_total = Instant::now();
-    let mut spent_preparing = std::time::Duration::ZERO;
+/// The rows of one measurement, validated and enveloped up front: the plain INSERT and the
+/// store's append then time only the database, as the payload building is not timed either.
+async fn prepared(publisher: &InventoryEventPublisher, batch: usize, aggregates: &[Uuid]) -> Vec<Vec<DomainEvent>> {
+    let mut batches = Vec::with_capacity(EVENTS_PER_RUN / batch);
     for round in 0..EVENTS_PER_RUN / batch {
-        let prep = Instant::now();
         let drafts = (0..batch)
             .map(|i| draft(aggregates[(round * batch + i) % aggregates.len()]))
             .collect();
-        let events = publisher.prepare(drafts).await.expect("prepare");
-        spent_preparing += prep.elapsed();
+        batches.push(publisher.prepare(drafts).await.expect("prepare"));
+    }
+    batches
+}
+
+async fn plain_insert(pool: &PgPool, publisher: &InventoryEventPublisher, batch: usize, aggregates: &[Uuid]) -> f64 {
+    let batches = prepared(publisher, batch, aggregates).await;
+    let start = Instant::now();
+    for events in &batches {
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         let agg: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
@@ -78,7 +93,22 @@ async fn plain_insert(pool: &PgPool, publisher: &InventoryEventPublisher, batch:
         .expect("insert");
         tx.commit().await.expect("commit");
     }
-    EVENTS_PER_RUN as f64 / (start_total.elapsed() - spent_preparing).as_secs_f64()
+    EVENTS_PER_RUN as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Appends the same prepared rows as `plain_insert` through the store (the product's INSERT,
+/// trigger and indexes of `publisher`'s schema).
+async fn append_prepared(publisher: &InventoryEventPublisher, pool: &PgPool, batch: usize, aggregates: &[Uuid]) -> f64 {
+    let batches = prepared(publisher, batch, aggregates).await;
+    let start = Instant::now();
+    for events in &batches {
+        let mut tx = pool.begin().await.expect("begin");
+        inventory_outbox::store::events::append(&mut tx, publisher.store().schema(), events)
+            .await
+            .expect("append");
+        tx.commit().await.expect("commit");
+    }
+    EVENTS_PER_RUN as f64 / start.elapsed().as_secs_f64()
 }
 
 /// A second outbox in `schema`, set up by the product, then changed by `alter` (bench-only
@@ -92,6 +122,29 @@ async fn variant(pool: &PgPool, schema: &str, alter: &[&str]) -> anyhow::Result<
             .await?;
     }
     Ok(publisher)
+}
+
+/// Puts migration 0002's row trigger (its text, taken from the migration itself) back into
+/// `schema`: the function pins the search_path it is created under, hence one connection.
+async fn restore_per_row_schema_check(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
+    const MIGRATION: &str = include_str!("../migrations/0002_contract_and_lease_epochs.sql");
+    let start = MIGRATION
+        .find("CREATE OR REPLACE FUNCTION events_before_insert()")
+        .ok_or_else(|| anyhow::anyhow!("0002 has no events_before_insert"))?;
+    let end = start
+        + MIGRATION[start..]
+            .find("$$;")
+            .ok_or_else(|| anyhow::anyhow!("0002: unterminated function"))?
+        + 3;
+    let mut conn = pool.acquire().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {schema}")))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(&MIGRATION[start..end]))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("RESET search_path").execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// `WRITERS` tasks commit `TXNS_PER_WRITER` single-event transactions each; transactions/s.
@@ -116,6 +169,76 @@ async fn concurrent_single_events(publisher: &InventoryEventPublisher, pool: &Pg
         w.await.expect("writer");
     }
     (WRITERS * TXNS_PER_WRITER) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Where `publish_events` spends its time: each variant removes one cost from the product's
+/// outbox; every figure is the same prepared rows appended by the store, same run, two rounds.
+async fn breakdown(pool: &PgPool, publisher: &InventoryEventPublisher, aggregates: &[Uuid]) -> anyhow::Result<()> {
+    // The 0001 trigger body: transaction id, advisory lock, position, shard; no contract checks.
+    let unchecked = variant(
+        pool,
+        "bench_unchecked",
+        &[
+            "DROP TRIGGER events_check_schema_versions ON {s}.events",
+            "CREATE OR REPLACE FUNCTION {s}.events_before_insert() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+           DECLARE aggregate_key integer := hashtext(NEW.aggregate_type || '/' || NEW.aggregate_id); \
+           BEGIN NEW.txid := pg_current_xact_id(); \
+             PERFORM pg_advisory_xact_lock(1869574770, aggregate_key); \
+             NEW.position := nextval('{s}.event_position_seq'); \
+             NEW.shard := (aggregate_key & 63)::smallint; RETURN NEW; END $f$",
+        ],
+    )
+    .await?;
+    let untriggered = variant(
+        pool,
+        "bench_untriggered",
+        &[
+            "DROP TRIGGER events_before_insert ON {s}.events",
+            "ALTER TABLE {s}.events ALTER position SET DEFAULT nextval('{s}.event_position_seq'), \
+             ALTER shard SET DEFAULT 0, ALTER txid SET DEFAULT pg_current_xact_id()",
+        ],
+    )
+    .await?;
+    let unindexed = variant(
+        pool,
+        "bench_unindexed",
+        &[
+            "DROP INDEX {s}.events_shard_position, {s}.events_txid, {s}.events_recorded_at, \
+             {s}.events_occurred_at, {s}.events_type_position, {s}.events_aggregate_position",
+        ],
+    )
+    .await?;
+    let variants = [
+        ("as shipped", publisher),
+        ("no contract checks", &unchecked),
+        ("no row trigger", &untriggered),
+        ("2 indexes, not 8", &unindexed),
+    ];
+    for (_, v) in &variants {
+        append_prepared(v, pool, 1000, aggregates).await;
+    }
+    println!();
+    println!("where publish_events spends its time: prepared rows appended by the store, events/s, same run");
+    print!(
+        "{:>6} {:>6} {:>16} {:>16}",
+        "batch", "round", "publish_events", "plain INSERT"
+    );
+    for (name, _) in &variants {
+        print!(" {name:>20}");
+    }
+    println!();
+    for round in 1..=2 {
+        for batch in [100, 1000] {
+            let full = publish(publisher, pool, batch, aggregates).await;
+            let plain = plain_insert(pool, publisher, batch, aggregates).await;
+            print!("{batch:>6} {round:>6} {full:>16.0} {plain:>16.0}");
+            for (_, v) in &variants {
+                print!(" {:>20.0}", append_prepared(v, pool, batch, aggregates).await);
+            }
+            println!();
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -156,6 +279,35 @@ async fn main() -> anyhow::Result<()> {
         let ours = publish(&publisher, &pool, batch, &aggregates).await;
         let plain = plain_insert(&pool, &publisher, batch, &aggregates).await;
         println!("{batch:>6} {ours:>18.0} {plain:>18.0} {:>7.2}", ours / plain);
+    }
+
+    // The registered-schema check per statement (as shipped since migration 0006) against the
+    // same outbox with 0002's row trigger put back, which looked the version up per row.
+    let per_row = variant(
+        &pool,
+        "bench_per_row",
+        &["DROP TRIGGER events_check_schema_versions ON {s}.events"],
+    )
+    .await?;
+    restore_per_row_schema_check(&pool, "bench_per_row").await?;
+    publish(&per_row, &pool, 1000, &aggregates).await;
+    println!();
+    println!(
+        "schema version checked per statement (as shipped) vs per row (migration 0002), publish_events/s, same run, two rounds"
+    );
+    println!(
+        "{:>6} {:>6} {:>14} {:>14} {:>7}",
+        "batch", "round", "per statement", "per row", "ratio"
+    );
+    for round in 1..=2 {
+        for batch in [100, 1000] {
+            let statement = publish(&publisher, &pool, batch, &aggregates).await;
+            let row = publish(&per_row, &pool, batch, &aggregates).await;
+            println!(
+                "{batch:>6} {round:>6} {statement:>14.0} {row:>14.0} {:>7.2}",
+                statement / row
+            );
+        }
     }
 
     // Time-range indexes as BRIN: the rows arrive in (nearly) time order, so a BRIN summary
@@ -218,6 +370,8 @@ async fn main() -> anyhow::Result<()> {
         "notifications received by the listener: {}",
         drained.load(std::sync::atomic::Ordering::Relaxed)
     );
+
+    breakdown(&pool, &publisher, &aggregates).await?;
     pool.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
         .execute(&mut admin)
