@@ -882,6 +882,15 @@ impl fmt::Debug for KafkaBroker {
     }
 }
 
+impl super::AdapterConfig for KafkaConfig {
+    type Adapter = KafkaBroker;
+    type Error = KafkaConnectError;
+
+    fn build(&self) -> super::BoxFuture<'_, Result<KafkaBroker, KafkaConnectError>> {
+        Box::pin(std::future::ready(KafkaBroker::connect(self)))
+    }
+}
+
 impl KafkaBroker {
     /// Validates the configuration, reads the credentials from the environment and creates the
     /// producer and admin client. Connections are made lazily: an unreachable cluster shows in

@@ -105,6 +105,24 @@ pub struct HandedOver {
     pub acks: BoxFuture<'static, Vec<Result<(), SendError>>>,
 }
 
+/// How every adapter is built from its configuration, one shape for the three (as a sink is
+/// built from its config): validate the configuration, resolve the credentials it points at
+/// (environment variables or mounted files, never inline), create the clients. No adapter
+/// connects here; an unreachable broker shows in [`Broker::check_health`] and in sends, so a
+/// relay starts (and reports itself unready) during a broker outage.
+pub trait AdapterConfig: Send + Sync {
+    type Adapter: Broker + 'static;
+    /// Names the field or credential at fault.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn build(&self) -> BoxFuture<'_, Result<Self::Adapter, Self::Error>>;
+}
+
+/// Builds the adapter `config` describes, behind the trait object the engine takes.
+pub async fn build_adapter<C: AdapterConfig>(config: &C) -> Result<Arc<dyn Broker>, C::Error> {
+    Ok(Arc::new(config.build().await?))
+}
+
 /// A message broker the relay publishes to.
 pub trait Broker: Send + Sync {
     /// Short name for logs and metrics (`kafka`, `rabbitmq`, `sns`, `sqs`).

@@ -641,6 +641,15 @@ impl fmt::Debug for RabbitMqBroker {
     }
 }
 
+impl super::AdapterConfig for RabbitMqConfig {
+    type Adapter = RabbitMqBroker;
+    type Error = RabbitMqConfigError;
+
+    fn build(&self) -> super::BoxFuture<'_, Result<RabbitMqBroker, RabbitMqConfigError>> {
+        Box::pin(std::future::ready(RabbitMqBroker::new(self.clone())))
+    }
+}
+
 impl RabbitMqBroker {
     /// Validates the configuration and resolves the URL, without connecting; the first call
     /// connects.

@@ -631,6 +631,15 @@ fn https_client_trusting(
         .build_https())
 }
 
+impl super::AdapterConfig for SnsSqsConfig {
+    type Adapter = SnsSqsBroker;
+    type Error = SnsSqsConfigError;
+
+    fn build(&self) -> super::BoxFuture<'_, Result<SnsSqsBroker, SnsSqsConfigError>> {
+        Box::pin(SnsSqsBroker::connect(self.clone()))
+    }
+}
+
 impl SnsSqsBroker {
     /// Builds the SDK clients (no network round trip; use `check_health` for that). SDK retries
     /// are disabled because the relay retries; connections time out after 3 s and calls

@@ -23,10 +23,11 @@ pub async fn connect_broker(config: &BrokerConfig) -> anyhow::Result<Arc<dyn Bro
             "broker.kafka.wireFormat confluent needs the schema registry: connect with connect_broker_with_registry"
         );
     }
+    use crate::broker::build_adapter;
     Ok(match config {
-        BrokerConfig::Kafka(c) => Arc::new(crate::broker::kafka::KafkaBroker::connect(c)?),
-        BrokerConfig::Rabbitmq(c) => Arc::new(crate::broker::rabbitmq::RabbitMqBroker::new(c.clone())?),
-        BrokerConfig::SnsSqs(c) => Arc::new(crate::broker::sns_sqs::SnsSqsBroker::connect(c.clone()).await?),
+        BrokerConfig::Kafka(c) => build_adapter(c).await?,
+        BrokerConfig::Rabbitmq(c) => build_adapter(c).await?,
+        BrokerConfig::SnsSqs(c) => build_adapter(c).await?,
     })
 }
 
@@ -41,7 +42,9 @@ pub async fn connect_broker_with_registry(
             let registry = crate::schema::registry::SchemaRegistry::new(store.clone());
             let framing = crate::broker::confluent::ConfluentFraming::new(c.mode, c.wire_format, registry)?;
             Ok(Arc::new(
-                crate::broker::kafka::KafkaBroker::connect(c)?.with_confluent_framing(framing),
+                crate::broker::AdapterConfig::build(c)
+                    .await?
+                    .with_confluent_framing(framing),
             ))
         }
         _ => connect_broker(config).await,
