@@ -1,13 +1,20 @@
 //! `replay_events`: re-delivers a selected range of the event store to the registered
 //! handlers (or only counts it, in a dry run), checkpointed so an interrupted replay resumes.
+//! A failing handler is retried with the handlers' backoff; once an event is given up, its
+//! aggregate's later events are skipped for the rest of the run, so order holds per aggregate.
 //!
 //! A replay reads by position, so it first fixes its end and waits for the writers that may
 //! still commit below it ([`events::settled_end`]): a checkpoint never passes a position whose
 //! transaction was still in flight, which would skip that event for good.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 
 use super::{InventoryEventPublisher, PublishError};
+use crate::broker::SendError;
+use crate::delivery::retry::RetryDecision;
+use crate::event::DomainEvent;
 use crate::store::events::{self, EventRange};
 use crate::store::{StoreError, replay};
 
@@ -55,6 +62,10 @@ impl InventoryEventPublisher {
         range.after_position = Some(range.after_position.unwrap_or(0).max(resume_at));
         range.to_position = Some(events::settled_end(pool, schema, range.to_position).await?);
         let batch_size = options.batch_size.clamp(1, 10_000);
+        // Aggregates whose event was given up: their later events are not handed to the
+        // handlers either (they count as failed), so no handler sees them out of order. As in
+        // the replay Job, the set lasts one run: a resumed run starts with it empty.
+        let mut given_up: HashSet<(String, String)> = HashSet::new();
         loop {
             let mut conn = pool.acquire().await.map_err(StoreError::Connect)?;
             let batch = events::read_range(&mut conn, schema, &range, batch_size).await?;
@@ -67,11 +78,21 @@ impl InventoryEventPublisher {
                 if options.dry_run {
                     continue;
                 }
-                match self.invoke(&stored.event).await {
+                let aggregate = (stored.event.aggregate_type.clone(), stored.event.aggregate_id.clone());
+                if given_up.contains(&aggregate) {
+                    result.failed += 1;
+                    continue;
+                }
+                match self.invoke_retrying(&stored.event).await {
                     Ok(()) => result.replayed += 1,
-                    Err(e) => {
+                    Err(reason) => {
                         result.failed += 1;
-                        tracing::warn!(event_id = %stored.event.event_id, error = %e, "replay delivery failed");
+                        tracing::warn!(
+                            event_id = %stored.event.event_id,
+                            reason,
+                            "replayed event given up; its aggregate's later events in this run are skipped"
+                        );
+                        given_up.insert(aggregate);
                     }
                 }
             }
@@ -82,6 +103,27 @@ impl InventoryEventPublisher {
         result.completed_at = Some(Utc::now());
         self.checkpoint(options, &result, "succeeded").await?;
         Ok(result)
+    }
+
+    /// Calls the handlers for one replayed event, retrying a failure with the handlers'
+    /// backoff ([`PublisherConfig::handler_retry`](super::PublisherConfig::handler_retry))
+    /// until it gives up; the reason when it does.
+    async fn invoke_retrying(&self, event: &DomainEvent) -> Result<(), String> {
+        let mut attempt = 1_u32;
+        loop {
+            let Err(e) = self.invoke(event).await else {
+                return Ok(());
+            };
+            match self
+                .config
+                .handler_retry
+                .decide(attempt, &SendError::Transient(e.to_string()))
+            {
+                RetryDecision::RetryAfter(delay) => tokio::time::sleep(delay).await,
+                RetryDecision::DeadLetter { reason } => return Err(reason),
+            }
+            attempt += 1;
+        }
     }
 
     /// Saves where the replay stands. The library's replay fixes its end per run (a later run

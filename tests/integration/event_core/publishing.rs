@@ -347,3 +347,77 @@ async fn replay_delivers_the_selected_range_and_resumes_from_its_checkpoint() {
     assert_eq!(seen.lock().await.len(), 5);
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_replayed_event_that_keeps_failing_is_retried_then_given_up_and_its_aggregate_stops() {
+    let config = PublisherConfig {
+        handler_retry: RetryPolicy {
+            initial_interval_ms: 5,
+            max_interval_ms: 20,
+            max_attempts: 3,
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        },
+        ..PublisherConfig::default()
+    };
+    let (db, publisher) = publisher_with("replaygiveup", config).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    // Every call in order, as (aggregate, sequence); a's second event always fails.
+    let calls = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
+    {
+        let calls = calls.clone();
+        let failing = a.to_string();
+        publisher.register_event_handler(
+            EventType::StockLevelChanged,
+            Arc::new(move |event: inventory_outbox::event::DomainEvent| {
+                let (calls, failing) = (calls.clone(), failing.clone());
+                async move {
+                    let sequence = event.payload["newQuantity"].as_i64().unwrap_or_default();
+                    calls.lock().await.push((event.aggregate_id.clone(), sequence));
+                    if event.aggregate_id == failing && sequence == 2 {
+                        return Err(HandlerError("downstream refuses this one".into()));
+                    }
+                    Ok(())
+                }
+            }),
+        );
+    }
+    let mut tx = db.pool.begin().await.unwrap();
+    let mut drafts: Vec<NewEvent> = (1..=4).map(|s| stock_changed(a, s)).collect();
+    drafts.extend((1..=3).map(|s| stock_changed(b, s)));
+    publisher.publish_events(&mut tx, drafts).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let result = publisher
+        .replay_events(&ReplayOptions {
+            replay_id: "give-up".into(),
+            range: EventRange::default(),
+            dry_run: false,
+            batch_size: 3,
+        })
+        .await
+        .unwrap();
+    let calls = calls.lock().await.clone();
+    assert_eq!(
+        (result.matched, result.replayed, result.failed),
+        (7, 4, 3),
+        "a1 and b1..b3 replayed; a2 given up, a3 and a4 skipped behind it; calls: {calls:?}"
+    );
+    let of_a: Vec<i64> = calls
+        .iter()
+        .filter(|(id, _)| *id == a.to_string())
+        .map(|(_, s)| *s)
+        .collect();
+    assert_eq!(
+        of_a,
+        vec![1, 2, 2, 2],
+        "a2 tried maxAttempts times, nothing of a after it"
+    );
+    let of_b: Vec<i64> = calls
+        .iter()
+        .filter(|(id, _)| *id == b.to_string())
+        .map(|(_, s)| *s)
+        .collect();
+    assert_eq!(of_b, vec![1, 2, 3], "another aggregate is not held back");
+    db.drop().await;
+}
