@@ -336,6 +336,26 @@ async fn a_poison_event_is_retried_then_dead_lettered_while_other_aggregates_kee
         })
         .await;
     assert_delivered(&sent, &received, false);
+    // The broker hands P's events to the queue before the relay records them as delivered:
+    // wait for the rows before comparing their release times with the dead-lettering.
+    eventually(
+        Duration::from_secs(10),
+        "P's held rows to be marked delivered",
+        async || {
+            let states: Vec<String> = sqlx::query_scalar(
+                "SELECT status FROM outbox.failed_events WHERE consumer = $1 AND aggregate_id = $2 AND event_id <> $3",
+            )
+            .bind(CONSUMER)
+            .bind(p.to_string())
+            .bind(poison.event_id)
+            .fetch_all(&db.pool)
+            .await
+            .expect("read P's held rows");
+            eprintln!("P's held rows: {states:?}");
+            states.len() == 3 && states.iter().all(|s| s == "delivered")
+        },
+    )
+    .await;
     let released_early: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox.failed_events h, outbox.failed_events d \
          WHERE h.consumer = $1 AND d.consumer = $1 AND d.event_id = $2 AND h.aggregate_id = d.aggregate_id \
