@@ -124,6 +124,31 @@ async fn variant(pool: &PgPool, schema: &str, alter: &[&str]) -> anyhow::Result<
     Ok(publisher)
 }
 
+/// `publish_events`/s of two outboxes, same run: a warm-up of the second, then two rounds
+/// alternating them at batches of 100 and 1,000; the ratio is first / second.
+async fn alternate(
+    pool: &PgPool,
+    aggregates: &[Uuid],
+    title: &str,
+    (first_name, first): (&str, &InventoryEventPublisher),
+    (second_name, second): (&str, &InventoryEventPublisher),
+) {
+    publish(second, pool, 1000, aggregates).await;
+    println!();
+    println!("{title}, publish_events/s, same run, two rounds");
+    println!(
+        "{:>6} {:>6} {first_name:>14} {second_name:>14} {:>7}",
+        "batch", "round", "ratio"
+    );
+    for round in 1..=2 {
+        for batch in [100, 1000] {
+            let a = publish(first, pool, batch, aggregates).await;
+            let b = publish(second, pool, batch, aggregates).await;
+            println!("{batch:>6} {round:>6} {a:>14.0} {b:>14.0} {:>7.2}", a / b);
+        }
+    }
+}
+
 /// Puts migration 0002's row trigger (its text, taken from the migration itself) back into
 /// `schema`: the function pins the search_path it is created under, hence one connection.
 async fn restore_per_row_schema_check(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
@@ -290,25 +315,14 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     restore_per_row_schema_check(&pool, "bench_per_row").await?;
-    publish(&per_row, &pool, 1000, &aggregates).await;
-    println!();
-    println!(
-        "schema version checked per statement (as shipped) vs per row (migration 0002), publish_events/s, same run, two rounds"
-    );
-    println!(
-        "{:>6} {:>6} {:>14} {:>14} {:>7}",
-        "batch", "round", "per statement", "per row", "ratio"
-    );
-    for round in 1..=2 {
-        for batch in [100, 1000] {
-            let statement = publish(&publisher, &pool, batch, &aggregates).await;
-            let row = publish(&per_row, &pool, batch, &aggregates).await;
-            println!(
-                "{batch:>6} {round:>6} {statement:>14.0} {row:>14.0} {:>7.2}",
-                statement / row
-            );
-        }
-    }
+    alternate(
+        &pool,
+        &aggregates,
+        "schema version checked per statement (as shipped) vs per row (migration 0002)",
+        ("per statement", &publisher),
+        ("per row", &per_row),
+    )
+    .await;
 
     // Time-range indexes as BRIN: the rows arrive in (nearly) time order, so a BRIN summary
     // of each block range serves the replay's range filters at a fraction of a B-tree's
@@ -324,20 +338,14 @@ async fn main() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    publish(&brin, &pool, 1000, &aggregates).await;
-    println!();
-    println!("time-range indexes B-tree (as shipped) vs BRIN, publish_events/s, same run, two rounds");
-    println!(
-        "{:>6} {:>6} {:>14} {:>14} {:>7}",
-        "batch", "round", "B-tree", "BRIN", "ratio"
-    );
-    for round in 1..=2 {
-        for batch in [100, 1000] {
-            let btree = publish(&publisher, &pool, batch, &aggregates).await;
-            let brin = publish(&brin, &pool, batch, &aggregates).await;
-            println!("{batch:>6} {round:>6} {btree:>14.0} {brin:>14.0} {:>7.2}", brin / btree);
-        }
-    }
+    alternate(
+        &pool,
+        &aggregates,
+        "time-range indexes BRIN vs B-tree (as shipped)",
+        ("BRIN", &brin),
+        ("B-tree", &publisher),
+    )
+    .await;
 
     // One NOTIFY per inserting statement, with 16 concurrent writers of single-event
     // transactions, against the same outbox without the trigger; a listener drains the
