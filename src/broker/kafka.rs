@@ -32,15 +32,14 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::confluent::{self, ConfluentFraming, WireFormat};
+use super::encode::Encoded;
 use super::{BoxFuture, Broker, CloudEventsMode, HandedOver, Message, SendError};
-use crate::event::cloudevents::{self, KAFKA_PREFIX};
+use crate::event::cloudevents::KAFKA_PREFIX;
 use crate::tls::{TlsConfigError, TlsFiles};
 
 /// The producer type of this adapter: librdkafka's callbacks go to [`KafkaClientContext`].
 type FutureProducer = RdFutureProducer<KafkaClientContext>;
 
-/// `content-type` of a structured-mode record.
-pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// Header carrying why a record was dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-dead-letter-reason";
 /// Header carrying the topic a dead-lettered record was meant for.
@@ -994,34 +993,27 @@ impl KafkaBroker {
         }
     }
 
-    /// Headers and body of one event in the configured CloudEvents mode.
+    /// One event's record: the shared encode step mapped to the Kafka binding (`ce_`-prefixed
+    /// headers, `content-type`; in structured mode `ce_id` too, so consumers can deduplicate
+    /// without parsing the body), keyed by aggregate so one partition keeps its order.
     fn encode(&self, message: &Message, topic: &str, extra: &[(&str, &str)]) -> Result<Outgoing, SendError> {
         let event = &message.event;
-        let encoding_failed =
-            |e: serde_json::Error| SendError::Message(format!("cannot encode event {} as JSON: {e}", event.event_id));
-        let (mut headers, body) = match self.config.mode {
-            CloudEventsMode::Binary => (
-                cloudevents::binary_headers(event, KAFKA_PREFIX),
-                serde_json::to_vec(&event.payload).map_err(encoding_failed)?,
-            ),
-            CloudEventsMode::Structured => (
-                vec![
-                    ("content-type".to_owned(), STRUCTURED_CONTENT_TYPE.to_owned()),
-                    (format!("{KAFKA_PREFIX}id"), event.event_id.to_string()),
-                ],
-                serde_json::to_vec(&cloudevents::to_structured(event)).map_err(encoding_failed)?,
-            ),
-        };
-        // OpenTelemetry propagators read the plain W3C header, not the CloudEvents one.
-        if let Some(traceparent) = &event.metadata.traceparent {
-            headers.push(("traceparent".to_owned(), traceparent.clone()));
+        let encoded = Encoded::new(event, self.config.mode)?;
+        let mut headers = Vec::with_capacity(encoded.attributes.len() + 3 + extra.len());
+        headers.push(("content-type".to_owned(), encoded.content_type.to_owned()));
+        headers.extend(encoded.prefixed(KAFKA_PREFIX).map(|(k, v)| (k, v.to_owned())));
+        if self.config.mode == CloudEventsMode::Structured {
+            headers.push((format!("{KAFKA_PREFIX}id"), event.event_id.to_string()));
+        }
+        if let Some(traceparent) = encoded.traceparent {
+            headers.push(("traceparent".to_owned(), traceparent));
         }
         headers.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         Ok(Outgoing {
             topic: topic.to_owned(),
             key: event.aggregate_id.clone(),
             headers,
-            body,
+            body: encoded.body.into_bytes(),
         })
     }
 

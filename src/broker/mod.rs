@@ -1,7 +1,8 @@
-//! Broker adapters behind one trait. Each adapter owns its configuration, its encoding of the
-//! envelope (CloudEvents binary or structured mode, see `event::cloudevents`) and a small
-//! classification of its errors into the three classes of [`SendError`]; retries, timeouts and the
-//! circuit breaker are one shared layer in the relay, not repeated per broker.
+//! Broker adapters behind one trait, in one shape: built from a configuration
+//! ([`AdapterConfig`]), starting from one encode step ([`encode::Encoded`]: the envelope in
+//! CloudEvents binary or structured mode) that each maps to its wire form, and classifying its
+//! errors into the three classes of [`SendError`]; retries, timeouts and the circuit breaker are
+//! one shared layer in the delivery engine, not repeated per broker.
 //!
 //! A message counts as published only when `send_batch` returns `Ok` for it, which each
 //! adapter returns only after the broker's acknowledgement (Kafka acks=all delivery report,
@@ -9,6 +10,7 @@
 //! error is never "published".
 
 pub mod confluent;
+pub mod encode;
 pub mod kafka;
 pub mod rabbitmq;
 pub mod routing;

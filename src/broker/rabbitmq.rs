@@ -64,12 +64,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout, timeout_at};
 
+use super::encode::Encoded;
 use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
-use crate::event::cloudevents::{self, AMQP_PREFIX};
+use crate::event::cloudevents::AMQP_PREFIX;
 use crate::tls::TlsFiles;
 
-/// Content type of a structured-mode CloudEvent.
-pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// Header carrying why a message was dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-dead-letter-reason";
 /// Header carrying the routing key the dead-lettered message was meant for.
@@ -436,7 +435,7 @@ fn read_file(field: &'static str, path: &std::path::Path) -> Result<String, Rabb
 }
 
 /// A message ready for `basic.publish`.
-struct Encoded {
+struct AmqpMessage {
     routing_key: ShortString,
     message_id: String,
     body: Vec<u8>,
@@ -456,7 +455,7 @@ fn long(value: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.into()))
 }
 
-/// Encodes a message in the configured CloudEvents mode, with `extra` headers added.
+/// The shared encode step mapped to an AMQP message, with `extra` headers added.
 /// With `omit_large_body`, a body above the limit is replaced by an empty one (and the header
 /// [`BODY_OMITTED_HEADER`]) instead of failing.
 fn encode(
@@ -464,32 +463,22 @@ fn encode(
     message: &Message,
     extra: &[(&str, String)],
     omit_large_body: bool,
-) -> Result<Encoded, SendError> {
+) -> Result<AmqpMessage, SendError> {
     let event = &*message.event;
     let routing_key = short("routing key", &message.destination)?;
+    let encoded = Encoded::new(event, config.mode)?;
     let mut headers = FieldTable::default();
-    let (mut body, content_type) = match config.mode {
-        CloudEventsMode::Binary => {
-            for (key, value) in cloudevents::binary_headers(event, AMQP_PREFIX) {
-                // The binding maps datacontenttype to the AMQP content-type property.
-                if key != "content-type" {
-                    headers.insert(short("header name", &key)?, long(value));
-                }
-            }
-            let body = serde_json::to_vec(&event.payload)
-                .map_err(|e| SendError::Message(format!("payload cannot be serialized: {e}")))?;
-            (body, cloudevents::CONTENT_TYPE)
-        }
-        CloudEventsMode::Structured => {
-            let body = serde_json::to_vec(&cloudevents::to_structured(event))
-                .map_err(|e| SendError::Message(format!("CloudEvent cannot be serialized: {e}")))?;
-            (body, STRUCTURED_CONTENT_TYPE)
-        }
-    };
-    // OpenTelemetry propagators read the plain W3C header, not the CloudEvents one.
-    if let Some(traceparent) = &event.metadata.traceparent {
-        headers.insert("traceparent".into(), long(traceparent.clone()));
+    // The AMQP binding carries datacontenttype as the content-type property, the other
+    // attributes as `cloudEvents:`-prefixed application properties.
+    for (key, value) in encoded.prefixed(AMQP_PREFIX) {
+        headers.insert(short("header name", &key)?, long(value));
     }
+    // OpenTelemetry propagators read the plain W3C header, not the CloudEvents one.
+    if let Some(traceparent) = encoded.traceparent {
+        headers.insert("traceparent".into(), long(traceparent));
+    }
+    let content_type = encoded.content_type;
+    let mut body = encoded.body.into_bytes();
     let size = body.len() as u64;
     if size > config.max_message_bytes {
         if !omit_large_body {
@@ -520,7 +509,7 @@ fn encode(
     {
         properties = properties.with_correlation_id(correlation_id);
     }
-    Ok(Encoded {
+    Ok(AmqpMessage {
         routing_key,
         message_id,
         body,
@@ -826,7 +815,7 @@ impl RabbitMqBroker {
     async fn publish_confirmed(
         &self,
         exchange: &ShortString,
-        items: Vec<(usize, Encoded)>,
+        items: Vec<(usize, AmqpMessage)>,
         results: &mut [Option<Result<(), SendError>>],
     ) {
         if items.is_empty() {
@@ -1189,6 +1178,7 @@ impl Broker for RabbitMqBroker {
 mod tests {
     use super::*;
     use crate::event::NewEvent;
+    use crate::event::cloudevents::{self, STRUCTURED_CONTENT_TYPE};
     use crate::event::validate::enrich;
 
     fn config() -> RabbitMqConfig {

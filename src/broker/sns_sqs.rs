@@ -58,6 +58,7 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
+use super::encode::Encoded;
 use super::{BoxFuture, Broker, CloudEventsMode, Message, SendError};
 use crate::event::DomainEvent;
 use crate::event::cloudevents;
@@ -531,18 +532,18 @@ fn retriable(context: &str, error: impl std::error::Error + aws_sdk_sqs::error::
     }
 }
 
-fn message_attributes(event: &DomainEvent, mode: CloudEventsMode) -> Vec<(&'static str, String)> {
+/// The message attributes of one event: the three a subscription filter policy needs, then (in
+/// binary mode, where `encoded` carries the context attributes) as many CloudEvents attributes
+/// as the limit of ten leaves room for.
+fn message_attributes(event: &DomainEvent, encoded: &Encoded) -> Vec<(&'static str, String)> {
     let mut attributes = vec![
         ("eventType", event.event_type.clone()),
         ("aggregateId", event.aggregate_id.clone()),
         ("eventId", event.event_id.to_string()),
     ];
-    if mode == CloudEventsMode::Binary {
-        let ce = cloudevents::attributes(event);
-        for (ce_name, attribute) in BINARY_ATTRIBUTES {
-            if let Some((_, value)) = ce.iter().find(|(name, _)| *name == ce_name) {
-                attributes.push((attribute, value.clone()));
-            }
+    for (ce_name, attribute) in BINARY_ATTRIBUTES {
+        if let Some(value) = encoded.attribute(ce_name) {
+            attributes.push((attribute, value.to_owned()));
         }
     }
     attributes.retain(|(_, value)| !value.is_empty());
@@ -582,14 +583,6 @@ fn sns_attribute(value: &str) -> Result<aws_sdk_sns::types::MessageAttributeValu
         .data_type("String")
         .string_value(value)
         .build()
-}
-
-fn body_of(event: &DomainEvent, mode: CloudEventsMode) -> Result<String, SendError> {
-    let encoded = match mode {
-        CloudEventsMode::Structured => serde_json::to_string(&cloudevents::to_structured(event)),
-        CloudEventsMode::Binary => serde_json::to_string(&event.payload),
-    };
-    encoded.map_err(|e| SendError::Message(format!("event {} cannot be encoded: {e}", event.event_id)))
 }
 
 fn is_missing_queue<R>(
@@ -866,8 +859,9 @@ impl SnsSqsBroker {
     /// Encodes one message as a batch entry with id `index`; refuses messages over 256 KiB.
     fn encode(&self, index: usize, message: &Message) -> Result<(usize, Entry), SendError> {
         let event = &*message.event;
-        let body = body_of(event, self.config.mode)?;
-        let attributes = message_attributes(event, self.config.mode);
+        let encoded = Encoded::new(event, self.config.mode)?;
+        let attributes = message_attributes(event, &encoded);
+        let body = encoded.body;
         let size = message_size(&body, &attributes);
         if size > MAX_BATCH_BYTES {
             return Err(SendError::Message(format!(
@@ -1059,7 +1053,8 @@ impl SnsSqsBroker {
         let dlq = self.dead_letter_queue().await?;
         let event = &*message.event;
         // Dead letters are always structured, so the whole envelope can be inspected and replayed.
-        let mut attributes = message_attributes(event, CloudEventsMode::Structured);
+        let encoded = Encoded::new(event, CloudEventsMode::Structured)?;
+        let mut attributes = message_attributes(event, &encoded);
         let reason = truncate_to(reason, MAX_REASON_BYTES);
         attributes.push((
             "deadLetterReason",
@@ -1067,7 +1062,7 @@ impl SnsSqsBroker {
         ));
         attributes.push(("originalDestination", message.destination.clone()));
         attributes.retain(|(_, value)| !value.is_empty());
-        let mut body = body_of(event, CloudEventsMode::Structured)?;
+        let mut body = encoded.body;
         if message_size(&body, &attributes) > MAX_BATCH_BYTES {
             // Too large for SQS: keep the envelope, drop the payload, and say so.
             let mut doc = cloudevents::to_structured(event);
@@ -1422,10 +1417,10 @@ mod tests {
     #[test]
     fn message_attributes_stay_within_the_limit_of_ten() {
         let e = full_event();
-        let structured = message_attributes(&e, CloudEventsMode::Structured);
+        let structured = message_attributes(&e, &Encoded::new(&e, CloudEventsMode::Structured).unwrap());
         let names: Vec<_> = structured.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["eventType", "aggregateId", "eventId"]);
-        let binary = message_attributes(&e, CloudEventsMode::Binary);
+        let binary = message_attributes(&e, &Encoded::new(&e, CloudEventsMode::Binary).unwrap());
         assert_eq!(binary.len(), MAX_MESSAGE_ATTRIBUTES);
         let get = |name: &str| binary.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
         assert_eq!(get("ce_specversion"), Some("1.0"));

@@ -23,6 +23,8 @@ use super::{DomainEvent, EventMetadata};
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const CONTENT_TYPE: &str = "application/json";
+/// Content type of a structured-mode CloudEvent (the JSON event format).
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 const DEFAULT_SOURCE: &str = "inventory-outbox";
 const SCHEMA_URN: &str = "urn:inventory-outbox:schema:";
 
