@@ -346,6 +346,7 @@ launch() {
   local _
   for _ in $(seq 1 50); do [[ -s $pidfile ]] && break; sleep 0.1; done
   [[ -s $pidfile ]] || die "$name did not start (no pid file); see $logfile"
+  await_exec "$pidfile" "$1"
   log "started $name (pid $(cat "$pidfile"), log $logfile)"
 }
 

@@ -115,6 +115,7 @@ cmd_start() {
     local _
     for _ in $(seq 1 50); do [[ -s $PN_PID ]] && break; sleep 0.1; done
     [[ -s $PN_PID ]] || die "process-node did not start (no pid file); see $LOGFILE"
+    await_exec "$PN_PID" "$bin"
     log "started process-node (pid $(cat "$PN_PID"), log $LOGFILE)"
   fi
   local deadline=$((SECONDS + 60))

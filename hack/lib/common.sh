@@ -60,6 +60,19 @@ wait_for() {
 # pid_alive PIDFILE -> 0 when the process recorded in PIDFILE is running
 pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# await_exec PIDFILE BINARY -> returns once the pid in PIDFILE runs BINARY (or has died, or 5 s
+# passed). Launchers write the pid from a shell that then execs the binary; until the exec
+# lands /proc/PID/exe is still bash, and a "still running our binary?" check made in that
+# window took a starting process for an exited one (a fresh-machine env-up failed so).
+await_exec() {
+  local pid _ exe; pid=$(cat "$1" 2>/dev/null) || return 0
+  for _ in $(seq 1 50); do
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 0
+    [[ $(basename "${exe% (deleted)}") == "$(basename "$2")" ]] && return 0
+    sleep 0.1
+  done
+}
+
 # stop_pidfile NAME PIDFILE -> TERM, then KILL after 20 s, then remove the pid file
 stop_pidfile() {
   local name=$1 pidfile=$2
