@@ -6,6 +6,7 @@
 //!   retries, circuits and dead letters;
 //! - [`config`]: what the engine needs, whatever the caller's configuration looks like;
 //! - [`waves`]: how a batch is cut into broker calls for brokers that do not keep order;
+//! - [`resend`]: the replays' loop over a fixed range (waves, retries, parked aggregates);
 //! - [`retry`]: backoff between attempts and when an event is given up (dead-lettered);
 //! - [`circuit`]: when to stop sending to a destination that keeps failing;
 //! - [`health`] and [`metrics`]: what the engine reports to probes and to Prometheus.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod health;
 pub mod metrics;
+pub mod resend;
 pub mod retry;
 mod waves;
 

@@ -56,9 +56,7 @@ impl InventoryEventPublisher {
     /// shards this dispatcher leases; gives its shards back when it stops.
     pub async fn run_handlers(&self, shutdown: impl Future<Output = ()>) -> Result<(), PublishError> {
         let worker_id = format!("handlers-{}", Uuid::now_v7());
-        let sink = Arc::new(HandlerSink {
-            handlers: self.handlers.clone(),
-        });
+        let sink = Arc::new(HandlerSink::new(self.handlers.clone()));
         let engine = Arc::new(Engine::new(
             self.handler_delivery(),
             self.store.clone(),
@@ -102,10 +100,6 @@ impl InventoryEventPublisher {
             },
         }
     }
-
-    pub(super) async fn invoke(&self, event: &DomainEvent) -> Result<(), HandlerError> {
-        invoke(&self.handlers, event).await
-    }
 }
 
 /// Runs every handler registered for the event's type, in registration order, until one fails.
@@ -121,11 +115,18 @@ async fn invoke(handlers: &HandlerMap, event: &DomainEvent) -> Result<(), Handle
     Ok(())
 }
 
-/// The registered handlers seen as the delivery engine's destination. A handler failure is
-/// transient (retried with backoff, feeding the event type's circuit); the engine's dead
-/// letter is the `failed_events` row, so there is nothing else to send it to.
-struct HandlerSink {
+/// The registered handlers seen as a destination: of the delivery engine, and of the replays'
+/// re-send in `replay_events`. A handler failure is transient (retried with backoff, feeding
+/// the event type's circuit); the engine's dead letter is the `failed_events` row, so there is
+/// nothing else to send it to.
+pub(super) struct HandlerSink {
     handlers: HandlerMap,
+}
+
+impl HandlerSink {
+    pub(super) fn new(handlers: HandlerMap) -> Self {
+        Self { handlers }
+    }
 }
 
 impl Broker for HandlerSink {

@@ -1,20 +1,23 @@
 //! `replay_events`: re-delivers a selected range of the event store to the registered
 //! handlers (or only counts it, in a dry run), checkpointed so an interrupted replay resumes.
-//! A failing handler is retried with the handlers' backoff; once an event is given up, its
-//! aggregate's later events are skipped for the rest of the run, so order holds per aggregate.
+//! The handlers are the destination of the replays' ordered re-send ([`crate::delivery::resend`],
+//! the replay Job's loop too): a failing handler is retried with the handlers' backoff; once an
+//! event is given up its aggregate is parked, and its later events are skipped for the rest of
+//! the replay (a later call with the same id included), so order holds per aggregate.
 //!
 //! A replay reads by position, so it first fixes its end and waits for the writers that may
 //! still commit below it ([`events::settled_end`]): a checkpoint never passes a position whose
 //! transaction was still in flight, which would skip that event for good.
 
-use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 
+use super::handlers::HandlerSink;
 use super::{InventoryEventPublisher, PublishError};
-use crate::broker::SendError;
-use crate::delivery::retry::RetryDecision;
-use crate::event::DomainEvent;
+use crate::broker::Message;
+use crate::delivery::resend::{Pacer, Resender};
 use crate::store::events::{self, EventRange};
 use crate::store::{StoreError, replay};
 
@@ -62,10 +65,16 @@ impl InventoryEventPublisher {
         range.after_position = Some(range.after_position.unwrap_or(0).max(resume_at));
         range.to_position = Some(events::settled_end(pool, schema, range.to_position).await?);
         let batch_size = options.batch_size.clamp(1, 10_000);
-        // Aggregates whose event was given up: their later events are not handed to the
-        // handlers either (they count as failed), so no handler sees them out of order. As in
-        // the replay Job, the set lasts one run: a resumed run starts with it empty.
-        let mut given_up: HashSet<(String, String)> = HashSet::new();
+        let sink = HandlerSink::new(self.handlers.clone());
+        let mut resender = Resender {
+            destination: &sink,
+            retry: &self.config.handler_retry,
+            parked: checkpoint.parked.into_iter().collect(),
+            replay: &options.replay_id,
+        };
+        let mut pacer = Pacer::new(None);
+        // Nothing stops a library replay but dropping its future.
+        let (_running, mut shutdown) = watch::channel(false);
         loop {
             let mut conn = pool.acquire().await.map_err(StoreError::Connect)?;
             let batch = events::read_range(&mut conn, schema, &range, batch_size).await?;
@@ -73,57 +82,32 @@ impl InventoryEventPublisher {
             let Some(last) = batch.last().map(|e| e.position) else {
                 break;
             };
-            for stored in &batch {
-                result.matched += 1;
-                if options.dry_run {
-                    continue;
-                }
-                let aggregate = (stored.event.aggregate_type.clone(), stored.event.aggregate_id.clone());
-                if given_up.contains(&aggregate) {
-                    result.failed += 1;
-                    continue;
-                }
-                match self.invoke_retrying(&stored.event).await {
-                    Ok(()) => result.replayed += 1,
-                    Err(reason) => {
-                        result.failed += 1;
-                        tracing::warn!(
-                            event_id = %stored.event.event_id,
-                            reason,
-                            "replayed event given up; its aggregate's later events in this run are skipped"
-                        );
-                        given_up.insert(aggregate);
-                    }
-                }
+            result.matched += batch.len() as u64;
+            let mut parked = Vec::new();
+            if !options.dry_run {
+                let messages: Vec<Message> = batch
+                    .into_iter()
+                    .map(|stored| Message {
+                        position: stored.position,
+                        destination: stored.event.event_type.clone(),
+                        event: Arc::new(stored.event),
+                    })
+                    .collect();
+                let resent = resender
+                    .send(&messages, &mut pacer, &mut shutdown, &mut |_| {})
+                    .await
+                    .expect("the shutdown sender lives as long as the replay");
+                result.replayed += resent.delivered.len() as u64;
+                result.failed += resent.failed.unsigned_abs();
+                parked = resent.parked;
             }
             range.after_position = Some(last);
             result.last_position = Some(last);
-            self.checkpoint(options, &result, "running").await?;
+            self.checkpoint(options, &result, "running", &parked).await?;
         }
         result.completed_at = Some(Utc::now());
-        self.checkpoint(options, &result, "succeeded").await?;
+        self.checkpoint(options, &result, "succeeded", &[]).await?;
         Ok(result)
-    }
-
-    /// Calls the handlers for one replayed event, retrying a failure with the handlers'
-    /// backoff ([`PublisherConfig::handler_retry`](super::PublisherConfig::handler_retry))
-    /// until it gives up; the reason when it does.
-    async fn invoke_retrying(&self, event: &DomainEvent) -> Result<(), String> {
-        let mut attempt = 1_u32;
-        loop {
-            let Err(e) = self.invoke(event).await else {
-                return Ok(());
-            };
-            match self
-                .config
-                .handler_retry
-                .decide(attempt, &SendError::Transient(e.to_string()))
-            {
-                RetryDecision::RetryAfter(delay) => tokio::time::sleep(delay).await,
-                RetryDecision::DeadLetter { reason } => return Err(reason),
-            }
-            attempt += 1;
-        }
     }
 
     /// Saves where the replay stands. The library's replay fixes its end per run (a later run
@@ -133,6 +117,7 @@ impl InventoryEventPublisher {
         options: &ReplayOptions,
         result: &ReplayResult,
         state: &str,
+        newly_parked: &[(String, String)],
     ) -> Result<(), PublishError> {
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let checkpoint = replay::Checkpoint {
@@ -144,7 +129,14 @@ impl InventoryEventPublisher {
             state: state.to_owned(),
             ..Default::default()
         };
-        replay::save(self.store.pool(), self.store.schema(), &options.replay_id, &checkpoint).await?;
+        replay::save(
+            self.store.pool(),
+            self.store.schema(),
+            &options.replay_id,
+            &checkpoint,
+            newly_parked,
+        )
+        .await?;
         Ok(())
     }
 }

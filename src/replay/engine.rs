@@ -1,22 +1,20 @@
 //! The re-publishing replay: reads the selected events in position order below a settled end
 //! (never the live relay's cursor, which it neither reads nor moves), sends them through the
-//! relay's broker adapter wave by wave (an aggregate's later event only after its earlier one
-//! was acknowledged), retries per the publisher's policy, paces to the rate limit and writes a
-//! checkpoint after every batch.
+//! relay's broker adapter through the replays' ordered re-send ([`crate::delivery::resend`]:
+//! waves, retries per the publisher's policy, an aggregate parked once one of its events is
+//! given up), paces to the rate limit and writes a checkpoint, with the newly parked
+//! aggregates, after every batch.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use uuid::Uuid;
 
 use super::plan::PublishPlan;
 use super::report::{ReplayReport, ReportPhase};
 use crate::broker::routing::Routing;
 use crate::broker::{Broker, Message};
-use crate::delivery::retry::{RetryDecision, RetryPolicy};
-use crate::delivery::waves;
+use crate::delivery::resend::{Pacer, Resender, Resent};
+use crate::delivery::retry::RetryPolicy;
 use crate::store::replay::{self as sql_replay, Checkpoint};
 use crate::store::{Store, StoreError, events::StoredEvent};
 
@@ -52,28 +50,6 @@ pub struct Engine {
     pub batch_size: usize,
     /// Shared with the status endpoint.
     pub progress: Arc<Mutex<ReplayReport>>,
-}
-
-/// Paces sends to `rate` events/s on average since the start.
-struct Pacer {
-    rate: Option<u32>,
-    start: Instant,
-    sent: u64,
-}
-
-impl Pacer {
-    fn delay_before(&self, now: Instant) -> Duration {
-        let Some(rate) = self.rate else {
-            return Duration::ZERO;
-        };
-        let due = self.start + Duration::from_secs_f64(self.sent as f64 / f64::from(rate.max(1)));
-        due.saturating_duration_since(now)
-    }
-}
-
-/// Resolves when `shutdown` turns true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 impl Engine {
@@ -120,7 +96,7 @@ impl Engine {
                     .await
                     .map_err(ReplayError::Count)?;
                 cp.end_position = Some(end);
-                sql_replay::save(pool, schema, &self.replay_id, &cp)
+                sql_replay::save(pool, schema, &self.replay_id, &cp, &[])
                     .await
                     .map_err(ReplayError::Checkpoint)?;
                 end
@@ -142,14 +118,13 @@ impl Engine {
             }
         }
         let batch_size = self.plan.batch_size(self.batch_size);
-        let mut pacer = Pacer {
-            rate: self.plan.rate_limit,
-            start: Instant::now(),
-            sent: 0,
+        let mut pacer = Pacer::new(self.plan.rate_limit);
+        let mut resender = Resender {
+            destination: self.broker.as_ref(),
+            retry: &self.retry,
+            parked: std::mem::take(&mut cp.parked).into_iter().collect(),
+            replay: &self.job,
         };
-        // Aggregates whose event was given up: their later events are not sent either, so no
-        // consumer sees them out of order (they count as failed).
-        let mut given_up: HashSet<(String, String)> = HashSet::new();
         loop {
             if *shutdown.borrow() {
                 return Ok(self.stop(report));
@@ -160,51 +135,31 @@ impl Engine {
             let Some(last) = batch.last().map(|e| e.position) else {
                 break;
             };
-            let mut delivered: Vec<Uuid> = Vec::new();
-            let mut failed = 0_i64;
-            // Strict waves whatever the broker: a given-up event stops its aggregate's later
-            // events, which must not have gone out in the same call.
-            for wave in waves(
-                &batch,
-                |e| (e.event.aggregate_type.as_str(), e.event.aggregate_id.as_str(), ""),
-                false,
-            ) {
-                let mut messages = Vec::with_capacity(wave.len());
-                for i in wave {
-                    let stored = &batch[i];
-                    let key = (stored.event.aggregate_type.clone(), stored.event.aggregate_id.clone());
-                    if given_up.contains(&key) {
-                        failed += 1;
-                    } else {
-                        messages.push(self.message(stored));
-                    }
-                }
-                let Some(outcomes) = self.send_wave(&messages, &mut pacer, &mut shutdown).await else {
-                    return Ok(self.stop(report));
-                };
-                for (message, ok) in messages.iter().zip(outcomes) {
-                    if ok {
-                        delivered.push(message.event.event_id);
-                    } else {
-                        failed += 1;
-                        given_up.insert((message.event.aggregate_type.clone(), message.event.aggregate_id.clone()));
-                    }
-                }
-                report.replayed = cp.replayed + i64::try_from(delivered.len()).unwrap_or(i64::MAX);
-                report.failed = cp.failed + failed;
+            let messages: Vec<Message> = batch.iter().map(|stored| self.message(stored)).collect();
+            // The status endpoint shows progress within a batch too (what a kill would re-send).
+            let mut progress = |so_far: &Resent| {
+                let mut report = report.clone();
+                report.replayed = cp.replayed + i64::try_from(so_far.delivered.len()).unwrap_or(i64::MAX);
+                report.failed = cp.failed + so_far.failed;
                 self.publish(&report);
-            }
+            };
+            let sent = resender.send(&messages, &mut pacer, &mut shutdown, &mut progress).await;
+            let Some(resent) = sent else {
+                return Ok(self.stop(report));
+            };
             if self.plan.selection.dead_lettered_by.is_some() {
-                sql_replay::mark_redriven(pool, schema, &self.publisher, &delivered)
+                sql_replay::mark_redriven(pool, schema, &self.publisher, &resent.delivered)
                     .await
                     .map_err(ReplayError::MarkRedriven)?;
             }
             cp.position = last;
-            cp.replayed = report.replayed;
-            cp.failed = report.failed;
-            sql_replay::save(pool, schema, &self.replay_id, &cp)
+            cp.replayed += i64::try_from(resent.delivered.len()).unwrap_or(i64::MAX);
+            cp.failed += resent.failed;
+            sql_replay::save(pool, schema, &self.replay_id, &cp, &resent.parked)
                 .await
                 .map_err(ReplayError::Checkpoint)?;
+            report.replayed = cp.replayed;
+            report.failed = cp.failed;
             report.checkpoint = last;
             self.publish(&report);
         }
@@ -213,7 +168,7 @@ impl Engine {
 
     async fn finish(&self, mut cp: Checkpoint, mut report: ReplayReport) -> Result<ReplayReport, ReplayError> {
         cp.state = "succeeded".into();
-        sql_replay::save(self.store.pool(), self.store.schema(), &self.replay_id, &cp)
+        sql_replay::save(self.store.pool(), self.store.schema(), &self.replay_id, &cp, &[])
             .await
             .map_err(ReplayError::Checkpoint)?;
         report.phase = ReportPhase::Completed;
@@ -239,87 +194,5 @@ impl Engine {
             destination: self.plan.destination(&self.routing, &stored.event),
             event: Arc::new(event),
         }
-    }
-
-    /// Sends one wave (in rate-limited chunks), retrying failed messages per the policy.
-    /// Returns whether each was acknowledged, or None when shutdown came first.
-    async fn send_wave(
-        &self,
-        messages: &[Message],
-        pacer: &mut Pacer,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<Vec<bool>> {
-        let chunk = pacer.rate.map_or(messages.len().max(1), |r| {
-            usize::try_from(r).unwrap_or(usize::MAX).max(1)
-        });
-        let mut outcomes = Vec::with_capacity(messages.len());
-        for part in messages.chunks(chunk) {
-            let wait = pacer.delay_before(Instant::now());
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stopped(shutdown) => return None,
-                }
-            }
-            pacer.sent += part.len() as u64;
-            outcomes.extend(self.send_with_retries(part, shutdown).await?);
-        }
-        Some(outcomes)
-    }
-
-    async fn send_with_retries(&self, messages: &[Message], shutdown: &mut watch::Receiver<bool>) -> Option<Vec<bool>> {
-        let mut outcomes = vec![false; messages.len()];
-        let mut pending: Vec<usize> = (0..messages.len()).collect();
-        let mut attempt = 1_u32;
-        while !pending.is_empty() {
-            let batch: Vec<Message> = pending.iter().map(|&i| messages[i].clone()).collect();
-            let results = self.broker.send_batch(&batch).await;
-            let mut again = Vec::new();
-            let mut delay = Duration::ZERO;
-            for (&i, result) in pending.iter().zip(results) {
-                match result {
-                    Ok(()) => outcomes[i] = true,
-                    Err(error) => match self.retry.decide(attempt, &error) {
-                        RetryDecision::RetryAfter(d) => {
-                            delay = delay.max(d);
-                            again.push(i);
-                        }
-                        RetryDecision::DeadLetter { reason } => {
-                            tracing::warn!(job = %self.job, event_id = %messages[i].event.event_id, reason, "replayed event given up");
-                        }
-                    },
-                }
-            }
-            pending = again;
-            if !pending.is_empty() {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopped(shutdown) => return None,
-                }
-                attempt += 1;
-            }
-        }
-        Some(outcomes)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_pacer_spreads_sends_over_time() {
-        let start = Instant::now();
-        let mut p = Pacer {
-            rate: Some(10),
-            start,
-            sent: 0,
-        };
-        assert_eq!(p.delay_before(start), Duration::ZERO);
-        p.sent = 10;
-        assert_eq!(p.delay_before(start), Duration::from_secs(1));
-        assert_eq!(p.delay_before(start + Duration::from_secs(2)), Duration::ZERO);
-        p.rate = None;
-        assert_eq!(p.delay_before(start), Duration::ZERO);
     }
 }

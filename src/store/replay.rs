@@ -1,6 +1,6 @@
 //! SQL of replays: the events (or dead letters) a ReplayJob selects, read in position order
 //! below a fixed end, and the checkpoint rows in `replay_checkpoints` that the `replay` Job and
-//! the library's `replay_events` resume from.
+//! the library's `replay_events` resume from, with the aggregates they parked.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -142,29 +142,46 @@ pub struct Checkpoint {
     /// Pods that started on this replay, this one included.
     pub runs: i32,
     pub started_at: Option<DateTime<Utc>>,
+    /// (aggregate type, aggregate id) of the aggregates earlier runs gave up on (see
+    /// [`crate::delivery::resend`]); loaded by [`start`], not a column.
+    #[sqlx(skip)]
+    pub parked: Vec<(String, String)>,
 }
 
-/// Loads the checkpoint of `replay_id`, creating it when absent, and counts this run.
+/// Loads the checkpoint of `replay_id`, creating it when absent, and counts this run; with it
+/// the aggregates earlier runs parked.
 pub async fn start(pool: &PgPool, schema: &SchemaName, replay_id: &str) -> Result<Checkpoint, StoreError> {
     let text = format!(
         "INSERT INTO {schema}.replay_checkpoints (replay_id, runs) VALUES ($1, 1) \
          ON CONFLICT (replay_id) DO UPDATE SET runs = replay_checkpoints.runs + 1, updated_at = now() \
          RETURNING position, matched, replayed, failed, end_position, state, runs, started_at"
     );
-    sqlx::query_as(sql(text))
+    let mut checkpoint: Checkpoint = sqlx::query_as(sql(text))
         .bind(replay_id)
         .fetch_one(pool)
         .await
-        .map_err(StoreError::query("load the replay checkpoint"))
+        .map_err(StoreError::query("load the replay checkpoint"))?;
+    let text =
+        format!("SELECT aggregate_type, aggregate_id FROM {schema}.replay_parked_aggregates WHERE replay_id = $1");
+    checkpoint.parked = sqlx::query_as(sql(text))
+        .bind(replay_id)
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::query("load the aggregates a replay parked"))?;
+    Ok(checkpoint)
 }
 
-/// Writes the checkpoint; the end is set once (a later run cannot move it).
+/// Writes the checkpoint and, in the same transaction, the aggregates parked since the last
+/// save (so a checkpoint past an event that was given up always comes with its aggregate
+/// parked); the end is set once (a later run cannot move it).
 pub async fn save(
     pool: &PgPool,
     schema: &SchemaName,
     replay_id: &str,
     checkpoint: &Checkpoint,
+    newly_parked: &[(String, String)],
 ) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(StoreError::Connect)?;
     let text = format!(
         "UPDATE {schema}.replay_checkpoints SET position = $2, matched = $3, replayed = $4, failed = $5, \
          state = $6, end_position = coalesce(end_position, $7), updated_at = now() WHERE replay_id = $1"
@@ -177,8 +194,25 @@ pub async fn save(
         .bind(checkpoint.failed)
         .bind(&checkpoint.state)
         .bind(checkpoint.end_position)
-        .execute(pool)
+        .execute(&mut *tx)
         .await
         .map_err(StoreError::query("save the replay checkpoint"))?;
+    if !newly_parked.is_empty() {
+        let (types, ids): (Vec<&str>, Vec<&str>) = newly_parked.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
+        let text = format!(
+            "INSERT INTO {schema}.replay_parked_aggregates (replay_id, aggregate_type, aggregate_id) \
+             SELECT $1, t, i FROM unnest($2::text[], $3::text[]) AS p(t, i) ON CONFLICT DO NOTHING"
+        );
+        sqlx::query(sql(text))
+            .bind(replay_id)
+            .bind(&types)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("save the aggregates a replay parked"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(StoreError::query("commit the replay checkpoint"))?;
     Ok(())
 }

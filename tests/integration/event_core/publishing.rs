@@ -421,3 +421,93 @@ async fn a_replayed_event_that_keeps_failing_is_retried_then_given_up_and_its_ag
     assert_eq!(of_b, vec![1, 2, 3], "another aggregate is not held back");
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_resumed_replay_keeps_skipping_the_aggregate_an_earlier_run_gave_up_on() {
+    let config = PublisherConfig {
+        handler_retry: RetryPolicy {
+            initial_interval_ms: 5,
+            max_interval_ms: 5,
+            max_attempts: 2,
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        },
+        ..PublisherConfig::default()
+    };
+    let (db, publisher) = publisher_with("replayparked", config).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let calls = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
+    // b1's handler never returns until released: the first run is stopped there.
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (calls, released, failing) = (calls.clone(), released.clone(), a.to_string());
+        publisher.register_event_handler(
+            EventType::StockLevelChanged,
+            Arc::new(move |event: inventory_outbox::event::DomainEvent| {
+                let (calls, released, failing) = (calls.clone(), released.clone(), failing.clone());
+                async move {
+                    let sequence = event.payload["newQuantity"].as_i64().unwrap_or_default();
+                    calls.lock().await.push((event.aggregate_id.clone(), sequence));
+                    if event.aggregate_id == failing && sequence == 2 {
+                        return Err(HandlerError("downstream refuses this one".into()));
+                    }
+                    if event.aggregate_id != failing && !released.load(Ordering::SeqCst) {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(())
+                }
+            }),
+        );
+    }
+    // In position order (one transaction each): a1, a2 (always refused), b1 (blocks the first
+    // run), a3.
+    for (aggregate, sequence) in [(a, 1), (a, 2), (b, 1), (a, 3)] {
+        let mut tx = db.pool.begin().await.unwrap();
+        publisher
+            .publish_event(&mut tx, stock_changed(aggregate, sequence))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let options = ReplayOptions {
+        replay_id: "parked".into(),
+        range: EventRange::default(),
+        dry_run: false,
+        batch_size: 1,
+    };
+
+    // Run 1: a2 is given up (its checkpoint saved with a parked), then b1 blocks; the run is
+    // dropped there, as a crashed process would stop.
+    let b_reached = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !calls.lock().await.iter().any(|(id, _)| *id == b.to_string()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the first run never reached b1; calls: {:?}",
+                calls.lock().await
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        result = publisher.replay_events(&options) => panic!("the first run finished though b1 blocks: {result:?}"),
+        () = b_reached => {}
+    }
+
+    // Run 2 resumes after a2: b1 is delivered, a3 is still skipped behind the given-up a2.
+    released.store(true, Ordering::SeqCst);
+    let result = publisher.replay_events(&options).await.unwrap();
+    let calls = calls.lock().await.clone();
+    let of_a: Vec<i64> = calls
+        .iter()
+        .filter(|(id, _)| *id == a.to_string())
+        .map(|(_, s)| *s)
+        .collect();
+    assert_eq!(of_a, vec![1, 2, 2], "a2 tried twice, a3 never handed over: {calls:?}");
+    assert_eq!(
+        (result.matched, result.replayed, result.failed),
+        (4, 2, 2),
+        "a1 and b1 replayed, a2 given up, a3 skipped; calls: {calls:?}"
+    );
+    db.drop().await;
+}
