@@ -402,7 +402,7 @@ async fn tls_comparison(env: &Env, pool: &sqlx::PgPool, node: &TlsNode, goal: u6
         }
         let publisher = format!("bench-kafka-tls-{name}");
         let config = relay_config(&publisher, BATCH, json!({ "kafka": kafka }), &topic);
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        let inner = config.broker.connect().await?;
         inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
         let timed = TimedBroker::new(inner, env.base, goal, false);
         let run = relay_until(env, config, timed, format!("relay → Kafka TLS node, {name}"), goal).await?;
@@ -645,7 +645,7 @@ async fn kafka_run(env: &Env, topics: &mut Vec<String>, batch: usize, goal: u64)
         kafka_broker_doc(env, &topic),
         &topic,
     );
-    let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+    let inner = config.broker.connect().await?;
     inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
     let timed = TimedBroker::new(inner, env.base, goal, false);
     relay_until(env, config, timed, format!("relay → Kafka, batch {batch}"), goal).await
@@ -785,7 +785,7 @@ async fn latency(
         &topic,
     );
     config.outbox.read_ahead = read_ahead;
-    let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+    let inner = config.broker.connect().await?;
     inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
     let timed = TimedBroker::new(inner, env.base, u64::MAX, true);
 
@@ -959,7 +959,7 @@ async fn probe_round(env: &Env, batch: usize, topic: &str) -> anyhow::Result<Rou
     let shards: Vec<i16> = (0..SHARDS).collect();
     reader.ensure_cursors(&shards).await?;
     let config = relay_config(&consumer, batch, kafka_broker_doc(env, topic), topic);
-    let broker = inventory_outbox::relay::connect_broker(&config.broker).await?;
+    let broker = config.broker.connect().await?;
     let metrics = DeliveryMetrics::new(&consumer);
     let mut steps: Vec<[f64; 8]> = Vec::new();
     let mut wave_counts: Vec<f64> = Vec::new();
@@ -1134,7 +1134,7 @@ async fn rabbitmq_runs(
                                          "queues": [{"name": queue, "bindingKey": "#"}]}});
         let publisher_name = format!("bench-rabbit-b{batch}");
         let config = relay_config(&publisher_name, batch, broker, "inventory.stock");
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        let inner = config.broker.connect().await?;
         inner.ensure_destinations(&["inventory.stock".to_owned()]).await?;
         let timed = TimedBroker::new(inner, env.base, goal, false);
         let run = relay_until(env, config, timed, format!("relay → RabbitMQ, batch {batch}"), goal).await?;
@@ -1403,7 +1403,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         topics.push(topic.clone());
         let publisher_name = format!("bench-kafka-b{batch}-l0");
         let config = relay_config(&publisher_name, batch, kafka_broker_doc_linger(env, &topic, 0), &topic);
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        let inner = config.broker.connect().await?;
         inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
         let timed = TimedBroker::new(inner, env.base, goal, false);
         let label = format!("relay → Kafka, batch {batch}, lingerMs 0");
@@ -1431,7 +1431,7 @@ async fn run(env: &Env, topics: &mut Vec<String>, exchange: &str, queue: &str) -
         let publisher_name = format!("bench-kafka-b{batch}-{suffix}");
         let mut config = relay_config(&publisher_name, batch, kafka_broker_doc(env, &topic), &topic);
         config.outbox.read_ahead = read_ahead;
-        let inner = inventory_outbox::relay::connect_broker(&config.broker).await?;
+        let inner = config.broker.connect().await?;
         inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
         let timed = TimedBroker::new(inner, env.base, goal, false);
         timed.strict_waves.store(strict_waves, Ordering::SeqCst);

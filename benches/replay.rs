@@ -124,7 +124,7 @@ async fn prefill(publisher: &InventoryEventPublisher, pool: &sqlx::PgPool) -> an
 async fn relay_rate(url: &str, config: RelayConfig, goal: u64) -> anyhow::Result<f64> {
     let store = Store::connect(url, SchemaName::default(), config.outbox.max_connections).await?;
     let broker = Arc::new(Counting {
-        inner: inventory_outbox::relay::connect_broker(&config.broker).await?,
+        inner: config.broker.connect().await?,
         acked: AtomicU64::new(0),
         goal,
         reached: Mutex::new(None),
@@ -153,7 +153,7 @@ async fn relay_rate(url: &str, config: RelayConfig, goal: u64) -> anyhow::Result
 
 async fn replay_rate(url: &str, config: &RelayConfig, target: &str) -> anyhow::Result<(f64, ReplayReport)> {
     let store = Store::connect(url, SchemaName::default(), 4).await?;
-    let broker = inventory_outbox::relay::connect_broker(&config.broker).await?;
+    let broker = config.broker.connect().await?;
     let engine = Engine {
         store,
         broker,

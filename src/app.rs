@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::sync::watch;
 
-use crate::relay::config::{BrokerConfig, RelayConfig};
+use crate::broker::BrokerConfig;
+use crate::relay::config::RelayConfig;
 
 /// Runs one relay worker with its HTTP server until `shutdown` turns true.
 pub async fn run_relay(config: RelayConfig, worker_id: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -31,7 +32,7 @@ pub async fn run_relay(config: RelayConfig, worker_id: &str, shutdown: watch::Re
             .register_builtin(crate::schema::compatibility::CompatibilityMode::Backward)
             .await?;
     }
-    let broker = crate::relay::connect_broker_with_registry(&config.broker, &store).await?;
+    let broker = config.broker.connect_with_registry(&store).await?;
     let token: Arc<str> = match &config.http.admin_token_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("read http.adminTokenFile {}", path.display()))?

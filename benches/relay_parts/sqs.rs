@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use inventory_outbox::broker::Broker;
+use inventory_outbox::broker::BrokerConfig;
 use inventory_outbox::broker::sns_sqs::{SendStats, SnsSqsBroker};
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
-use inventory_outbox::relay::config::BrokerConfig;
 use inventory_outbox::store::{SchemaName, Store};
 use serde_json::json;
 use sqlx::PgPool;

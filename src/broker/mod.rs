@@ -9,6 +9,7 @@
 //! RabbitMQ publisher confirm, SNS/SQS successful batch entry). A NACK, a timeout or an
 //! error is never "published".
 
+pub mod config;
 pub mod confluent;
 pub mod encode;
 pub mod kafka;
@@ -16,6 +17,8 @@ pub mod rabbitmq;
 pub mod routing;
 pub mod sns_sqs;
 pub mod topology;
+
+pub use config::BrokerConfig;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 
+use crate::broker::BrokerConfig;
 use crate::broker::kafka::KafkaConfig;
 use crate::broker::rabbitmq::{QueueBinding, RabbitMqConfig};
 use crate::broker::routing::Routing;
@@ -18,7 +19,7 @@ use crate::crd::common::TlsSecretRefs;
 use crate::crd::event_publisher::{DeletionPolicy, RoutingStrategy};
 use crate::delivery::circuit::CircuitBreakerConfig;
 use crate::delivery::retry::RetryPolicy;
-use crate::relay::config::{BrokerConfig, DeadLetterConfig, HttpConfig, OutboxConfig, RelayConfig, WorkersConfig};
+use crate::relay::config::{DeadLetterConfig, HttpConfig, OutboxConfig, RelayConfig, WorkersConfig};
 use crate::schema::compatibility::CompatibilityMode;
 
 /// Where the relay's configuration document is mounted in every container.

@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::kafka::KafkaConfig;
-use crate::broker::rabbitmq::RabbitMqConfig;
+pub use crate::broker::BrokerConfig;
 use crate::broker::routing::Routing;
-use crate::broker::sns_sqs::SnsSqsConfig;
 use crate::delivery::DeliveryConfig;
 use crate::delivery::circuit::CircuitBreakerConfig;
 use crate::delivery::retry::RetryPolicy;
@@ -95,46 +93,6 @@ pub struct OutboxConfig {
     /// when absent the URL decides (see docs/CONNECTIVITY.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<PostgresTls>,
-}
-
-/// Exactly one broker.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub enum BrokerConfig {
-    /// Apache Kafka.
-    Kafka(KafkaConfig),
-    /// RabbitMQ.
-    Rabbitmq(RabbitMqConfig),
-    /// Amazon SNS or SQS.
-    SnsSqs(SnsSqsConfig),
-}
-
-impl BrokerConfig {
-    /// Checks that `name` is usable as a destination of this broker; the message names it.
-    pub fn check_destination(&self, name: &str) -> Result<(), String> {
-        match self {
-            BrokerConfig::Kafka(_) => crate::broker::kafka::check_topic_name(name)
-                .map_err(|reason| format!("Kafka topic name {name:?} is invalid: it {reason}")),
-            BrokerConfig::Rabbitmq(_) => {
-                if name.is_empty() || name.len() > 255 {
-                    Err(format!(
-                        "RabbitMQ routing key {name:?} must be 1 to 255 bytes (it is {})",
-                        name.len()
-                    ))
-                } else {
-                    Ok(())
-                }
-            }
-            BrokerConfig::SnsSqs(c) => {
-                if !c.fifo && name.ends_with(".fifo") {
-                    return Err(format!(
-                        "destination {name:?} names a FIFO topic or queue but snsSqs.fifo is false"
-                    ));
-                }
-                c.physical_name(name).map(|_| ()).map_err(|e| e.message().to_owned())
-            }
-        }
-    }
 }
 
 /// Work sharing between replicas: each owns a share of the 64 shards under a lease.

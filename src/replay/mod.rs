@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use tokio::sync::watch;
 
-use crate::relay::config::{BrokerConfig, RelayConfig};
+use crate::broker::BrokerConfig;
+use crate::relay::config::RelayConfig;
 use plan::{Mode, ReplayPlan};
 use report::{ReplayReport, ReportPhase};
 
@@ -138,7 +139,9 @@ async fn execute(
                 .migrate()
                 .await
                 .map_err(|e| ("MigrationFailed", anyhow::Error::new(e)))?;
-            let broker = crate::relay::connect_broker_with_registry(&config.broker, &store)
+            let broker = config
+                .broker
+                .connect_with_registry(&store)
                 .await
                 .map_err(|e| ("BrokerUnreachable", e))?;
             let engine = engine::Engine {

@@ -15,7 +15,7 @@ pub mod sns_sqs;
 
 use serde::{Deserialize, Serialize};
 
-use crate::relay::config::BrokerConfig;
+use crate::broker::BrokerConfig;
 
 /// Kinds of broker resources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -5,10 +5,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 
+use crate::broker::BrokerConfig;
 use crate::crd::EventPublisher;
 use crate::crd::replay_job::{ReplayJob, ReplayJobSpec};
 use crate::operator::validate::{ValidatedPublisher, validate as validate_publisher};
-use crate::relay::config::BrokerConfig;
 use crate::replay::plan::ReplayPlan;
 
 /// Longest ReplayJob name: the Job is `<name>-replay` and Job names stay within 63.

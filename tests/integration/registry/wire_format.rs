@@ -34,7 +34,9 @@ impl FramedRelay {
         let config = framed_config(topic, strategy, "binary");
         inventory_outbox::tls::install_crypto_provider();
         let store = Store::from_pool(db.pool.clone(), SchemaName::default());
-        let broker = inventory_outbox::relay::connect_broker_with_registry(&config.broker, &store)
+        let broker = config
+            .broker
+            .connect_with_registry(&store)
             .await
             .expect("connect framed broker");
         let relay = Arc::new(Engine::new(config, store, broker, "framed-w1"));
@@ -161,16 +163,15 @@ async fn the_confluent_wire_format_needs_binary_mode_and_the_registry() {
     let (db, _publisher) = crate::event_core::publisher("registry_wire_cfg").await;
     let store = Store::from_pool(db.pool.clone(), SchemaName::default());
     let structured = framed_config("framed-structured", "recordName", "structured");
-    let error = inventory_outbox::relay::connect_broker_with_registry(&structured.broker, &store)
+    let error = structured
+        .broker
+        .connect_with_registry(&store)
         .await
         .err()
         .expect("structured mode refused");
     assert!(error.to_string().contains("kafka.mode must be binary"), "{error}");
     let binary = framed_config("framed-binary", "recordName", "binary");
-    let error = inventory_outbox::relay::connect_broker(&binary.broker)
-        .await
-        .err()
-        .expect("no registry refused");
+    let error = binary.broker.connect().await.err().expect("no registry refused");
     assert!(error.to_string().contains("needs the schema registry"), "{error}");
     db.drop().await;
 }

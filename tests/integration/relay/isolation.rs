@@ -393,9 +393,7 @@ async fn a_database_outage_makes_the_worker_unready_and_failed_events_do_not() {
     // Dead letters far above the threshold must not make the worker unready.
     config.health.failed_event_threshold = 0;
     let store = Store::from_pool(pool, SchemaName::default());
-    let broker = inventory_outbox::relay::connect_broker(&config.broker)
-        .await
-        .expect("connect broker");
+    let broker = config.broker.connect().await.expect("connect broker");
     let relay = Arc::new(Engine::new(config, store, broker, "r1"));
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(relay.clone().run(shutdown));

@@ -70,9 +70,7 @@ pub fn relay_config(publisher: &str, broker: Value, routing: Value) -> RelayConf
 pub async fn start_relay(db: &TestDatabase, config: RelayConfig, worker_id: &str) -> RunningRelay {
     inventory_outbox::tls::install_crypto_provider();
     let store = Store::from_pool(db.pool.clone(), SchemaName::default());
-    let broker = inventory_outbox::relay::connect_broker(&config.broker)
-        .await
-        .expect("connect broker");
+    let broker = config.broker.connect().await.expect("connect broker");
     let relay = Arc::new(Engine::new(config, store, broker, worker_id));
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(relay.clone().run(shutdown));
