@@ -1025,6 +1025,7 @@ impl Engine {
                 "circuit state changed"
             );
             self.metrics.set_circuit_state(destination, t.to.as_gauge());
+            self.metrics.record_circuit_transition(destination, t.to.as_str());
         }
     }
 

@@ -48,6 +48,15 @@ struct DestinationLabel {
     destination: String,
 }
 
+/// Labels of the circuit transitions counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    /// The broker destination.
+    destination: String,
+    /// The state entered: `open`, `half_open` or `closed`.
+    to: &'static str,
+}
+
 /// Label of the failed-events gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
@@ -79,6 +88,9 @@ pub struct DeliveryMetrics {
     oldest_pending_age: Gauge<f64, AtomicU64>,
     /// `circuit_state`.
     circuit_state: Family<DestinationLabel, Gauge>,
+    /// `circuit_transitions_total`: the gauge alone misses a half-open phase that closes
+    /// between two scrapes, and a circuit that flaps.
+    circuit_transitions: Family<TransitionLabels, Counter>,
     /// `failed_events`.
     failed_events: Family<StatusLabel, Gauge>,
     /// `aggregate_order_broken_total`.
@@ -102,6 +114,7 @@ impl DeliveryMetrics {
             pending_events: Gauge::default(),
             oldest_pending_age: Gauge::default(),
             circuit_state: Family::default(),
+            circuit_transitions: Family::default(),
             failed_events: Family::default(),
             aggregate_order_broken: Counter::default(),
             batches_followed: Counter::default(),
@@ -149,6 +162,11 @@ impl DeliveryMetrics {
             "circuit_state",
             "Circuit breaker state per destination (0 closed, 1 half-open, 2 open)",
             metrics.circuit_state.clone(),
+        );
+        registry.register(
+            "circuit_transitions",
+            "Circuit breaker state changes per destination, by the state entered",
+            metrics.circuit_transitions.clone(),
         );
         registry.register(
             "failed_events",
@@ -243,6 +261,17 @@ impl DeliveryMetrics {
             .set(state_gauge);
     }
 
+    /// Counts a state change of `destination`'s circuit into `to` (`open`, `half_open`,
+    /// `closed`).
+    pub fn record_circuit_transition(&self, destination: &str, to: &'static str) {
+        self.circuit_transitions
+            .get_or_create(&TransitionLabels {
+                destination: destination.to_owned(),
+                to,
+            })
+            .inc();
+    }
+
     /// Sets the number of retrying and dead-lettered events.
     pub fn set_failed_events(&self, retrying: i64, dead_lettered: i64) {
         self.failed_events
@@ -282,6 +311,9 @@ mod tests {
         metrics.observe_batch(100);
         metrics.set_backlog(42, 1.5);
         metrics.set_circuit_state("inventory.stock", 2);
+        metrics.record_circuit_transition("inventory.stock", "open");
+        metrics.record_circuit_transition("inventory.stock", "half_open");
+        metrics.record_circuit_transition("inventory.stock", "open");
         metrics.set_failed_events(4, 7);
         let text = metrics.encode();
         let labels = r#"publisher="orders",event_type="StockLevelChanged",destination="inventory.stock""#;
@@ -300,6 +332,8 @@ mod tests {
             r#"outbox_relay_pending_events{publisher="orders"} 42"#.to_owned(),
             r#"outbox_relay_oldest_pending_age_seconds{publisher="orders"} 1.5"#.to_owned(),
             r#"outbox_relay_circuit_state{publisher="orders",destination="inventory.stock"} 2"#.to_owned(),
+            r#"outbox_relay_circuit_transitions_total{publisher="orders",destination="inventory.stock",to="open"} 2"#.to_owned(),
+            r#"outbox_relay_circuit_transitions_total{publisher="orders",destination="inventory.stock",to="half_open"} 1"#.to_owned(),
             r#"outbox_relay_failed_events{publisher="orders",status="retrying"} 4"#.to_owned(),
             r#"outbox_relay_failed_events{publisher="orders",status="dead_lettered"} 7"#.to_owned(),
             "# TYPE outbox_relay_commit_to_ack_seconds histogram".to_owned(),

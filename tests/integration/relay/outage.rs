@@ -113,6 +113,8 @@ struct Observed {
     sent: Vec<DomainEvent>,
     received: Vec<DomainEvent>,
     gauges: Vec<i64>,
+    /// `outbox_relay_circuit_transitions_total` of the destination at the end, by state entered.
+    transitions: std::collections::BTreeMap<String, u64>,
     heartbeats: Vec<String>,
     /// Commit-to-arrival latency of the events committed once the broker had been back 5 s.
     post_outage_latency: Vec<Duration>,
@@ -307,6 +309,19 @@ async fn run_outage(
     .await
     .unwrap();
     let state = drain_state(&db.pool, publisher_name).await;
+    let prefix = format!(
+        "outbox_relay_circuit_transitions_total{{publisher=\"{publisher_name}\",destination=\"{destination}\",to=\""
+    );
+    let transitions = relay
+        .relay
+        .metrics()
+        .encode()
+        .lines()
+        .filter_map(|l| {
+            let (to, count) = l.strip_prefix(prefix.as_str())?.split_once("\"} ")?;
+            Some((to.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect();
     relay.stop().await;
     assert_eq!(dead, 0, "{publisher_name}: the outage dead-lettered events; {state}");
 
@@ -330,6 +345,7 @@ async fn run_outage(
         sent: sent.into_iter().map(|(e, _)| e).collect(),
         received: arrivals.into_iter().map(|(e, _)| e).collect(),
         gauges: gauges.lock().await.clone(),
+        transitions,
         heartbeats: heartbeats.lock().await.clone(),
         post_outage_latency,
         ready_after_restart,
@@ -337,9 +353,10 @@ async fn run_outage(
         liveness_failed: not_live.load(Ordering::SeqCst),
     };
     eprintln!(
-        "{publisher_name}: {} events; circuit gauge {:?}; heartbeat {:?}; ready {:?} after the restart; {state}",
+        "{publisher_name}: {} events; circuit gauge {:?}, transitions {:?}; heartbeat {:?}; ready {:?} after the restart; {state}",
         observed.sent.len(),
         observed.gauges,
+        observed.transitions,
         observed.heartbeats,
         observed.ready_after_restart,
     );
@@ -386,28 +403,23 @@ fn assert_recovered_promptly(observed: &Observed) {
     );
 }
 
-/// The circuit went open, then half-open, then closed in the metric, and open then closed in
-/// the heartbeat row.
+/// The circuit went open, then half-open, then closed: every transition in the counter, the
+/// open state and the closed end in the sampled gauge, open then closed in the heartbeat row.
 fn assert_circuit_cycled(observed: &Observed) {
-    let gauges = &observed.gauges;
-    // Metric: 2 = open, 1 = half-open, 0 = closed.
-    let open = gauges
-        .iter()
-        .position(|&g| g == 2)
-        .unwrap_or_else(|| panic!("the circuit never opened: {gauges:?}"));
-    let half_open = open
-        + gauges[open..]
-            .iter()
-            .position(|&g| g == 1)
-            .unwrap_or_else(|| panic!("the circuit never half-opened after opening: {gauges:?}"));
-    assert!(
-        gauges[half_open..].contains(&0),
-        "circuit closed after half-opening: {gauges:?}"
-    );
+    let (gauges, transitions) = (&observed.gauges, &observed.transitions);
+    // Gauge: 2 = open, 1 = half-open, 0 = closed. Sampled every 50 ms, it can miss a half-open
+    // phase that closes at the first probe; the counter counts every transition.
+    assert!(gauges.contains(&2), "the circuit never opened: gauge {gauges:?}");
+    for to in ["open", "half_open", "closed"] {
+        assert!(
+            transitions.get(to).copied().unwrap_or(0) >= 1,
+            "the circuit never entered {to}: transitions {transitions:?}, gauge {gauges:?}"
+        );
+    }
     assert_eq!(gauges.last(), Some(&0), "circuit ends closed: {gauges:?}");
     // The heartbeat row is a sample per heartbeat: it shows the open circuit and the closed
     // end, while a half-open phase that closes at the first probe can fall between samples
-    // (the metric above records every transition).
+    // (the counter above records every transition).
     let heartbeats = &observed.heartbeats;
     assert!(
         heartbeats.iter().any(|s| s == "open"),
@@ -488,14 +500,16 @@ fn kafka_topic_messages(bootstrap: &str, topic: &str) -> String {
 }
 
 /// Reads the dedicated RabbitMQ queue into `arrivals` with a pushing consumer (prefetch
-/// 1000, so the consumer is never the bottleneck of a drain), reconnecting across the outage,
-/// until the returned flag turns false.
+/// 1000, so the consumer is never the bottleneck of a drain), reconnecting across the outage
+/// (when the stream ends or the connection is no longer up), until the returned flag turns false.
 fn consume_rabbitmq(url: &str, queue: &str, arrivals: Arrivals) -> Arc<AtomicBool> {
     let running = Arc::new(AtomicBool::new(true));
     let (flag, url, queue) = (running.clone(), url.to_owned(), queue.to_owned());
     tokio::spawn(async move {
         while flag.load(Ordering::SeqCst) {
-            let Ok(conn) = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await else {
+            // Bounded: a node still booting can accept the socket and not answer the handshake.
+            let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+            let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
@@ -528,10 +542,13 @@ fn consume_rabbitmq(url: &str, queue: &str, arrivals: Arrivals) -> Arc<AtomicBoo
                         arrivals.lock().await.push((e, Instant::now()));
                     }
                     Ok(Some(Err(_)) | None) => break,
+                    // A connection lapin saw fail without ending the consumer's stream.
+                    Err(_) if !conn.status().connected() => break,
                     Err(_) => {}
                 }
             }
-            let _ = conn.close(200, "done".into()).await;
+            // Closing a connection the node dropped waits for a close-ok that never comes.
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "done".into())).await;
         }
     });
     running

@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-/// Sends the product's warnings (and anything `TEST_LOG` selects, e.g. `inventory_outbox=debug`)
-/// to the test's captured output, so a failing test shows what its in-process relays and
-/// stores complained about; a passing one prints nothing.
+/// Sends the product's warnings and librdkafka's (and anything `TEST_LOG` selects, e.g.
+/// `inventory_outbox=debug`) to the test's captured output, so a failing test shows what its
+/// in-process relays, stores and Kafka clients complained about; a passing one prints nothing.
 pub fn capture_logs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "inventory_outbox=warn".to_owned());
+        let filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "inventory_outbox=warn,librdkafka=warn".to_owned());
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
