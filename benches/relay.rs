@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use inventory_outbox::broker::{BoxFuture, Broker, HandedOver, Message, SendError};
-use inventory_outbox::delivery::Engine;
 use inventory_outbox::delivery::metrics::DeliveryMetrics;
+use inventory_outbox::delivery::{Engine, WakeUp};
 use inventory_outbox::event::NewEvent;
 use inventory_outbox::event::cloudevents::{self, KAFKA_PREFIX};
 use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
@@ -581,11 +581,13 @@ struct Load {
     secs: u64,
     linger_ms: u32,
     read_ahead: bool,
+    wake_up: WakeUp,
 }
 
 struct Latency {
     linger_ms: u32,
     read_ahead: bool,
+    wake_up: WakeUp,
     rate_asked: f64,
     rate_reached: f64,
     per_tx: usize,
@@ -673,30 +675,50 @@ async fn latency_runs(
             secs: LATENCY_SECS,
             linger_ms: shipped,
             read_ahead: true,
+            wake_up: WakeUp::Notify,
         },
         Load {
             rate: half,
             secs: LATENCY_SECS,
             linger_ms: shipped,
             read_ahead: false,
+            wake_up: WakeUp::Notify,
         },
         Load {
             rate: LOW_RATE,
             secs: LOW_RATE_SECS,
             linger_ms: shipped,
             read_ahead: true,
+            wake_up: WakeUp::Notify,
         },
         Load {
             rate: LOW_RATE,
             secs: LOW_RATE_SECS,
             linger_ms: shipped,
             read_ahead: false,
+            wake_up: WakeUp::Notify,
         },
         Load {
             rate: LOW_RATE,
             secs: LOW_RATE_SECS,
             linger_ms: 0,
             read_ahead: true,
+            wake_up: WakeUp::Notify,
+        },
+        // `outbox.wakeUp: poll`: no NOTIFY from the writers, a poll every minPollIntervalMs.
+        Load {
+            rate: half,
+            secs: LATENCY_SECS,
+            linger_ms: shipped,
+            read_ahead: true,
+            wake_up: WakeUp::Poll,
+        },
+        Load {
+            rate: LOW_RATE,
+            secs: LOW_RATE_SECS,
+            linger_ms: shipped,
+            read_ahead: true,
+            wake_up: WakeUp::Poll,
         },
     ];
     for (i, load) in loads.into_iter().enumerate() {
@@ -719,12 +741,17 @@ fn latency_rows(latencies: &[Latency], row: &impl Fn(&str, String, &str, &str)) 
         let targets = i == 0;
         row(
             &format!(
-                "commit → ack p50 @ {:.0} ev/s ({:.0} asked, {}/txn), linger {} ms, read-ahead {}",
+                "commit → ack p50 @ {:.0} ev/s ({:.0} asked, {}/txn), linger {} ms, read-ahead {}{}",
                 lat.rate_reached,
                 lat.rate_asked,
                 lat.per_tx,
                 lat.linger_ms,
-                if lat.read_ahead { "on" } else { "off" }
+                if lat.read_ahead { "on" } else { "off" },
+                if lat.wake_up == WakeUp::Poll {
+                    ", wakeUp poll"
+                } else {
+                    ""
+                }
             ),
             format!("{:.1} ms", lat.ack.0),
             if targets { "≤ 5 ms" } else { "" },
@@ -771,6 +798,7 @@ async fn latency(
         secs,
         linger_ms,
         read_ahead,
+        wake_up,
     }: Load,
     topic: &str,
     aggregates: &[Uuid],
@@ -785,6 +813,7 @@ async fn latency(
         &topic,
     );
     config.outbox.read_ahead = read_ahead;
+    config.outbox.wake_up = wake_up;
     let inner = config.broker.connect().await?;
     inner.ensure_destinations(std::slice::from_ref(&topic)).await?;
     let timed = TimedBroker::new(inner, env.base, u64::MAX, true);
@@ -916,6 +945,7 @@ async fn latency(
     Ok(Latency {
         linger_ms,
         read_ahead,
+        wake_up,
         rate_asked: rate,
         rate_reached: total as f64 / wrote_for.as_secs_f64(),
         per_tx,

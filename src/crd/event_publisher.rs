@@ -12,6 +12,7 @@ use super::names;
 use crate::broker::CloudEventsMode;
 use crate::broker::kafka::{KafkaCompression, KafkaSaslMechanism, KafkaSecurityProtocol};
 use crate::broker::sns_sqs::SnsSqsTarget;
+use crate::delivery::WakeUp;
 use crate::schema::compatibility::CompatibilityMode;
 
 /// An outbox in PostgreSQL relayed to exactly one broker by relay workers the operator runs.
@@ -184,6 +185,13 @@ pub struct OutboxSpec {
     #[serde(default = "default_max_poll")]
     #[schemars(range(min = 1, max = 300000))]
     pub max_poll_interval_ms: i64,
+    /// How an idle relay learns of new events: `notify` (the default: writers send one NOTIFY
+    /// per inserting statement and an idle relay is woken at once) or `poll` (relays poll
+    /// every `minPollIntervalMs`, and writers skip the NOTIFY while every running relay and
+    /// handler dispatcher on the schema polls). PostgreSQL commits notifying transactions one
+    /// at a time, so `poll` suits many concurrent small writers.
+    #[serde(default)]
+    pub wake_up: WakeUp,
     /// Most events a relay reads and sends in one round.
     #[serde(default = "default_batch_size")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("outbox.batchSize must be between 1 and 10000"))]

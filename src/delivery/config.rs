@@ -5,6 +5,27 @@ use super::circuit::CircuitBreakerConfig;
 use super::retry::RetryPolicy;
 use crate::broker::routing::Routing;
 
+/// How an idle engine learns that events were written.
+///
+/// PostgreSQL serializes the commits of transactions that notify (their notifications are
+/// queued under one database-wide lock held through the commit), which costs many concurrent
+/// small writers a large share of their throughput (BENCHMARKS.md: 20-40 % for 16 writers of
+/// one event per transaction). Polling costs them nothing and costs the database one
+/// outbox read per `minPollIntervalMs` per idle worker instead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WakeUp {
+    /// Writers notify (one NOTIFY per inserting statement); an idle worker backs off from
+    /// `minPollIntervalMs` to `maxPollIntervalMs` between polls and is woken at once. The
+    /// default: the lowest latency at idle.
+    #[default]
+    Notify,
+    /// Workers poll every `minPollIntervalMs`, and writers skip the NOTIFY while every
+    /// running worker on the schema polls: for write-heavy workloads of many small
+    /// transactions.
+    Poll,
+}
+
 /// Settings of one [`Engine`](super::Engine). Each caller translates its own configuration
 /// into this, so the engine never depends on a caller's file format.
 #[derive(Debug, Clone)]
@@ -19,6 +40,8 @@ pub struct DeliveryConfig {
     pub max_poll_interval_ms: u64,
     /// Read the next batch while the current one is being delivered.
     pub read_ahead: bool,
+    /// How an idle engine learns of new events.
+    pub wake_up: WakeUp,
     /// How often the engine renews its shard leases and reports its totals.
     pub heartbeat_interval_ms: u64,
     /// How long a lease lasts without renewal before another worker may take the shard.

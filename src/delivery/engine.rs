@@ -31,7 +31,7 @@ use chrono::Utc;
 use tokio::sync::{Notify, RwLock, watch};
 
 use super::circuit::{CircuitBreaker, CircuitState, Permit};
-use super::config::DeliveryConfig;
+use super::config::{DeliveryConfig, WakeUp};
 use super::health::HealthState;
 use super::metrics::DeliveryMetrics;
 use super::retry::RetryDecision;
@@ -162,7 +162,8 @@ impl Engine {
         let background = tokio::spawn(self.clone().background(shutdown.clone()));
         let broker_watch = tokio::spawn(self.clone().watch_broker(shutdown.clone()));
         let backlog_watch = tokio::spawn(self.clone().watch_backlog(shutdown.clone()));
-        let listener = tokio::spawn(self.clone().listen_for_inserts());
+        // A polling worker never listens: its heartbeat tells writers not to notify.
+        let listener = (self.config.wake_up == WakeUp::Notify).then(|| tokio::spawn(self.clone().listen_for_inserts()));
 
         let min_poll = Duration::from_millis(self.config.min_poll_interval_ms);
         let max_poll = Duration::from_millis(self.config.max_poll_interval_ms);
@@ -194,6 +195,9 @@ impl Engine {
             } else if outcome.read > 0 {
                 idle_wait = min_poll;
                 min_poll
+            } else if self.config.wake_up == WakeUp::Poll {
+                // Nothing wakes a polling worker earlier, so it does not back off.
+                min_poll
             } else {
                 let wait = idle_wait;
                 idle_wait = (idle_wait * 2).min(max_poll);
@@ -208,7 +212,9 @@ impl Engine {
         background.abort();
         broker_watch.abort();
         backlog_watch.abort();
-        listener.abort();
+        if let Some(listener) = listener {
+            listener.abort();
+        }
         self.leases.release_all().await?;
         tracing::info!(
             worker = self.leases.worker_id(),
@@ -342,6 +348,7 @@ impl Engine {
             last_published_at: (last_ms > 0)
                 .then(|| chrono::DateTime::from_timestamp_millis(last_ms))
                 .flatten(),
+            polls: self.config.wake_up == WakeUp::Poll,
         }
     }
 

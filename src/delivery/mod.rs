@@ -20,6 +20,6 @@ pub mod resend;
 pub mod retry;
 mod waves;
 
-pub use config::DeliveryConfig;
+pub use config::{DeliveryConfig, WakeUp};
 pub use engine::{Engine, EngineError};
 pub use waves::waves;

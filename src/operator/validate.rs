@@ -352,6 +352,7 @@ pub fn validate(publisher: &EventPublisher) -> Result<ValidatedPublisher, Invali
             // The provision init container migrates before the relays start.
             migrate: false,
             read_ahead: true,
+            wake_up: spec.outbox.wake_up,
             tls: postgres_tls,
         },
         broker,
@@ -483,6 +484,16 @@ pub(crate) mod tests {
         let v = validate(&p).expect("valid");
         assert_eq!(v.relay.workers.lease_duration_ms, 10_000);
         assert_eq!(v.relay.workers.heartbeat_interval_ms, 1_000);
+    }
+
+    #[test]
+    fn the_wake_up_mode_reaches_the_relay_config_and_defaults_to_notify() {
+        let v = validate(&kafka_publisher()).expect("valid");
+        assert_eq!(v.relay.outbox.wake_up, crate::delivery::WakeUp::Notify);
+        let mut p = kafka_publisher();
+        p.spec.outbox.wake_up = crate::delivery::WakeUp::Poll;
+        let v = validate(&p).expect("valid");
+        assert_eq!(v.relay.outbox.wake_up, crate::delivery::WakeUp::Poll);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::{HandlerMap, InventoryEventPublisher, PublishError};
 use crate::broker::routing::Routing;
 use crate::broker::{BoxFuture, Broker, Message, SendError};
 use crate::delivery::circuit::CircuitBreakerConfig;
-use crate::delivery::{DeliveryConfig, Engine};
+use crate::delivery::{DeliveryConfig, Engine, WakeUp};
 use crate::event::DomainEvent;
 
 /// Why a handler failed; the message is stored as the failed event's last error.
@@ -86,6 +86,7 @@ impl InventoryEventPublisher {
             min_poll_interval_ms: 10,
             max_poll_interval_ms: 1_000,
             read_ahead: false,
+            wake_up: WakeUp::Notify,
             heartbeat_interval_ms: millis(config.handler_heartbeat),
             lease_duration_ms: millis(config.handler_lease),
             // Handler failures are logged one by one; the library has no readiness of its own to degrade.

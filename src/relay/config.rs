@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::broker::BrokerConfig;
 use crate::broker::routing::Routing;
-use crate::delivery::DeliveryConfig;
 use crate::delivery::circuit::CircuitBreakerConfig;
 use crate::delivery::retry::RetryPolicy;
+use crate::delivery::{DeliveryConfig, WakeUp};
 use crate::store::{PostgresTls, SchemaName};
 
 /// Everything a relay worker needs.
@@ -88,6 +88,11 @@ pub struct OutboxConfig {
     /// benchmark's same-run baseline).
     #[serde(default = "default_true")]
     pub read_ahead: bool,
+    /// How an idle worker learns of new events: `notify` (writers notify, the default) or
+    /// `poll` (every `minPollIntervalMs`; writers skip the NOTIFY while every running worker
+    /// on the schema polls).
+    #[serde(default)]
+    pub wake_up: WakeUp,
     /// TLS towards PostgreSQL (verify-full by default, CA and client certificate as files).
     /// When set it overrides `sslmode`, `sslrootcert`, `sslcert` and `sslkey` of the URL;
     /// when absent the URL decides (see docs/CONNECTIVITY.md).
@@ -240,6 +245,7 @@ impl From<RelayConfig> for DeliveryConfig {
             min_poll_interval_ms: config.outbox.min_poll_interval_ms,
             max_poll_interval_ms: config.outbox.max_poll_interval_ms,
             read_ahead: config.outbox.read_ahead,
+            wake_up: config.outbox.wake_up,
             heartbeat_interval_ms: config.workers.heartbeat_interval_ms,
             lease_duration_ms: config.workers.lease_duration_ms,
             failed_event_threshold: config.health.failed_event_threshold,

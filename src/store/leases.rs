@@ -25,6 +25,9 @@ pub struct HeartbeatReport {
     pub failed_total: i64,
     pub dead_lettered_total: i64,
     pub last_published_at: Option<DateTime<Utc>>,
+    /// Polls instead of listening: writers skip the NOTIFY while every running worker of the
+    /// schema polls (migration 0008).
+    pub polls: bool,
 }
 
 /// One worker's view of the lease table.
@@ -142,9 +145,10 @@ impl LeaseManager {
                  RETURNING last_published_at), \
              beat AS ( \
                  INSERT INTO {schema}.worker_heartbeats (consumer, worker_id, circuit_state, published_total, \
-                     failed_total, dead_lettered_total, last_published_at) \
-                 VALUES ($1, $2, $4, $5, $6, $7, greatest($8, (SELECT max(last_published_at) FROM gone))) \
+                     failed_total, dead_lettered_total, last_published_at, wake_by_notify) \
+                 VALUES ($1, $2, $4, $5, $6, $7, greatest($8, (SELECT max(last_published_at) FROM gone)), NOT $9) \
                  ON CONFLICT (consumer, worker_id) DO UPDATE SET last_seen_at = now(), stopped_at = NULL, \
+                     wake_by_notify = EXCLUDED.wake_by_notify, \
                      circuit_state = EXCLUDED.circuit_state, published_total = EXCLUDED.published_total, \
                      failed_total = EXCLUDED.failed_total, dead_lettered_total = EXCLUDED.dead_lettered_total, \
                      last_published_at = greatest(EXCLUDED.last_published_at, worker_heartbeats.last_published_at) \
@@ -164,6 +168,7 @@ impl LeaseManager {
             .bind(report.failed_total)
             .bind(report.dead_lettered_total)
             .bind(report.last_published_at)
+            .bind(report.polls)
             .fetch_one(pool)
             .await
             .map_err(StoreError::query("renew shard leases and write heartbeat"))?;

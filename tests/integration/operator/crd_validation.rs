@@ -264,6 +264,11 @@ async fn the_api_server_refuses_invalid_event_publishers_naming_the_problem() {
             "may only use the placeholders",
         ),
         (
+            "unknown wake-up mode",
+            with(k(), "outbox.wakeUp", json!("listen")),
+            "spec.outbox.wakeUp: Unsupported value: \"listen\"",
+        ),
+        (
             "unknown deletion policy",
             with(k(), "deletionPolicy", json!("Destroy")),
             "spec.deletionPolicy: Unsupported value",

@@ -11,6 +11,7 @@ mod replicas;
 mod scaling;
 mod steady_state;
 mod stop;
+mod wake_up;
 
 use std::sync::Arc;
 use std::time::Duration;
