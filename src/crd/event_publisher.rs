@@ -177,7 +177,8 @@ pub struct OutboxSpec {
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z_][a-z0-9_]*$')").message("outbox.schema must start with a lowercase letter or '_' and contain only lowercase letters, digits and '_'"))]
     pub schema: String,
-    /// Shortest wait between polls while idle, in milliseconds (a NOTIFY wakes a relay earlier).
+    /// Shortest wait between polls while idle, in milliseconds (a NOTIFY wakes a relay earlier);
+    /// with `wakeUp: poll`, the interval at which an idle relay polls.
     #[serde(default = "default_min_poll")]
     #[schemars(range(min = 1, max = 60000))]
     pub min_poll_interval_ms: i64,
