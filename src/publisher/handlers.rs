@@ -22,7 +22,7 @@ use super::{HandlerMap, InventoryEventPublisher, PublishError};
 use crate::broker::routing::Routing;
 use crate::broker::{BoxFuture, Broker, Message, SendError};
 use crate::delivery::circuit::CircuitBreakerConfig;
-use crate::delivery::{DeliveryConfig, Engine, WakeUp};
+use crate::delivery::{DeliveryConfig, Engine};
 use crate::event::DomainEvent;
 
 /// Why a handler failed; the message is stored as the failed event's last error.
@@ -82,11 +82,11 @@ impl InventoryEventPublisher {
         DeliveryConfig {
             consumer: config.handler_consumer.clone(),
             batch_size: 500,
-            // NOTIFY wakes the dispatcher on every insert; the poll only covers a missed one.
+            // With NOTIFY the poll only covers a missed wake-up; polling, it is the interval.
             min_poll_interval_ms: 10,
             max_poll_interval_ms: 1_000,
             read_ahead: false,
-            wake_up: WakeUp::Notify,
+            wake_up: config.handler_wake_up,
             heartbeat_interval_ms: millis(config.handler_heartbeat),
             lease_duration_ms: millis(config.handler_lease),
             // Handler failures are logged one by one; the library has no readiness of its own to degrade.

@@ -68,6 +68,10 @@ pub struct PublisherConfig {
     pub handler_lease: std::time::Duration,
     /// How often a handler dispatcher renews its leases.
     pub handler_heartbeat: std::time::Duration,
+    /// How an idle handler dispatcher learns of new events: woken by the writers' NOTIFY (the
+    /// default), or polling every 10 ms, with which writers skip the NOTIFY while every
+    /// running worker on the schema polls (see [`WakeUp`](crate::delivery::WakeUp)).
+    pub handler_wake_up: crate::delivery::WakeUp,
 }
 
 impl Default for PublisherConfig {
@@ -79,6 +83,7 @@ impl Default for PublisherConfig {
             handler_retry: crate::delivery::retry::RetryPolicy::default(),
             handler_lease: std::time::Duration::from_secs(6),
             handler_heartbeat: std::time::Duration::from_secs(1),
+            handler_wake_up: crate::delivery::WakeUp::Notify,
         }
     }
 }

@@ -1,11 +1,14 @@
 //! `outbox.wakeUp`: writers notify unless every running worker on the schema polls, and a
-//! polling relay still delivers every event, in order, without being notified.
+//! polling relay or handler dispatcher still delivers every event, in order, without being
+//! notified.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inventory_outbox::delivery::WakeUp;
+use inventory_outbox::event::EventType;
 use inventory_outbox::event::{DomainEvent, cloudevents};
-use inventory_outbox::publisher::InventoryEventPublisher;
+use inventory_outbox::publisher::{InventoryEventPublisher, PublisherConfig};
 use inventory_outbox::store::leases::{HeartbeatReport, LeaseManager};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message as _};
@@ -14,7 +17,7 @@ use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
 use super::{assert_delivered, eventually, relay_config, start_relay, write_events};
-use crate::event_core::{publisher, stock_changed};
+use crate::event_core::{publisher, publisher_with, stock_changed};
 use crate::support::postgres::TestDatabase;
 use crate::support::{kafka_bootstrap, unique_name};
 
@@ -151,5 +154,83 @@ async fn a_polling_relay_is_not_notified_and_delivers_every_event_in_order() {
     sent.push(received[probe].clone());
     assert_delivered(&sent, &received, false);
     relay.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_handler_dispatcher_gets_every_event_without_a_notify() {
+    let config = PublisherConfig {
+        handler_wake_up: WakeUp::Poll,
+        ..PublisherConfig::default()
+    };
+    let (db, publisher) = publisher_with("wake_up_handlers", config).await;
+    let seen = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
+    {
+        let seen = seen.clone();
+        publisher.register_event_handler(
+            EventType::StockLevelChanged,
+            Arc::new(move |event: DomainEvent| {
+                let seen = seen.clone();
+                async move {
+                    let sequence = event.payload["newQuantity"].as_i64().unwrap_or_default();
+                    seen.lock().unwrap().push((event.aggregate_id.clone(), sequence));
+                    Ok(())
+                }
+            }),
+        );
+    }
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let dispatcher = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            publisher
+                .run_handlers(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    eventually(Duration::from_secs(30), "the dispatcher's heartbeat says it polls", async || {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT NOT wake_by_notify FROM outbox.worker_heartbeats WHERE consumer = 'handlers' AND stopped_at IS NULL",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+        .unwrap_or(false)
+    })
+    .await;
+    // The probe (sequence 1 of its own item) is handled too.
+    assert!(
+        !an_insert_notifies(&db, &publisher).await,
+        "a polling dispatcher is the only worker: writers must not notify"
+    );
+    let item = Uuid::now_v7();
+    for sequence in 1..=5 {
+        let mut tx = db.pool.begin().await.unwrap();
+        publisher
+            .publish_event(&mut tx, stock_changed(item, sequence))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    eventually(Duration::from_secs(30), "all six events handled", async || {
+        seen.lock().unwrap().len() >= 6
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    let of_item: Vec<i64> = seen
+        .iter()
+        .filter(|(aggregate, _)| *aggregate == item.to_string())
+        .map(|(_, sequence)| *sequence)
+        .collect();
+    assert_eq!(
+        of_item,
+        vec![1, 2, 3, 4, 5],
+        "the item's events once each, in order: {seen:?}"
+    );
+    assert_eq!(seen.len(), 6, "the probe once besides: {seen:?}");
+    let _ = stop.send(true);
+    dispatcher.await.unwrap().unwrap();
     db.drop().await;
 }
