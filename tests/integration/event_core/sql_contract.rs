@@ -217,3 +217,72 @@ async fn the_database_accepts_every_library_event_type_with_its_aggregate_and_no
     }
     db.drop().await;
 }
+
+/// The grants docs/EVENTS.md names for a writing role are enough, with a polling relay's
+/// heartbeat present (the NOTIFY trigger reads it with its owner's rights), and one fewer is
+/// refused with the object it lacks.
+#[tokio::test]
+async fn a_role_with_the_documented_grants_can_append_events() {
+    let (db, _publisher) = publisher("sql_contract_grants").await;
+    let role = format!("writer_{}", Uuid::new_v4().simple());
+    for statement in [
+        format!("CREATE ROLE {role}"),
+        format!("GRANT USAGE ON SCHEMA outbox TO {role}"),
+        format!("GRANT INSERT ON outbox.events TO {role}"),
+        format!("GRANT USAGE ON SEQUENCE outbox.event_position_seq TO {role}"),
+        "INSERT INTO outbox.worker_heartbeats (consumer, worker_id, wake_by_notify) VALUES ('relay', 'w1', false)"
+            .to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let insert_as_writer = async || -> Result<(), String> {
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {role}")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let row = valid();
+        let result = sqlx::query(
+            "INSERT INTO outbox.events (event_id, event_type, event_version, aggregate_type, aggregate_id, \
+             occurred_at, payload) VALUES ($1, $2, $3, $4, $5, now(), $6)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(row.event_type)
+        .bind(row.version)
+        .bind(row.aggregate_type)
+        .bind(&row.aggregate_id)
+        .bind(&row.payload)
+        .execute(&mut *tx)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+        tx.rollback().await.unwrap();
+        result
+    };
+    let without = insert_as_writer().await;
+    let refused = without.expect_err("no SELECT on schema_versions yet");
+    assert!(refused.contains("schema_versions"), "{refused}");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "GRANT SELECT ON outbox.schema_versions TO {role}"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let with_grants = insert_as_writer().await;
+    for statement in [
+        format!("REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM {role}"),
+        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM {role}"),
+        format!("REVOKE ALL ON SCHEMA outbox FROM {role}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    with_grants.expect("the documented grants are enough");
+    db.drop().await;
+}
